@@ -1,0 +1,206 @@
+"""The names data set: download with checksum, validation, and the lecture's splits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import torch
+
+BLOCK_SIZE = 3
+SPLIT_SEED = 42
+NAME_PATTERN = re.compile(r"[a-z]+")
+RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
+
+
+class DataError(Exception):
+    """A problem with the names data, with a message meant for the user as it is."""
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fetch(source: str, retries: int = 3, backoff: float = 1.0, timeout: float = 30.0) -> bytes:
+    """Read ``source``: an http(s) URL, a ``file://`` URL or a plain local path.
+
+    Transient network failures (no connection, time-outs, 5xx and 429) are retried
+    ``retries`` times; everything else fails at once with a :class:`DataError`.
+    """
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        path = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else source)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"{source}: no such file") from None
+        except IsADirectoryError:
+            raise DataError(f"{source}: is a directory, not a file") from None
+        except OSError as e:
+            raise DataError(f"{source}: cannot read: {e.strerror or e}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise DataError(f"{source}: unsupported URL scheme {parsed.scheme!r} (use http, https, file or a path)")
+
+    last_problem = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            with urllib.request.urlopen(source, timeout=timeout) as response:
+                data = response.read()
+                expected = response.headers.get("Content-Length")
+                if expected is not None and len(data) != int(expected):
+                    last_problem = f"truncated download ({len(data)} of {expected} bytes)"
+                    continue
+                return data
+        except urllib.error.HTTPError as e:
+            last_problem = f"HTTP {e.code} {e.reason}"
+            if e.code not in RETRYABLE_HTTP:
+                break
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            last_problem = f"unreachable (offline or host down: {reason})"
+    tries = attempt + 1
+    raise DataError(f"{source}: {last_problem}" + (f" after {tries} tries" if tries > 1 else ""))
+
+
+def validate_names(data: bytes, source: str = "names file") -> list[str]:
+    """Return the names in ``data``, or raise naming the first offending lines.
+
+    One name per line, lower-case a-z only; a single trailing newline is allowed
+    (makemore's file has none).
+    """
+    if not data.strip():
+        raise DataError(f"{source}: the file is empty")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{source}: non-ASCII byte on line {line}; expected lower-case a-z names") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    bad = [i for i, line in enumerate(lines, start=1) if not NAME_PATTERN.fullmatch(line)]
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+        example = lines[bad[0] - 1]
+        raise DataError(
+            f"{source}: {len(bad)} line(s) are not a lower-case a-z name, first at line {shown}: {example!r}"
+        )
+    return lines
+
+
+def download_names(source: str, expected_sha256: str | None, dest: str | os.PathLike) -> dict:
+    """Fetch, verify and validate the names, then write them to ``dest`` atomically.
+
+    Nothing is written unless every check passes.
+    """
+    data = fetch(source)
+    actual = sha256_of(data)
+    if expected_sha256 and actual != expected_sha256.lower():
+        raise DataError(f"{source}: checksum mismatch: expected sha256 {expected_sha256}, got {actual}")
+    words = validate_names(data, source)
+    atomic_write_bytes(dest, data)
+    return {"source": source, "sha256": actual, "bytes": len(data), "names": len(words)}
+
+
+def read_names(path: str | os.PathLike) -> list[str]:
+    path = Path(path)
+    return validate_names(path.read_bytes(), str(path))
+
+
+def vocabulary(words: list[str]) -> tuple[dict[str, int], dict[int, str]]:
+    """The lecture's vocabulary: the sorted characters as 1..n, and ``.`` as 0."""
+    chars = sorted(set("".join(words)))
+    stoi = {s: i + 1 for i, s in enumerate(chars)}
+    stoi["."] = 0
+    itos = {i: s for s, i in stoi.items()}
+    return stoi, itos
+
+
+def build_dataset(words: list[str], stoi: dict[str, int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (context of ``block_size`` characters, next character) pair of every word."""
+    X, Y = [], []
+    for w in words:
+        context = [0] * block_size
+        for ch in w + ".":
+            ix = stoi[ch]
+            X.append(context)
+            Y.append(ix)
+            context = context[1:] + [ix]
+    X = torch.tensor(X, dtype=torch.int64).view(-1, block_size)
+    Y = torch.tensor(Y, dtype=torch.int64)
+    return X, Y
+
+
+def make_splits(words: list[str], block_size: int = BLOCK_SIZE, seed: int = SPLIT_SEED) -> dict:
+    """The lecture's 80/10/10 split after ``random.seed(seed); random.shuffle(words)``."""
+    words = list(words)
+    stoi, itos = vocabulary(words)
+    if len(stoi) != 27:
+        raise DataError(f"the names use {len(stoi) - 1} distinct letters; the models expect all 26 of a-z")
+    rng_state = random.getstate()
+    try:
+        random.seed(seed)
+        random.shuffle(words)
+    finally:
+        random.setstate(rng_state)
+    n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
+    splits = {}
+    for name, part in (("train", words[:n1]), ("dev", words[n1:n2]), ("test", words[n2:])):
+        splits[name] = build_dataset(part, stoi, block_size)
+    return {"splits": splits, "stoi": stoi, "itos": itos, "block_size": block_size}
+
+
+def save_splits(names_path: str | os.PathLike, out_tensors: str | os.PathLike, out_summary: str | os.PathLike,
+                block_size: int = BLOCK_SIZE, seed: int = SPLIT_SEED) -> dict:
+    names_path = Path(names_path)
+    data = names_path.read_bytes()
+    words = validate_names(data, str(names_path))
+    built = make_splits(words, block_size, seed)
+    payload = {f"X{name}": xy[0] for name, xy in built["splits"].items()}
+    payload.update({f"Y{name}": xy[1] for name, xy in built["splits"].items()})
+    payload["itos"] = built["itos"]
+    payload["block_size"] = block_size
+    summary = {
+        "names": len(words),
+        "block_size": block_size,
+        "split_seed": seed,
+        "examples": {name: int(xy[1].shape[0]) for name, xy in built["splits"].items()},
+        "vocabulary": "".join(built["itos"][i] for i in range(len(built["itos"]))),
+        "data_sha256": sha256_of(data),
+    }
+    out_tensors = Path(out_tensors)
+    out_tensors.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_tensors.with_name(f".{out_tensors.name}.part")
+    torch.save(payload, tmp)
+    os.replace(tmp, out_tensors)
+    atomic_write_bytes(out_summary, (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def load_splits(path: str | os.PathLike) -> dict:
+    return torch.load(path, weights_only=True)

@@ -1,0 +1,244 @@
+"""The lecture's two networks, built from a variant's settings.
+
+Both are drawn from one ``torch.Generator`` in exactly the lecture's order, so that a
+run with the lecture's seed starts from the lecture's parameters bit for bit:
+
+* ``mlp``  — part 1 of the lecture: embedding C, one hidden layer (W1, b1), tanh,
+  output layer (W2, b2), and optionally the lecture's hand-written BatchNorm
+  (batch *std*, no eps, running statistics with momentum 0.001).
+* ``deep`` — part 2: embedding C, ``n_layers`` blocks ``Linear → [BatchNorm1d] → Tanh``
+  and ``Linear → [BatchNorm1d]`` on top, with ``torch.nn``-like BatchNorm1d
+  (batch *variance* + eps, momentum 0.1).
+
+The layers are ``nn.Module`` subclasses only so that statistics can be collected with
+ordinary forward hooks; the arithmetic is the lecture's, operation for operation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB_SIZE = 27
+
+HIDDEN_BIAS_MODES = ("added", "drawn_not_added", "not_drawn")
+
+
+class Embedding(nn.Module):
+    """Look up the context characters and concatenate their vectors (``emb.view(B, -1)``)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        emb = self.weight[x]
+        return emb.view(emb.shape[0], -1)
+
+
+class Linear(nn.Module):
+    """``x @ W (+ b)``; the bias may exist without being added (the lecture notes' ``#+ b1``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, add_bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        # A bias that is drawn but never added is kept as a plain tensor: it is in the
+        # random stream and in the saved state, but it is not a trained parameter.
+        if bias is not None and add_bias:
+            self.bias = nn.Parameter(bias)
+        else:
+            self.bias = None
+            if bias is not None:
+                self.register_buffer("unused_bias", bias)
+
+    def forward(self, x):
+        out = x @ self.weight
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+class BatchNorm1d(nn.Module):
+    """Batch normalisation as the lecture writes it, in two flavours.
+
+    ``normalize_by="std"`` is part 1's hand-written layer: ``(x - mean) / std`` with the
+    unbiased batch std, no eps, and a running *std*. ``normalize_by="var"`` is part 2's
+    ``BatchNorm1d``: ``(x - mean) / sqrt(var + eps)`` with a running *variance*.
+    Running statistics are updated as ``(1 - momentum) * running + momentum * batch``.
+    """
+
+    def __init__(self, dim: int, momentum: float, eps: float = 0.0, normalize_by: str = "var",
+                 keepdim_params: bool = False):
+        super().__init__()
+        if normalize_by not in ("std", "var"):
+            raise ValueError(f"normalize_by must be 'std' or 'var', not {normalize_by!r}")
+        shape = (1, dim) if keepdim_params else (dim,)
+        self.normalize_by = normalize_by
+        self.momentum = momentum
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(shape))
+        self.beta = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("running_mean", torch.zeros(shape))
+        self.register_buffer("running_spread", torch.ones(shape))  # std or var, by flavour
+        # Set by the last training-mode forward, for the statistics collectors.
+        self.last_batch_mean: torch.Tensor | None = None
+        self.last_batch_spread: torch.Tensor | None = None
+
+    def forward(self, x):
+        if self.training:
+            mean = x.mean(0, keepdim=True)
+            spread = x.std(0, keepdim=True) if self.normalize_by == "std" else x.var(0, keepdim=True)
+        else:
+            mean, spread = self.running_mean, self.running_spread
+        if self.normalize_by == "std":
+            out = self.gamma * (x - mean) / spread + self.beta
+        else:
+            out = self.gamma * ((x - mean) / torch.sqrt(spread + self.eps)) + self.beta
+        if self.training:
+            with torch.no_grad():
+                m = self.momentum
+                self.running_mean = (1 - m) * self.running_mean + m * mean.view(self.running_mean.shape)
+                self.running_spread = (1 - m) * self.running_spread + m * spread.view(self.running_spread.shape)
+                self.last_batch_mean = mean.detach()
+                self.last_batch_spread = spread.detach()
+        return out
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Set the running statistics to those of ``x`` (the lecture's pass over the whole training split)."""
+        self.running_mean = x.mean(0, keepdim=True).view(self.running_mean.shape)
+        spread = x.std(0, keepdim=True) if self.normalize_by == "std" else x.var(0, keepdim=True)
+        self.running_spread = spread.view(self.running_spread.shape)
+
+
+class Tanh(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x)
+
+
+class ReLU(nn.Module):
+    def forward(self, x):
+        return torch.relu(x)
+
+
+ACTIVATIONS = {"tanh": Tanh, "relu": ReLU}
+
+
+class Network(nn.Module):
+    """A stack of named layers ending in logits; ``loss`` is the lecture's cross-entropy."""
+
+    def __init__(self, named_layers: list[tuple[str, nn.Module]]):
+        super().__init__()
+        self.layers = nn.ModuleDict(named_layers)
+
+    def forward(self, x):
+        for layer in self.layers.values():
+            x = layer(x)
+        return x
+
+    def loss(self, x, y):
+        return F.cross_entropy(self(x), y)
+
+    def trained_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters in the lecture's order (the order of its ``parameters`` list)."""
+        return list(self.named_parameters())
+
+    def batchnorm_layers(self) -> list[tuple[str, BatchNorm1d]]:
+        return [(n, m) for n, m in self.layers.items() if isinstance(m, BatchNorm1d)]
+
+    def activation_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.layers.items() if isinstance(m, tuple(ACTIVATIONS.values()))]
+
+    def to_features_before(self, x: torch.Tensor, layer_name: str) -> torch.Tensor:
+        """Run the layers up to (not including) ``layer_name``."""
+        for name, layer in self.layers.items():
+            if name == layer_name:
+                return x
+            x = layer(x)
+        raise KeyError(layer_name)
+
+    @torch.no_grad()
+    def calibrate_batchnorm(self, x: torch.Tensor) -> None:
+        """Replace every BatchNorm's running statistics by those of the whole of ``x``, layer by layer."""
+        was_training = self.training
+        self.eval()
+        for name, bn in self.batchnorm_layers():
+            bn.calibrate(self.to_features_before(x, name))
+        self.train(was_training)
+
+
+def _scaled(t: torch.Tensor, scale, gain: float, fan_in: int) -> torch.Tensor:
+    # Written as the lecture writes it (``randn * (5/3) / fan_in**0.5``: multiply, then
+    # divide), because the other order rounds differently and would not be the lecture's run.
+    if scale == "kaiming":
+        return t * gain / (fan_in ** 0.5)
+    return t * scale
+
+
+def build_mlp(spec: dict, g: torch.Generator, block_size: int) -> Network:
+    """Lecture part 1: C, W1, b1, W2, b2 drawn in that order (b1 skipped when ``not_drawn``)."""
+    n_embd, n_hidden = spec["n_embd"], spec["n_hidden"]
+    scales, gain = spec["init"], spec["gain"]
+    fan_in = n_embd * block_size
+    C = _scaled(torch.randn((VOCAB_SIZE, n_embd), generator=g), scales["C"], gain, VOCAB_SIZE)
+    W1 = _scaled(torch.randn((fan_in, n_hidden), generator=g), scales["W1"], gain, fan_in)
+    b1 = None
+    if spec["hidden_bias"] != "not_drawn":
+        b1 = _scaled(torch.randn(n_hidden, generator=g), scales["b1"], gain, fan_in)
+    W2 = _scaled(torch.randn((n_hidden, VOCAB_SIZE), generator=g), scales["W2"], gain, n_hidden)
+    b2 = _scaled(torch.randn(VOCAB_SIZE, generator=g), scales["b2"], gain, n_hidden)
+
+    layers: list[tuple[str, nn.Module]] = [
+        ("embedding", Embedding(C)),
+        ("linear1", Linear(W1, b1, add_bias=spec["hidden_bias"] == "added")),
+    ]
+    if spec["batchnorm"]:
+        layers.append(("batchnorm1", BatchNorm1d(n_hidden, momentum=0.001, eps=0.0, normalize_by="std",
+                                                 keepdim_params=True)))
+    layers.append(("tanh1" if spec["activation"] == "tanh" else "act1", ACTIVATIONS[spec["activation"]]()))
+    layers.append(("linear2", Linear(W2, b2)))
+    return Network(layers)
+
+
+def build_deep(spec: dict, g: torch.Generator, block_size: int) -> Network:
+    """Lecture part 2: C, then each Linear weight ``randn / sqrt(fan_in)`` in order.
+
+    After drawing, as the lecture does: the last layer is made less confident (gamma of the
+    last BatchNorm, or the last Linear's weight, times ``last_layer_scale``), then every
+    Linear before the last *layer* is multiplied by ``gain``; with BatchNorm that includes
+    the output Linear, because the last layer is then the BatchNorm.
+    """
+    n_embd, n_hidden, n_layers = spec["n_embd"], spec["n_hidden"], spec["n_layers"]
+    bn = spec["batchnorm"]
+    act_name = spec["activation"]
+    C = torch.randn((VOCAB_SIZE, n_embd), generator=g)
+    dims = [n_embd * block_size] + [n_hidden] * n_layers + [VOCAB_SIZE]
+    layers: list[tuple[str, nn.Module]] = [("embedding", Embedding(C))]
+    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
+        weight = torch.randn((fan_in, fan_out), generator=g) / fan_in ** 0.5
+        bias = None if bn else torch.zeros(fan_out)
+        layers.append((f"linear{i}", Linear(weight, bias)))
+        if bn:
+            layers.append((f"batchnorm{i}", BatchNorm1d(fan_out, momentum=0.1, eps=1e-5, normalize_by="var")))
+        if i <= n_layers:
+            layers.append((f"{act_name}{i}", ACTIVATIONS[act_name]()))
+    net = Network(layers)
+    with torch.no_grad():
+        modules = list(net.layers.values())
+        last = modules[-1]
+        if isinstance(last, BatchNorm1d):
+            last.gamma *= spec["last_layer_scale"]
+        else:
+            last.weight *= spec["last_layer_scale"]
+        for layer in modules[:-1]:
+            if isinstance(layer, Linear):
+                layer.weight *= spec["gain"]
+    return net
+
+
+BUILDERS = {"mlp": build_mlp, "deep": build_deep}
+
+
+def build_network(spec: dict, g: torch.Generator, block_size: int) -> Network:
+    return BUILDERS[spec["model"]](spec, g, block_size)

@@ -1,0 +1,187 @@
+"""Activation and gradient statistics, collected from outside the training loop.
+
+:class:`StatsRecorder` is engine-agnostic: it is handed the tensors an engine already
+has (a layer's output, the gradient flowing into it, a parameter and its gradient) at the
+steps it asks for, and keeps the figures as tensors until the run ends, so recording
+costs no host synchronisation per step. :class:`NetworkHooks` feeds a recorder from a
+:class:`~actgrad.model.Network` through ordinary PyTorch forward and tensor hooks, the
+way fastai's ``ActivationStats`` does; the fast engine calls the recorder itself at its
+own hook points.
+
+Everything comes out tidy: ``stats`` has one row per (step, layer, kind, stat) and
+``histograms`` one row per (step, layer, kind, bin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+SATURATION = 0.97  # the lecture's threshold for "saturated" in the statistics printouts
+DEAD = 0.99  # the lecture's threshold in the saturation map: |t| > 0.99 for every example -> dead
+
+
+@dataclass
+class StatsPlan:
+    """Which steps get which statistics."""
+
+    every: int = 1000  # time series of means, stds, ratios
+    update_every: int = 100  # update:data ratios (cheap, and the lecture plots them densely)
+    histogram_every: int = 5000  # histograms over time, for the heat-map view
+    snapshot_steps: tuple[int, ...] = (0, 1000)  # full histograms; the last step is added by the engine
+    bins: int = 50
+    last_step: int = -1
+
+    def snapshot(self, step: int) -> bool:
+        return step in self.snapshot_steps or step == self.last_step
+
+    def series(self, step: int) -> bool:
+        return step % self.every == 0 or self.snapshot(step)
+
+    def histogram(self, step: int) -> bool:
+        return step % self.histogram_every == 0 or self.snapshot(step)
+
+    def update(self, step: int) -> bool:
+        return step % self.update_every == 0 or self.series(step)
+
+    def any(self, step: int) -> bool:
+        return self.series(step) or self.update(step) or self.histogram(step)
+
+
+@dataclass
+class StatsRecorder:
+    plan: StatsPlan
+    activation_range: tuple[float, float] | None = (-1.0, 1.0)  # fixed for tanh, so histograms line up over time
+    _rows: list[tuple[int, str, str, tuple[str, ...], torch.Tensor]] = field(default_factory=list)
+    _hists: list[tuple[int, str, str, torch.Tensor, float, float]] = field(default_factory=list)
+
+    # -- what the engines call ------------------------------------------------
+    def activation(self, step: int, layer: str, out: torch.Tensor) -> None:
+        out = out.detach()
+        if self.plan.series(step):
+            a = out.abs()
+            dead = (a > DEAD).all(dim=0).sum()
+            self._add(step, layer, "activation", ("mean", "std", "saturated_pct", "saturated99_pct", "dead_units"),
+                      torch.stack([out.mean(), out.std(), (a > SATURATION).float().mean() * 100,
+                                   (a > DEAD).float().mean() * 100, dead.float()]))
+        if self.plan.histogram(step):
+            self._histogram(step, layer, "activation", out, self.activation_range)
+
+    def preactivation(self, step: int, layer: str, x: torch.Tensor) -> None:
+        if self.plan.snapshot(step):
+            x = x.detach()
+            self._add(step, layer, "preactivation", ("mean", "std"), torch.stack([x.mean(), x.std()]))
+            self._histogram(step, layer, "preactivation", x, None)
+
+    def activation_grad(self, step: int, layer: str, grad: torch.Tensor) -> None:
+        grad = grad.detach()
+        if self.plan.series(step):
+            self._add(step, layer, "activation_grad", ("mean", "std"), torch.stack([grad.mean(), grad.std()]))
+        if self.plan.snapshot(step):
+            self._histogram(step, layer, "activation_grad", grad, None)
+
+    def parameter(self, step: int, name: str, data: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        data, grad = data.detach(), grad.detach()
+        if self.plan.update(step):
+            ratio = (lr * grad).std() / data.std()
+            self._add(step, name, "update", ("log10_update_data",), ratio.log10().view(1))
+        if data.ndim == 2 and self.plan.series(step):
+            self._add(step, name, "weight_grad", ("mean", "std", "grad_data_ratio"),
+                      torch.stack([grad.mean(), grad.std(), grad.std() / data.std()]))
+        if data.ndim == 2 and self.plan.snapshot(step):
+            self._histogram(step, name, "weight_grad", grad, None)
+
+    def batchnorm(self, step: int, layer: str, batch_mean, batch_spread, running_mean, running_spread) -> None:
+        if self.plan.series(step):
+            self._add(step, layer, "batchnorm",
+                      ("batch_mean_abs", "running_mean_gap", "batch_spread_mean", "running_spread_gap"),
+                      torch.stack([batch_mean.abs().mean(), (running_mean - batch_mean).abs().mean(),
+                                   batch_spread.mean(), (running_spread - batch_spread).abs().mean()]))
+
+    # -- results ---------------------------------------------------------------
+    def stats_frame(self) -> pd.DataFrame:
+        records = []
+        values = [v.float().cpu() for *_, v in self._rows]
+        for (step, layer, kind, names, _), vals in zip(self._rows, values):
+            for name, val in zip(names, vals.tolist()):
+                records.append((step, layer, kind, name, val))
+        return pd.DataFrame.from_records(records, columns=["step", "layer", "kind", "stat", "value"])
+
+    def histogram_frame(self) -> pd.DataFrame:
+        frames = []
+        for step, layer, kind, counts, lo, hi in self._hists:
+            counts = counts.float().cpu()
+            n = counts.numel()
+            width = (hi - lo) / n
+            total = counts.sum().item() or 1.0
+            frames.append(pd.DataFrame({
+                "step": step, "layer": layer, "kind": kind,
+                "bin_left": [lo + i * width for i in range(n)],
+                "bin_right": [lo + (i + 1) * width for i in range(n)],
+                "fraction": (counts / total).tolist(),
+            }))
+        columns = ["step", "layer", "kind", "bin_left", "bin_right", "fraction"]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+    # -- internals -------------------------------------------------------------
+    def _add(self, step, layer, kind, names, values):
+        self._rows.append((step, layer, kind, names, values))
+
+    def _histogram(self, step, layer, kind, t, value_range):
+        t = t.float().flatten()
+        if value_range is None:
+            lo, hi = t.min().item(), t.max().item()
+            if not (lo < hi):
+                lo, hi = lo - 0.5, hi + 0.5
+        else:
+            lo, hi = value_range
+        self._hists.append((step, layer, kind, torch.histc(t, bins=self.plan.bins, min=lo, max=hi), lo, hi))
+
+
+class NetworkHooks:
+    """Feed a :class:`StatsRecorder` from a Network's layers through PyTorch hooks.
+
+    Forward hooks on each activation layer record its input (the pre-activation) and
+    output, and put a tensor hook on the output for the gradient that flows back into it;
+    :meth:`after_backward` reads the parameters' gradients. Nothing is recorded on steps
+    the plan does not ask for.
+    """
+
+    def __init__(self, network, recorder: StatsRecorder):
+        self.network, self.recorder = network, recorder
+        self.step = -1
+        self._handles = []
+        for name, layer in network.activation_layers():
+            self._handles.append(layer.register_forward_hook(self._on_activation(name)))
+
+    def _on_activation(self, name):
+        def hook(module, inputs, output):
+            step = self.step
+            if not module.training or not self.recorder.plan.any(step):
+                return
+            self.recorder.preactivation(step, name, inputs[0])
+            self.recorder.activation(step, name, output)
+            if output.requires_grad and self.recorder.plan.series(step):
+                output.register_hook(lambda grad: self.recorder.activation_grad(step, name, grad))
+        return hook
+
+    def before_step(self, step: int) -> None:
+        self.step = step
+
+    def after_backward(self, step: int, lr: float) -> None:
+        if not self.recorder.plan.any(step):
+            return
+        for name, p in self.network.trained_parameters():
+            if p.grad is not None:
+                self.recorder.parameter(step, name, p.data, p.grad, lr)
+        if self.recorder.plan.series(step):
+            for name, bn in self.network.batchnorm_layers():
+                if bn.last_batch_mean is not None:
+                    self.recorder.batchnorm(step, name, bn.last_batch_mean.flatten(), bn.last_batch_spread.flatten(),
+                                            bn.running_mean.flatten(), bn.running_spread.flatten())
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

@@ -1,0 +1,177 @@
+"""Training one run of a variant, as the lecture's loop does it, and evaluating it.
+
+The loop is the lecture's, line for line: one generator draws the parameters, then every
+minibatch's indices; forward, ``p.grad = None``, backward, ``p.data += -lr * p.grad``.
+Statistics and anything else that watches the run are callbacks (see
+:mod:`actgrad.stats`); the loop only tells them where it is.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .model import Network, build_network
+
+EXPECTED_INIT_LOSS = -math.log(1 / 27)  # 3.2958: a uniform guess over 27 characters
+
+
+def learning_rate(schedule: list[dict], step: int) -> float:
+    """The rate of the last schedule entry whose ``from_step`` has been reached."""
+    lr = schedule[0]["lr"]
+    for entry in schedule:
+        if step >= entry["from_step"]:
+            lr = entry["lr"]
+    return lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but this machine has no CUDA GPU")
+    return torch.device(name)
+
+
+def init_network(spec: dict, seed: int, block_size: int, w1_perturbation: float = 0.0):
+    """Draw the network from a fresh generator; the same generator then draws the minibatches.
+
+    ``w1_perturbation`` scales the first Linear weight by ``1 + w1_perturbation`` after
+    drawing: the sensitivity twin of a run.
+    """
+    g = torch.Generator().manual_seed(seed)
+    net = build_network(spec, g, block_size)
+    if w1_perturbation:
+        with torch.no_grad():
+            net.layers["linear1"].weight *= 1 + w1_perturbation
+    return net, g
+
+
+@dataclass
+class TrainResult:
+    losses: torch.Tensor  # every step's minibatch loss, float32
+    steps_done: int
+    diverged_at: int | None
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def train_reference(net: Network, g: torch.Generator, Xtr: torch.Tensor, Ytr: torch.Tensor, *, steps: int,
+                    batch_size: int, lr_schedule: list[dict], callbacks=(), device=torch.device("cpu"),
+                    divergence_check_every: int = 100) -> TrainResult:
+    """The lecture's training loop. Stops at the first non-finite loss (checked every few steps)."""
+    net.to(device)
+    net.train()
+    params = [p for _, p in net.trained_parameters()]
+    Xtr_d, Ytr_d = Xtr.to(device), Ytr.to(device)
+    losses = torch.full((steps,), float("nan"), dtype=torch.float32, device=device)
+    diverged_at = None
+    start = time.perf_counter()
+    step = 0
+    for step in range(steps):
+        # Indices come from the CPU generator, as in the lecture, on every device.
+        ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g).to(device)
+        Xb, Yb = Xtr_d[ix], Ytr_d[ix]
+        for cb in callbacks:
+            cb.before_step(step)
+        loss = F.cross_entropy(net(Xb), Yb)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        lr = learning_rate(lr_schedule, step)
+        for cb in callbacks:
+            cb.after_backward(step, lr)
+        for p in params:
+            p.data += -lr * p.grad
+        losses[step] = loss.detach()
+        if (step + 1) % divergence_check_every == 0 or step == steps - 1:
+            window = losses[max(0, step + 1 - divergence_check_every): step + 1]
+            if not torch.isfinite(window).all():
+                bad = (~torch.isfinite(window)).nonzero()[0].item()
+                diverged_at = max(0, step + 1 - divergence_check_every) + bad
+                break
+    seconds = time.perf_counter() - start
+    done = steps if diverged_at is None else diverged_at + 1
+    return TrainResult(losses=losses[:done].cpu(), steps_done=done, diverged_at=diverged_at, seconds=seconds)
+
+
+@torch.no_grad()
+def split_loss(net: Network, X: torch.Tensor, Y: torch.Tensor, batch_stats: bool = False) -> float:
+    """Cross-entropy over a whole split.
+
+    With ``batch_stats`` the BatchNorm layers normalise with the statistics of ``X``
+    itself (the lecture's calibration pass); otherwise with their running statistics.
+    The network's running statistics are left as they were.
+    """
+    was_training = net.training
+    if batch_stats and net.batchnorm_layers():
+        saved = {n: (bn.running_mean.clone(), bn.running_spread.clone()) for n, bn in net.batchnorm_layers()}
+        net.calibrate_batchnorm(X)
+        net.eval()
+        loss = F.cross_entropy(net(X), Y).item()
+        for n, bn in net.batchnorm_layers():
+            bn.running_mean, bn.running_spread = saved[n]
+    else:
+        net.eval()
+        loss = F.cross_entropy(net(X), Y).item()
+    net.train(was_training)
+    return loss
+
+
+@torch.no_grad()
+def activations_on(net: Network, X: torch.Tensor, batch_stats: bool) -> dict[str, torch.Tensor]:
+    """Every activation layer's output on ``X`` (evaluation mode), keyed by layer name."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+               for name, layer in net.activation_layers()]
+    was_training = net.training
+    try:
+        if batch_stats and net.batchnorm_layers():
+            saved = {n: (bn.running_mean.clone(), bn.running_spread.clone()) for n, bn in net.batchnorm_layers()}
+            net.calibrate_batchnorm(X)
+            net.eval()
+            net(X)
+            for n, bn in net.batchnorm_layers():
+                bn.running_mean, bn.running_spread = saved[n]
+        else:
+            net.eval()
+            net(X)
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was_training)
+    return outputs
+
+
+def saturation_pct(outputs: dict[str, torch.Tensor], threshold: float) -> float:
+    """Share of all activation values (every layer together) with |t| above ``threshold``, in %."""
+    total = sum(o.numel() for o in outputs.values())
+    above = sum((o.abs() > threshold).sum().item() for o in outputs.values())
+    return 100.0 * above / total if total else float("nan")
+
+
+@torch.no_grad()
+def sample_names(net: Network, itos: dict[int, str], block_size: int, n: int, seed: int,
+                 max_length: int = 50) -> list[str]:
+    """The lecture's sampler: a generator seeded ``seed + 10``, one character at a time until '.'."""
+    g = torch.Generator().manual_seed(seed + 10)
+    net.eval()
+    device = next(net.parameters()).device
+    names = []
+    for _ in range(n):
+        out, context = [], [0] * block_size
+        while len(out) < max_length:
+            logits = net(torch.tensor([context], device=device))
+            probs = F.softmax(logits, dim=1).cpu()
+            ix = torch.multinomial(probs, num_samples=1, generator=g).item()
+            context = context[1:] + [ix]
+            if ix == 0:
+                break
+            out.append(ix)
+        names.append("".join(itos[i] for i in out))
+    net.train()
+    return names
