@@ -150,22 +150,21 @@ class Network(nn.Module):
     def activation_layers(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.layers.items() if isinstance(m, tuple(ACTIVATIONS.values()))]
 
-    def to_features_before(self, x: torch.Tensor, layer_name: str) -> torch.Tensor:
-        """Run the layers up to (not including) ``layer_name``."""
-        for name, layer in self.layers.items():
-            if name == layer_name:
-                return x
-            x = layer(x)
-        raise KeyError(layer_name)
-
     @torch.no_grad()
-    def calibrate_batchnorm(self, x: torch.Tensor) -> None:
-        """Replace every BatchNorm's running statistics by those of the whole of ``x``, layer by layer."""
+    def calibrate_batchnorm(self, x: torch.Tensor) -> torch.Tensor:
+        """Set every BatchNorm's running statistics to those of the whole of ``x``, layer by layer.
+
+        One pass in evaluation mode: each BatchNorm is calibrated on what reaches it from the
+        layers before, which are already calibrated. Returns the output (the logits).
+        """
         was_training = self.training
         self.eval()
-        for name, bn in self.batchnorm_layers():
-            bn.calibrate(self.to_features_before(x, name))
+        for layer in self.layers.values():
+            if isinstance(layer, BatchNorm1d):
+                layer.calibrate(x)
+            x = layer(x)
         self.train(was_training)
+        return x
 
 
 def _scaled(t: torch.Tensor, scale, gain: float, fan_in: int) -> torch.Tensor:

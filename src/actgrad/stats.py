@@ -56,6 +56,8 @@ class StatsRecorder:
     activation_range: tuple[float, float] | None = (-1.0, 1.0)  # fixed for tanh, so histograms line up over time
     _rows: list[tuple[int, str, str, tuple[str, ...], torch.Tensor]] = field(default_factory=list)
     _hists: list[tuple[int, str, str, torch.Tensor, float, float]] = field(default_factory=list)
+    # |t| > 0.99 over the whole batch at step 0: the lecture's black-and-white saturation map.
+    saturation_maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # -- what the engines call ------------------------------------------------
     def activation(self, step: int, layer: str, out: torch.Tensor) -> None:
@@ -68,6 +70,8 @@ class StatsRecorder:
                                    (a > DEAD).float().mean() * 100, dead.float()]))
         if self.plan.histogram(step):
             self._histogram(step, layer, "activation", out, self.activation_range)
+        if step == 0:
+            self.saturation_maps[layer] = (out.abs() > DEAD).cpu()
 
     def preactivation(self, step: int, layer: str, x: torch.Tensor) -> None:
         if self.plan.snapshot(step):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -99,52 +100,41 @@ def train_reference(net: Network, g: torch.Generator, Xtr: torch.Tensor, Ytr: to
     return TrainResult(losses=losses[:done].cpu(), steps_done=done, diverged_at=diverged_at, seconds=seconds)
 
 
-@torch.no_grad()
-def split_loss(net: Network, X: torch.Tensor, Y: torch.Tensor, batch_stats: bool = False) -> float:
-    """Cross-entropy over a whole split.
-
-    With ``batch_stats`` the BatchNorm layers normalise with the statistics of ``X``
-    itself (the lecture's calibration pass); otherwise with their running statistics.
-    The network's running statistics are left as they were.
-    """
-    was_training = net.training
-    if batch_stats and net.batchnorm_layers():
-        saved = {n: (bn.running_mean.clone(), bn.running_spread.clone()) for n, bn in net.batchnorm_layers()}
-        net.calibrate_batchnorm(X)
-        net.eval()
-        loss = F.cross_entropy(net(X), Y).item()
+@contextmanager
+def kept_running_stats(net: Network):
+    """Whatever happens inside, the BatchNorm running statistics are as before afterwards."""
+    saved = {n: (bn.running_mean.clone(), bn.running_spread.clone()) for n, bn in net.batchnorm_layers()}
+    try:
+        yield
+    finally:
         for n, bn in net.batchnorm_layers():
             bn.running_mean, bn.running_spread = saved[n]
-    else:
-        net.eval()
-        loss = F.cross_entropy(net(X), Y).item()
-    net.train(was_training)
-    return loss
 
 
 @torch.no_grad()
-def activations_on(net: Network, X: torch.Tensor, batch_stats: bool) -> dict[str, torch.Tensor]:
-    """Every activation layer's output on ``X`` (evaluation mode), keyed by layer name."""
+def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool = False,
+             keep_activations: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+    """Cross-entropy over a whole split in evaluation mode, in one pass.
+
+    With ``calibrate`` every BatchNorm first takes the statistics of ``X`` as its running
+    statistics (the lecture's calibration pass over the training split) and keeps them.
+    With ``keep_activations`` each activation layer's output is returned too.
+    """
     outputs: dict[str, torch.Tensor] = {}
-    handles = [layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
-               for name, layer in net.activation_layers()]
+    handles = []
+    if keep_activations:
+        handles = [layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+                   for name, layer in net.activation_layers()]
     was_training = net.training
     try:
-        if batch_stats and net.batchnorm_layers():
-            saved = {n: (bn.running_mean.clone(), bn.running_spread.clone()) for n, bn in net.batchnorm_layers()}
-            net.calibrate_batchnorm(X)
-            net.eval()
-            net(X)
-            for n, bn in net.batchnorm_layers():
-                bn.running_mean, bn.running_spread = saved[n]
-        else:
-            net.eval()
-            net(X)
+        net.eval()
+        logits = net.calibrate_batchnorm(X) if calibrate else net(X)
+        loss = F.cross_entropy(logits, Y).item()
     finally:
         for h in handles:
             h.remove()
         net.train(was_training)
-    return outputs
+    return loss, outputs
 
 
 def saturation_pct(outputs: dict[str, torch.Tensor], threshold: float) -> float:

@@ -1,0 +1,183 @@
+"""The pipeline's configuration: validation against the schema, and each variant's full settings.
+
+A variant in ``config.yaml`` only says what differs from its model's defaults; the
+functions here fill in the rest, so every stage sees the same complete settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+# What a variant gets for every key it leaves out, per model. Both are the lecture's.
+MODEL_DEFAULTS = {
+    "mlp": {
+        "n_embd": 10,
+        "n_hidden": 200,
+        "activation": "tanh",
+        "batchnorm": False,
+        "hidden_bias": "added",
+        "init": {"C": 1.0, "W1": 1.0, "b1": 1.0, "W2": 1.0, "b2": 1.0},
+        "gain": 5 / 3,
+        "lr_schedule": [{"from_step": 0, "lr": 0.1}, {"from_step": 100000, "lr": 0.01}],
+    },
+    "deep": {
+        "n_embd": 10,
+        "n_hidden": 100,
+        "n_layers": 5,
+        "activation": "tanh",
+        "batchnorm": True,
+        "gain": 5 / 3,
+        "last_layer_scale": 0.1,
+        "lr_schedule": [{"from_step": 0, "lr": 0.1}, {"from_step": 150000, "lr": 0.01}],
+    },
+}
+
+# Keys of a variant that are about the run rather than the network.
+RUN_KEYS = ("max_steps", "batch_size", "seeds", "sensitivity_twin")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration, with a message that names the key and what is allowed."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        return f"{where}: {error.message}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "enum":
+        return f"{where}: {error.instance!r} is not one of {error.validator_value}"
+    if error.validator in ("oneOf", "anyOf"):
+        options = []
+        for sub in error.validator_value:
+            if "enum" in sub:
+                options.append(" or ".join(repr(v) for v in sub["enum"]))
+            elif "type" in sub:
+                options.append(f"a {sub['type']}" + (f" > {sub['exclusiveMinimum']}" if "exclusiveMinimum" in sub
+                                                      else ""))
+        return f"{where}: {error.instance!r} is not allowed; expected {' or '.join(options)}"
+    return f"{where}: {error.message}"
+
+
+def validate(config: dict, schema: dict | None = None) -> None:
+    """Raise :class:`ConfigError` listing every problem, each naming its key."""
+    schema = schema or load_schema()
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in errors))
+    for name, variant in config["variants"].items():
+        model = variant.get("model", "mlp")
+        if model == "mlp" and "n_layers" in variant:
+            raise ConfigError(f"variants/{name}/n_layers: only a 'deep' model has n_layers")
+        if model == "deep" and ("init" in variant or "hidden_bias" in variant):
+            key = "init" if "init" in variant else "hidden_bias"
+            raise ConfigError(f"variants/{name}/{key}: only an 'mlp' model has {key}; "
+                              "a 'deep' model is set with gain and last_layer_scale")
+        schedule = variant.get("lr_schedule")
+        if schedule and schedule[0]["from_step"] != 0:
+            raise ConfigError(f"variants/{name}/lr_schedule: the first entry must start at from_step 0")
+
+
+def apply_defaults(config: dict, schema: dict | None = None) -> dict:
+    """Fill in, in place, every key the schema gives a default for (nested sections too)."""
+    schema = schema or load_schema()
+
+    def fill(node: dict, sub: dict) -> None:
+        for key, prop in sub.get("properties", {}).items():
+            if key not in node:
+                if "default" in prop:
+                    node[key] = copy.deepcopy(prop["default"])
+                elif prop.get("type") == "object" and "properties" in prop:
+                    node[key] = {}
+            if isinstance(node.get(key), dict) and "properties" in prop:
+                fill(node[key], prop)
+
+    fill(config, schema)
+    return config
+
+
+def read_yaml(path: str | Path) -> dict:
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(config).__name__}")
+    return config
+
+
+def resolve_base(config: dict, seen: tuple = ()) -> dict:
+    """A config with ``base: other.yaml`` is that file with this one's keys merged on top."""
+    if "base" not in config:
+        return config
+    base_path = config["base"]
+    if base_path in seen:
+        raise ConfigError(f"base: {base_path} includes itself")
+    base = resolve_base(read_yaml(base_path), seen + (base_path,))
+    return merge(base, {k: v for k, v in config.items() if k != "base"})
+
+
+def load(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read, validate and complete a config file."""
+    config = resolve_base(read_yaml(path))
+    if overrides:
+        config = merge(config, overrides)
+    schema = load_schema()
+    validate(config, schema)
+    return apply_defaults(config, schema)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """``base`` updated by ``extra``, recursively for mappings."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def variant_spec(config: dict, name: str) -> dict:
+    """The complete settings of one variant: its model's defaults, overlaid by what it says."""
+    variant = config["variants"][name]
+    model = variant.get("model", "mlp")
+    spec = merge(MODEL_DEFAULTS[model], {k: v for k, v in variant.items() if k not in ("references",
+                                                                                        "description")})
+    spec["model"] = model
+    spec["name"] = name
+    spec["max_steps"] = int(variant.get("max_steps", config.get("max_steps", 200000)))
+    spec["batch_size"] = int(variant.get("batch_size", config.get("batch_size", 32)))
+    spec["seeds"] = [int(s) for s in variant.get("seeds", config.get("seeds", [2147483647]))]
+    twin = config.get("sensitivity", {}).get("enabled", False)
+    spec["sensitivity_twin"] = bool(variant.get("sensitivity_twin", twin))
+    spec["w1_perturbation"] = float(config.get("sensitivity", {}).get("w1_perturbation", 1e-7))
+    return spec
+
+
+def architecture_key(spec: dict) -> str:
+    """Specs with equal keys can be trained side by side as one batched model."""
+    arch = {k: v for k, v in spec.items()
+            if k not in ("name", "init", "gain", "last_layer_scale", "hidden_bias", "seeds", "sensitivity_twin",
+                         "w1_perturbation")}
+    # Whether b1 is trained changes the parameter list, so it belongs to the architecture.
+    arch["trains_b1"] = spec.get("hidden_bias") == "added"
+    return json.dumps(arch, sort_keys=True)
+
+
+def seeds_of(config: dict, name: str) -> list[int]:
+    return variant_spec(config, name)["seeds"]

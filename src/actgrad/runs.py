@@ -1,0 +1,237 @@
+"""One training job: every seed of one variant, trained, evaluated and written to disk.
+
+Layout of a run, ``results/runs/{variant}/seed{seed}/``:
+
+``metrics.json``      the run's figures (losses, saturation, status, timing)
+``losses.parquet``    every step's minibatch loss (and the sensitivity twin's, if any)
+``stats.parquet``     tidy statistics: step, layer, kind, stat, value
+``histograms.parquet`` tidy histograms: step, layer, kind, bin_left, bin_right, fraction
+``saturation.npz``    |h| > 0.99 over the first minibatch, per activation layer (step 0)
+``params.pt``         the trained network's state_dict
+``samples.txt``       names sampled from the trained network
+
+Every file is written to a temporary name and renamed into place, ``metrics.json`` last,
+so a killed job never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .config import variant_spec
+from .data import atomic_write_bytes, load_splits
+from .stats import DEAD, SATURATION, NetworkHooks, StatsPlan, StatsRecorder
+from .train import (
+    EXPECTED_INIT_LOSS,
+    evaluate,
+    init_network,
+    kept_running_stats,
+    resolve_device,
+    sample_names,
+    saturation_pct,
+    train_reference,
+)
+
+RUN_FILES = ("metrics.json", "losses.parquet", "stats.parquet", "histograms.parquet", "saturation.npz",
+             "params.pt", "samples.txt")
+
+
+def run_dir(results: str | os.PathLike, variant: str, seed: int) -> Path:
+    return Path(results) / "runs" / variant / f"seed{seed}"
+
+
+def stats_plan(config: dict, steps: int) -> StatsPlan:
+    s = config.get("stats", {})
+    return StatsPlan(every=s.get("every", 1000), update_every=s.get("update_every", 100),
+                     histogram_every=s.get("histogram_every", 5000),
+                     snapshot_steps=tuple(x for x in s.get("snapshot_steps", (0, 1000)) if x < steps),
+                     bins=s.get("bins", 50), last_step=steps - 1)
+
+
+def _final_evaluation(net, splits, device) -> tuple[dict, dict]:
+    """Train/val/test losses with the running statistics, and for BatchNorm nets also with
+    statistics calibrated over the whole training split (the lecture's two evaluations)."""
+    data = {key: (splits[f"X{split}"].to(device), splits[f"Y{split}"].to(device))
+            for split, key in (("train", "train"), ("dev", "val"), ("test", "test"))}
+    out = {}
+    out["train_loss"], acts = evaluate(net, *data["train"], keep_activations=True)
+    out["val_loss"], _ = evaluate(net, *data["val"])
+    out["test_loss"], _ = evaluate(net, *data["test"])
+    if net.batchnorm_layers():
+        with kept_running_stats(net):
+            out["train_loss_calibrated"], _ = evaluate(net, *data["train"], calibrate=True)
+            out["val_loss_calibrated"], _ = evaluate(net, *data["val"])
+            out["test_loss_calibrated"], _ = evaluate(net, *data["test"])
+    return out, acts
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def train_variant(config: dict, name: str, splits_path: str | os.PathLike, results: str | os.PathLike,
+                  log=print) -> list[dict]:
+    """Train every seed of variant ``name`` (and their twins), write each run, return the metrics."""
+    spec = variant_spec(config, name)
+    device = resolve_device(config.get("device", "auto"))
+    engine = config.get("engine", "batched")
+    torch.set_num_threads(int(config.get("threads", 1)))
+    splits = load_splits(splits_path)
+    block_size = int(splits["block_size"])
+    Xtr, Ytr = splits["Xtrain"], splits["Ytrain"]
+    steps, batch_size = spec["max_steps"], spec["batch_size"]
+    plan = stats_plan(config, steps)
+
+    members = [(seed, 0.0) for seed in spec["seeds"]]
+    if spec["sensitivity_twin"]:
+        members += [(seed, spec["w1_perturbation"]) for seed in spec["seeds"]]
+    nets, gens, recorders, before = [], [], [], []
+    for seed, perturbation in members:
+        net, g = init_network(spec, seed, block_size, w1_perturbation=perturbation)
+        net.to(device)
+        nets.append(net)
+        gens.append(g)
+        recorders.append(None if perturbation else StatsRecorder(plan, activation_range=(
+            (-1.0, 1.0) if spec["activation"] == "tanh" else None)))
+        if perturbation:
+            before.append(None)
+            continue
+        # At init the running statistics are still 0 and 1, so a BatchNorm net is evaluated
+        # with the training split's own statistics.
+        with kept_running_stats(net):
+            init_loss, acts = evaluate(net, Xtr.to(device), Ytr.to(device), calibrate=True, keep_activations=True)
+        before.append({
+            "init_loss": init_loss,
+            "sat97_init": saturation_pct(acts, SATURATION),
+            "sat99_init": saturation_pct(acts, DEAD),
+        })
+        del acts
+
+    log(f"[{name}] training {len(members)} run(s) of {steps} steps with the {engine} engine on {device}")
+    start = time.perf_counter()
+    if engine == "batched":
+        from .engine import train_batched
+
+        results_list = train_batched(nets, gens, Xtr, Ytr, steps=steps, batch_size=batch_size,
+                                     lr_schedule=spec["lr_schedule"], recorders=recorders, device=device)
+    else:
+        results_list = []
+        for net, g, rec in zip(nets, gens, recorders):
+            hooks = NetworkHooks(net, rec) if rec is not None else None
+            results_list.append(train_reference(net, g, Xtr, Ytr, steps=steps, batch_size=batch_size,
+                                                lr_schedule=spec["lr_schedule"],
+                                                callbacks=[hooks] if hooks else [], device=device))
+            if hooks:
+                hooks.remove()
+    wall = time.perf_counter() - start
+
+    twins = {seed: res for (seed, p), res in zip(members, results_list) if p}
+    all_metrics = []
+    for i, (seed, perturbation) in enumerate(members):
+        if perturbation:
+            continue
+        res, net, rec = results_list[i], nets[i], recorders[i]
+        metrics = _write_run(config, spec, name, seed, res, twins.get(seed), net, rec, before[i], splits, device,
+                             results, wall / len(members))
+        all_metrics.append(metrics)
+        status = metrics["status"] + (f" at step {metrics['diverged_at']}" if metrics["diverged_at"] is not None
+                                      else "")
+        log(f"[{name}] seed {seed}: step0 {metrics['step0_loss']:.4f}  train {metrics['train_loss']:.4f}  "
+            f"val {metrics['val_loss']:.4f}  ({status})")
+    return all_metrics
+
+
+def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, device, results, seconds) -> dict:
+    out = run_dir(results, name, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    diverged = res.diverged_at is not None
+    losses = res.losses.numpy()
+    step0 = float(losses[0]) if len(losses) else float("nan")
+    metrics = {
+        "variant": name,
+        "seed": seed,
+        "model": spec["model"],
+        "batchnorm": bool(spec["batchnorm"]),
+        "steps": spec["max_steps"],
+        "steps_done": res.steps_done,
+        "status": "diverged" if diverged else "ok",
+        "diverged_at": res.diverged_at,
+        "step0_loss": step0,
+        "init_loss": before["init_loss"],
+        "expected_init_loss": EXPECTED_INIT_LOSS,
+        "sat97_init": before["sat97_init"],
+        "sat99_init": before["sat99_init"],
+        "seconds": seconds,
+    }
+    if diverged:
+        nan = float("nan")
+        metrics.update(train_loss=nan, val_loss=nan, test_loss=nan, sat97_final=nan, sat99_final=nan)
+        if net.batchnorm_layers():
+            metrics.update(train_loss_calibrated=nan, val_loss_calibrated=nan, test_loss_calibrated=nan)
+        samples = []
+    else:
+        losses_final, acts = _final_evaluation(net, splits, device)
+        metrics.update(losses_final)
+        metrics["sat97_final"] = saturation_pct(acts, SATURATION)
+        metrics["sat99_final"] = saturation_pct(acts, DEAD)
+        del acts
+        samples = sample_names(net, splits["itos"], int(splits["block_size"]), int(config.get("samples", 20)), seed)
+    if twin is not None:
+        n = min(len(losses), len(twin.losses))
+        delta = np.abs(losses[:n] - twin.losses.numpy()[:n])
+        metrics["twin_w1_perturbation"] = spec["w1_perturbation"]
+        metrics["twin_final_abs_delta"] = float(delta[-1]) if n else float("nan")
+    metrics.update({
+        "engine": config.get("engine", "batched"),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "actgrad": __version__,
+        "python": platform.python_version(),
+    })
+
+    loss_frame = pd.DataFrame({"step": np.arange(len(losses), dtype=np.int32), "loss": losses.astype(np.float32)})
+    if twin is not None:
+        twin_losses = np.full(len(losses), np.nan, dtype=np.float32)
+        n = min(len(losses), len(twin.losses))
+        twin_losses[:n] = twin.losses.numpy()[:n]
+        loss_frame["twin_loss"] = twin_losses
+    maps = {layer: m.numpy() for layer, m in rec.saturation_maps.items()}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **maps)
+    files = {
+        "losses.parquet": _parquet_bytes(loss_frame),
+        "stats.parquet": _parquet_bytes(rec.stats_frame()),
+        "histograms.parquet": _parquet_bytes(rec.histogram_frame()),
+        "saturation.npz": buf.getvalue(),
+        "params.pt": _torch_bytes({k: v.detach().cpu() for k, v in net.state_dict().items()}),
+        "samples.txt": ("\n".join(samples) + "\n").encode() if samples else b"",
+        "metrics.json": (json.dumps(_jsonable(metrics), indent=2) + "\n").encode(),
+    }
+    for filename, payload in files.items():  # metrics.json last: it marks the run complete
+        atomic_write_bytes(out / filename, payload)
+    return metrics
+
+
+def _jsonable(d: dict) -> dict:
+    """NaN is not JSON; write it as null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}

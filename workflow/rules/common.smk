@@ -1,0 +1,29 @@
+# Config validation and the small functions the other rule files share.
+from snakemake.exceptions import WorkflowError
+
+from actgrad.config import ConfigError, apply_defaults, resolve_base, validate, variant_spec
+
+# The schema is workflow/schemas/config.schema.yaml; errors name the key and what is allowed,
+# and stop the workflow before any job runs.
+try:
+    _resolved = resolve_base(dict(config))
+    config.clear()
+    config.update(_resolved)
+    validate(config)
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
+apply_defaults(config)
+
+VARIANTS = list(config["variants"])
+RUN_FILES = ["metrics.json", "losses.parquet", "stats.parquet", "histograms.parquet", "saturation.npz",
+             "params.pt", "samples.txt"]
+
+
+def run_outputs(variant, files=RUN_FILES):
+    """Every file of every seed of a variant: one training job writes them all."""
+    return [f"results/runs/{variant}/seed{seed}/{f}" for seed in variant_spec(config, variant)["seeds"]
+            for f in files]
+
+
+def all_run_outputs(files=RUN_FILES):
+    return [path for v in VARIANTS for path in run_outputs(v, files)]

@@ -1,0 +1,18 @@
+# Stage 5: the runs' metrics as tables - per run, per variant over seeds, significance, references.
+
+
+rule summary:
+    input:
+        metrics=all_run_outputs(["metrics.json"]),
+        losses=all_run_outputs(["losses.parquet"]),
+    output:
+        summary="results/summary.csv",
+        variants="results/variants.csv",
+        significance="results/significance.csv",
+        references="results/reference_check.csv",
+    params:
+        results="results",
+    log:
+        "logs/summary.log",
+    script:
+        "../scripts/summary.py"

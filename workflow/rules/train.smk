@@ -1,0 +1,28 @@
+# Stage 3-4: one job per variant; its seeds (and sensitivity twins) train side by side as one
+# batched model. A variant may have its own seeds, so each variant gets its own rule.
+
+for _variant in VARIANTS:
+
+    rule:
+        name:
+            f"train_{_variant}"
+        input:
+            splits="data/splits.pt",
+        output:
+            run_outputs(_variant),
+        params:
+            variant=_variant,
+            # The variant's complete settings: change one and only that variant trains again.
+            spec=variant_spec(config, _variant),
+            results="results",
+        threads: config["threads"]
+        resources:
+            mem_mb=config["resources"]["train_mem_mb"],
+            runtime=config["resources"]["train_runtime"],
+            gpu=config["resources"]["train_gpus"],
+        log:
+            f"logs/train/{_variant}.log",
+        benchmark:
+            f"benchmarks/train/{_variant}.tsv"
+        script:
+            "../scripts/train.py"
