@@ -27,3 +27,12 @@ def run_outputs(variant, files=RUN_FILES):
 
 def all_run_outputs(files=RUN_FILES):
     return [path for v in VARIANTS for path in run_outputs(v, files)]
+
+
+# Light steps run on the submit host, not as cluster jobs.
+localrules:
+    all,
+    download,
+    splits,
+    summary,
+    report,

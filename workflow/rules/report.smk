@@ -1,12 +1,5 @@
 # Stage 6: figures and the self-contained HTML report.
 
-localrules:
-    download,
-    splits,
-    summary,
-    report,
-
-
 rule report:
     input:
         summary="results/summary.csv",
