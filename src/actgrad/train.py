@@ -19,6 +19,14 @@ import torch.nn.functional as F
 from .model import Network, build_network
 
 EXPECTED_INIT_LOSS = -math.log(1 / 27)  # 3.2958: a uniform guess over 27 characters
+# A tanh net's loss stays finite however badly it blows up (tanh bounds the activations), so a
+# loss this large counts as diverged too: the right character's probability is below e^-10000.
+DIVERGENCE_LOSS = 1e4
+
+
+def diverged_steps(losses: torch.Tensor, limit: float = DIVERGENCE_LOSS) -> torch.Tensor:
+    """Which of these losses mean the run has diverged: NaN, infinite, or above ``limit``."""
+    return ~torch.isfinite(losses) | (losses > limit)
 
 
 def learning_rate(schedule: list[dict], step: int) -> float:
@@ -63,8 +71,8 @@ class TrainResult:
 
 def train_reference(net: Network, g: torch.Generator, Xtr: torch.Tensor, Ytr: torch.Tensor, *, steps: int,
                     batch_size: int, lr_schedule: list[dict], callbacks=(), device=torch.device("cpu"),
-                    divergence_check_every: int = 100) -> TrainResult:
-    """The lecture's training loop. Stops at the first non-finite loss (checked every few steps)."""
+                    divergence_check_every: int = 100, divergence_loss: float = DIVERGENCE_LOSS) -> TrainResult:
+    """The lecture's training loop. Stops at the first diverged loss (checked every few steps)."""
     net.to(device)
     net.train()
     params = [p for _, p in net.trained_parameters()]
@@ -91,8 +99,9 @@ def train_reference(net: Network, g: torch.Generator, Xtr: torch.Tensor, Ytr: to
         losses[step] = loss.detach()
         if (step + 1) % divergence_check_every == 0 or step == steps - 1:
             window = losses[max(0, step + 1 - divergence_check_every): step + 1]
-            if not torch.isfinite(window).all():
-                bad = (~torch.isfinite(window)).nonzero()[0].item()
+            bad_steps = diverged_steps(window, divergence_loss)
+            if bad_steps.any():
+                bad = bad_steps.nonzero()[0].item()
                 diverged_at = max(0, step + 1 - divergence_check_every) + bad
                 break
     seconds = time.perf_counter() - start
