@@ -1,0 +1,223 @@
+"""Benchmark: the lecture's loops against the batched engine, side by side in one process.
+
+For each of the lecture's four networks (shallow, shallow + BatchNorm, deep, deep +
+BatchNorm) it times
+
+* the lecture's loop as written (:mod:`actgrad.lecture`, CPU, one ``.item()`` per step): the
+  reference;
+* :func:`actgrad.engine.train_batched` on one model and on several models at once, with
+  statistics on (a :class:`~actgrad.stats.StatsRecorder` per model at the default
+  :class:`~actgrad.stats.StatsPlan`), and once more without statistics at the largest
+  model count, to show what the statistics cost;
+
+and prints model-steps per second, the ratio to the reference, the achieved GFLOP/s (from
+an analytic count of the matmul work, printed with the table) and the fraction of this
+machine's dense float32 matmul rate, measured in the same run. Runs are repeated in
+interleaved rounds and the best of each is kept, which tames the noise of a shared machine.
+
+    python -m actgrad.bench --threads 1 --models 1,5,10,25
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import data, lecture
+from .engine import train_batched
+from .model import build_network
+from .stats import StatsPlan, StatsRecorder
+
+SCHEDULE = [{"from_step": 0, "lr": 0.1}, {"from_step": 100000, "lr": 0.01}]
+BATCH_SIZE = 32
+
+# The lecture's four networks: the spec the engine trains and the lecture loop's arguments for the same net.
+NETWORKS = {
+    "shallow": (
+        dict(model="mlp", n_embd=10, n_hidden=200, activation="tanh", batchnorm=False, hidden_bias="added",
+             init=dict(C=1, W1=0.2, b1=0.01, W2=0.01, b2=0), gain=5 / 3),
+        "mlp", dict(W1_scale=0.2, b1_scale=0.01, W2_scale=0.01, b2_scale=0.0)),
+    "shallow+BN": (
+        dict(model="mlp", n_embd=10, n_hidden=200, activation="tanh", batchnorm=True, hidden_bias="not_drawn",
+             init=dict(C=1, W1="kaiming", b1=0.01, W2=0.01, b2=0), gain=5 / 3),
+        "mlp", dict(batchnorm=True, hidden_bias="not_drawn", kaiming_gain=5 / 3, W2_scale=0.01, b2_scale=0.0)),
+    "deep": (
+        dict(model="deep", n_embd=10, n_hidden=100, n_layers=5, activation="tanh", batchnorm=False, gain=5 / 3,
+             last_layer_scale=0.1),
+        "deep", dict(batchnorm=False, gain=5 / 3, last_layer_scale=0.1)),
+    "deep+BN": (
+        dict(model="deep", n_embd=10, n_hidden=100, n_layers=5, activation="tanh", batchnorm=True, gain=5 / 3,
+             last_layer_scale=0.1),
+        "deep", dict(batchnorm=True, gain=5 / 3, last_layer_scale=0.1)),
+}
+
+
+def matmul_flops_per_step(spec: dict, block_size: int, batch_size: int = BATCH_SIZE) -> int:
+    """Forward + backward matmul FLOPs of one model-step: 3 x (2 * batch * sum of fan_in * fan_out).
+
+    The backward pass does two matmuls per forward one (input gradient, weight gradient);
+    elementwise work, the embedding lookup and BatchNorm are left out.
+    """
+    if spec["model"] == "mlp":
+        dims = [spec["n_embd"] * block_size, spec["n_hidden"], 27]
+    else:
+        dims = [spec["n_embd"] * block_size] + [spec["n_hidden"]] * spec["n_layers"] + [27]
+    return 3 * 2 * batch_size * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def sgemm_peak(device: torch.device, n: int | None = None, reps: int = 5) -> float:
+    """Best GFLOP/s of a large square float32 matmul on ``device``."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(reps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_lecture(kind: str, args: dict, Xtr, Ytr, steps: int) -> float:
+    """Steps per second of the lecture's own loop."""
+    loop = lecture.mlp_loop if kind == "mlp" else lecture.deep_loop
+    t0 = time.perf_counter()
+    loop(Xtr, Ytr, steps=steps, **args)
+    return steps / (time.perf_counter() - t0)
+
+
+def time_engine(spec: dict, models: int, Xtr, Ytr, steps: int, device: torch.device, stats: bool,
+                block_size: int) -> float:
+    """Model-steps per second of the batched engine on ``models`` models (different seeds)."""
+    nets, gens = [], []
+    for seed in range(models):
+        g = torch.Generator().manual_seed(1000 + seed)
+        nets.append(build_network(spec, g, block_size))
+        gens.append(g)
+    recorders = [StatsRecorder(StatsPlan()) for _ in range(models)] if stats else None
+    _sync(device)
+    t0 = time.perf_counter()
+    train_batched(nets, gens, Xtr, Ytr, steps=steps, batch_size=BATCH_SIZE, lr_schedule=SCHEDULE,
+                  recorders=recorders, device=device)
+    _sync(device)
+    return models * steps / (time.perf_counter() - t0)
+
+
+def default_names_path() -> str:
+    return os.environ.get("ACTGRAD_NAMES") or str(Path("..") / "shared" / "data" / "names.txt")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="actgrad bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 2000; --quick: 300)")
+    p.add_argument("--models", default=None, help="model counts for the engine, comma-separated (default 1,5,10,25)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: speed per core)")
+    p.add_argument("--names", default=default_names_path(),
+                   help="names file (default: $ACTGRAD_NAMES or ../shared/data/names.txt)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, auto, or a comma-separated list (default cpu)")
+    p.add_argument("--networks", default=",".join(NETWORKS), help=f"which networks (default {','.join(NETWORKS)})")
+    p.add_argument("--repeat", type=int, default=None, help="interleaved rounds, best kept (default 2; --quick: 1)")
+    p.add_argument("--quick", action="store_true", help="a short run: 300 steps, models 1,10, one round")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (300 if args.quick else 2000)
+    args.models = [int(m) for m in (args.models or ("1,10" if args.quick else "1,5,10,25")).split(",")]
+    args.repeat = args.repeat or (1 if args.quick else 2)
+    args.networks = [n.strip() for n in args.networks.split(",")]
+    unknown = [n for n in args.networks if n not in NETWORKS]
+    if unknown:
+        p.error(f"unknown network(s) {unknown}; choose from {list(NETWORKS)}")
+    devices = []
+    for name in args.device.split(","):
+        name = name.strip()
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            p.error(f"--device {name}: this machine has no CUDA GPU")
+        devices.append(torch.device(name))
+    args.devices = devices
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    words = data.read_names(args.names)
+    built = data.make_splits(words)
+    Xtr, Ytr = built["splits"]["train"]
+    block_size = built["block_size"]
+
+    print(f"actgrad bench: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{args.threads} thread(s), {args.steps} steps per run, best of {args.repeat} interleaved round(s)")
+    peaks = {}
+    for dev in args.devices:
+        peaks[dev] = sgemm_peak(dev)
+        label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} thread(s)"
+        print(f"sgemm peak on {dev} ({label}): {peaks[dev]:.1f} GFLOP/s (2048x2048 float32 matmul, best of 5)"
+              if dev.type == "cpu" else f"sgemm peak on {dev} ({label}): {peaks[dev]:.1f} GFLOP/s")
+    print("FLOPs per model-step (3 x forward matmul FLOPs, batch 32): "
+          + ", ".join(f"{n} {matmul_flops_per_step(NETWORKS[n][0], block_size) / 1e6:.2f} M" for n in args.networks))
+    print("engine rows: statistics on (StatsRecorder at the default StatsPlan) unless marked 'no stats'")
+    print()
+
+    # Rows: (network, label, device, models, stats); the reference is the lecture loop on CPU.
+    rows = []
+    for net in args.networks:
+        rows.append((net, "lecture loop", torch.device("cpu"), 1, False))
+        for dev in args.devices:
+            for m in args.models:
+                rows.append((net, "engine", dev, m, True))
+            rows.append((net, "engine", dev, max(args.models), False))
+    best = {r: 0.0 for r in rows}
+    warm = 20
+    for _ in range(args.repeat):
+        for row in rows:
+            net, label, dev, m, stats = row
+            spec, kind, lecture_args = NETWORKS[net]
+            if label == "lecture loop":
+                time_lecture(kind, lecture_args, Xtr, Ytr, warm)
+                rate = time_lecture(kind, lecture_args, Xtr, Ytr, args.steps)
+            else:
+                time_engine(spec, m, Xtr, Ytr, warm, dev, stats, block_size)
+                rate = time_engine(spec, m, Xtr, Ytr, args.steps, dev, stats, block_size)
+            best[row] = max(best[row], rate)
+
+    header = (f"{'network':<11} {'engine':<22} {'device':<7} {'models':>6} {'model-steps/s':>14} "
+              f"{'x lecture':>9} {'GFLOP/s':>8} {'% peak':>7}")
+    print(header)
+    print("-" * len(header))
+    results = []
+    for row in rows:
+        net, label, dev, m, stats = row
+        spec = NETWORKS[net][0]
+        ref = best[(net, "lecture loop", torch.device("cpu"), 1, False)]
+        rate = best[row]
+        gflops = rate * matmul_flops_per_step(spec, block_size) / 1e9
+        peak = peaks.get(dev) or sgemm_peak(dev)
+        name = label if label == "lecture loop" else f"engine{'' if stats else ' (no stats)'}"
+        print(f"{net:<11} {name:<22} {dev.type:<7} {m:>6} {rate:>14,.0f} {rate / ref:>9.2f} {gflops:>8.1f} "
+              f"{100 * gflops / peak:>6.1f}%")
+        results.append(dict(network=net, engine=name, device=str(dev), models=m, stats=stats,
+                            model_steps_per_s=rate, ratio=rate / ref, gflops=gflops, peak_fraction=gflops / peak))
+    for net in args.networks:
+        for dev in args.devices:
+            m = max(args.models)
+            on = best[(net, "engine", dev, m, True)]
+            off = best[(net, "engine", dev, m, False)]
+            print(f"statistics overhead, {net}, {m} models on {dev.type}: {100 * (off / on - 1):+.1f}% time")
+    return results
+
+
+if __name__ == "__main__":
+    main()

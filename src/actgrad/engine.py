@@ -1,0 +1,538 @@
+"""A fast training engine: many models of one architecture trained together, by hand.
+
+The lecture's loop spends most of its time on per-operation overhead: a 32-example
+minibatch through a 200-unit layer is a few microseconds of arithmetic and tens of
+microseconds of Python, dispatch and autograd bookkeeping. :func:`train_batched` trains
+``M`` models of the same architecture (different seeds, init scales, gains, ...) as one
+batched model:
+
+* every tensor carries a leading model dimension; Linear layers are batched matmuls
+  (``bmm`` / ``baddbmm``), so one kernel launch does the work of ``M``;
+* activations are kept *feature-major*, ``(M, features, batch)``, which makes the
+  27-wide output layer's matmuls and the BatchNorm reductions fast on CPU;
+* the backward pass is written out by hand (Karpathy's "becoming a backprop ninja"):
+  no autograd graph, gradients go straight into one flat buffer, and the SGD update of
+  every parameter of every model is a single ``add_``;
+* no host synchronisation per step: losses stay on the device and are checked for
+  non-finite values every ``divergence_check_every`` steps. A model that diverged is
+  taken out of the batch (the others carry on, unaffected) and reported with
+  ``diverged_at``, as :func:`~actgrad.train.train_reference` reports it.
+
+Each model starts from its :class:`~actgrad.model.Network`'s parameters and draws its
+minibatches from its own generator exactly as the lecture does, so its losses are the
+lecture's up to float rounding. At the end the trained parameters and BatchNorm running
+statistics are written back into each ``Network``.
+
+Statistics: a :class:`~actgrad.stats.StatsRecorder` per model is called, at the steps its
+plan asks for, with that model's slice of the tensors the engine computes anyway, in the
+layouts and with the names :class:`~actgrad.stats.NetworkHooks` uses on the reference
+engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .model import BatchNorm1d, Embedding, Linear, Network, ReLU, Tanh
+from .stats import StatsRecorder
+from .train import TrainResult, learning_rate
+
+try:  # numpy's float32 tanh is as accurate as torch's (<= 1 ulp) and several times faster on CPU
+    import numpy as _np
+except ImportError:  # pragma: no cover
+    _np = None
+
+INDEX_CHUNK = 1000  # steps of minibatch indices drawn (and moved to the device) at a time
+
+
+# -- architecture ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Layer:
+    kind: str  # 'embedding' | 'linear' | 'batchnorm' | 'act'
+    name: str
+    fan_in: int = 0
+    fan_out: int = 0
+    bias: bool = False
+    flavour: str = ""  # batchnorm: 'std' or 'var'; act: 'tanh' or 'relu'
+    eps: float = 0.0
+    momentum: float = 0.0
+    param_shape: tuple = ()  # batchnorm: shape of gamma/beta in the Network
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One trained parameter: its Network name/shape and its internal (per-model) shape."""
+
+    name: str
+    net_shape: tuple
+    shape: tuple
+    transposed: bool  # Linear weights are kept as (out, in)
+
+    def to_internal(self, t: torch.Tensor) -> torch.Tensor:
+        return t.t() if self.transposed else t.reshape(self.shape)
+
+    def to_net(self, v: torch.Tensor) -> torch.Tensor:
+        return v.t() if self.transposed else v.view(self.net_shape)
+
+
+def architecture(net: Network) -> tuple[_Layer, ...]:
+    """The layer sequence of ``net`` as the engine sees it; raises for what it cannot train."""
+    layers = []
+    for name, m in net.layers.items():
+        if isinstance(m, Embedding):
+            layers.append(_Layer("embedding", name, fan_in=m.weight.shape[0], fan_out=m.weight.shape[1]))
+        elif isinstance(m, Linear):
+            layers.append(_Layer("linear", name, fan_in=m.weight.shape[0], fan_out=m.weight.shape[1],
+                                 bias=m.bias is not None))
+        elif isinstance(m, BatchNorm1d):
+            layers.append(_Layer("batchnorm", name, fan_in=m.gamma.shape[-1], fan_out=m.gamma.shape[-1],
+                                 flavour=m.normalize_by, eps=float(m.eps), momentum=float(m.momentum),
+                                 param_shape=tuple(m.gamma.shape)))
+        elif isinstance(m, Tanh):
+            layers.append(_Layer("act", name, flavour="tanh"))
+        elif isinstance(m, ReLU):
+            layers.append(_Layer("act", name, flavour="relu"))
+        else:
+            raise TypeError(f"the batched engine cannot train layer {name!r} of type {type(m).__name__}")
+    if not layers or layers[0].kind != "embedding":
+        raise TypeError("the batched engine expects the network to start with its embedding")
+    if len(layers) < 2 or layers[1].kind != "linear":
+        raise TypeError("the batched engine expects a Linear layer right after the embedding")
+    if layers[-1].kind not in ("linear", "batchnorm"):
+        raise TypeError("the batched engine expects the network to end in logits (Linear or BatchNorm)")
+    return tuple(layers)
+
+
+def _slots(arch: tuple[_Layer, ...]) -> list[_Slot]:
+    slots = []
+    for L in arch:
+        p = f"layers.{L.name}."
+        if L.kind == "embedding":
+            slots.append(_Slot(p + "weight", (L.fan_in, L.fan_out), (L.fan_in, L.fan_out), False))
+        elif L.kind == "linear":
+            slots.append(_Slot(p + "weight", (L.fan_in, L.fan_out), (L.fan_out, L.fan_in), True))
+            if L.bias:
+                slots.append(_Slot(p + "bias", (L.fan_out,), (L.fan_out, 1), False))
+        elif L.kind == "batchnorm":
+            slots.append(_Slot(p + "gamma", L.param_shape, (L.fan_out, 1), False))
+            slots.append(_Slot(p + "beta", L.param_shape, (L.fan_out, 1), False))
+    return slots
+
+
+def _check_same(nets: list[Network], arch) -> None:
+    names = [n for n, _ in nets[0].named_parameters()]
+    for i, net in enumerate(nets):
+        if architecture(net) != arch:
+            raise ValueError(f"model {i} has a different architecture from model 0; batch only equal architectures")
+        if [n for n, _ in net.named_parameters()] != names:
+            raise ValueError(f"model {i}'s parameters differ from model 0's")
+    expected = [s.name for s in _slots(arch)]
+    if names != expected:
+        raise ValueError(f"unexpected parameters {names}, the engine knows {expected}")
+
+
+# -- state of the models being trained together -----------------------------------------
+
+class _Buffers:
+    """Per-model tensors laid out block by block in one flat buffer: block ``j`` is ``(M, *shape_j)``.
+
+    One flat buffer per kind (parameters, gradients, running statistics, batch statistics)
+    makes the SGD update and the running-statistics update one kernel each.
+    """
+
+    def __init__(self, shapes: list[tuple], M: int, device, flat: torch.Tensor | None = None):
+        self.shapes, self.M = shapes, M
+        self.sizes = [M * _numel(s) for s in shapes]
+        total = sum(self.sizes)
+        self.flat = torch.empty(total, device=device) if flat is None else flat
+        self.views = []
+        off = 0
+        for s, n in zip(shapes, self.sizes):
+            self.views.append(self.flat[off:off + n].view(M, *s))
+            off += n
+
+    def select(self, keep: torch.Tensor) -> _Buffers:
+        """The same buffers for the models ``keep`` only."""
+        M = int(keep.numel())
+        if not self.shapes:
+            return _Buffers(self.shapes, M, self.flat.device)
+        flat = torch.cat([v[keep].reshape(-1) for v in self.views])
+        return _Buffers(self.shapes, M, self.flat.device, flat)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _tanh(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if _np is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        _np.tanh(x.numpy(), out=out.numpy())
+    else:
+        torch.tanh(x, out=out)
+    return out
+
+
+_tanh_backward = torch.ops.aten.tanh_backward.grad_input
+_threshold_backward = torch.ops.aten.threshold_backward.grad_input
+
+
+class _Batch:
+    """The engine proper: the batched forward, hand-written backward and update of M models.
+
+    Every intermediate tensor lives in a workspace allocated once (and again when models
+    leave the batch): fresh allocations of a few hundred kB per operation cost page faults
+    on CPU that take longer than the arithmetic.
+    """
+
+    def __init__(self, nets: list[Network], arch, batch_size: int, block_size: int, device):
+        self.arch, self.B, self.T, self.device = arch, batch_size, block_size, device
+        self.M = M = len(nets)
+        self.slots = _slots(arch)
+        self.params = _Buffers([s.shape for s in self.slots], M, device)
+        with torch.no_grad():
+            for j, s in enumerate(self.slots):
+                self.params.views[j].copy_(torch.stack(
+                    [s.to_internal(dict(net.named_parameters())[s.name].detach()).to(device) for net in nets]))
+        self.grads = _Buffers([s.shape for s in self.slots], M, device)
+        # Running statistics: block 2k is the k-th BatchNorm's running mean, 2k + 1 its running std/var.
+        self.bn_layers = [L for L in arch if L.kind == "batchnorm"]
+        bn_shapes = [s for L in self.bn_layers for s in ((L.fan_out, 1), (L.fan_out, 1))]
+        self.running = _Buffers(bn_shapes, M, device)
+        with torch.no_grad():
+            for k, L in enumerate(self.bn_layers):
+                mods = [net.layers[L.name] for net in nets]
+                self.running.views[2 * k].copy_(torch.stack(
+                    [m.running_mean.detach().reshape(L.fan_out, 1).to(device) for m in mods]))
+                self.running.views[2 * k + 1].copy_(torch.stack(
+                    [m.running_spread.detach().reshape(L.fan_out, 1).to(device) for m in mods]))
+        self.batch_stats = _Buffers(bn_shapes, M, device)
+        momenta = {L.momentum for L in self.bn_layers}
+        self.momentum = momenta.pop() if len(momenta) == 1 else None  # None: one per layer
+        self._bind()
+
+    def _bind(self):
+        """Handles on the flat buffers and a fresh workspace, for the current M."""
+        M, B, dev = self.M, self.B, self.device
+        slot_of = {s.name: j for j, s in enumerate(self.slots)}
+        P, G = self.params.views, self.grads.views
+        emb = self.arch[0]
+        self.vocab = emb.fan_in
+        self.C_flat = P[slot_of[f"layers.{emb.name}.weight"]].view(M * emb.fan_in, emb.fan_out)
+        self.gC_flat = G[slot_of[f"layers.{emb.name}.weight"]].view(M * emb.fan_in, emb.fan_out)
+        self.emb = torch.empty(M * B * self.T, emb.fan_out, device=dev)
+        self.demb = torch.empty(M, B, self.T * emb.fan_out, device=dev)
+        # One tuple per layer after the embedding: its tensors and its workspace.
+        self.plan = []
+        width, bn_k = emb.fan_out * self.T, 0
+        for L in self.arch[1:]:
+            if L.kind == "linear":
+                w = slot_of[f"layers.{L.name}.weight"]
+                b = slot_of.get(f"layers.{L.name}.bias")
+                self.plan.append((L, P[w], G[w], None if b is None else P[b], None if b is None else G[b],
+                                  torch.empty(M, L.fan_out, B, device=dev), torch.empty(M, L.fan_in, B, device=dev)))
+                width = L.fan_out
+            elif L.kind == "batchnorm":
+                gm, bt = slot_of[f"layers.{L.name}.gamma"], slot_of[f"layers.{L.name}.beta"]
+                stats = (self.batch_stats.views[2 * bn_k], self.batch_stats.views[2 * bn_k + 1])
+                bn_k += 1
+                self.plan.append((L, P[gm], G[gm], P[bt], G[bt], torch.empty(M, width, B, device=dev),
+                                  torch.empty(M, width, B, device=dev), stats, torch.empty(M, width, B, device=dev),
+                                  (torch.empty(M, width, 1, device=dev), torch.empty(M, width, 1, device=dev))))
+            else:
+                self.plan.append((L, torch.empty(M, width, B, device=dev), torch.empty(M, width, B, device=dev)))
+        V = self.arch[-1].fan_out
+        self.logp = torch.empty(M, V, B, device=dev)
+        self.picked = torch.empty(M, 1, B, device=dev)
+        self.g_out = torch.zeros(M, V, B, device=dev)
+        self.dlogits = torch.empty(M, V, B, device=dev)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Carry on with the models at positions ``keep`` only."""
+        self.params = self.params.select(keep)
+        self.grads = _Buffers(self.grads.shapes, int(keep.numel()), self.device)
+        self.running = self.running.select(keep)
+        self.batch_stats = self.batch_stats.select(keep)
+        self.M = int(keep.numel())
+        self._bind()
+
+    # -- one training step ---------------------------------------------------
+    def step(self, idx: torch.Tensor, Y: torch.Tensor, lr: float, loss_out: torch.Tensor, stats=None) -> None:
+        """Forward, backward and SGD update of every model on its minibatch.
+
+        ``idx``: (M * B * block_size,) rows of the flattened embedding tables;
+        ``Y``: (M, 1, B) targets; the minibatch's summed log-likelihood goes to ``loss_out`` (M,).
+        ``stats``: None, or (step, [(position, recorder), ...]) for the models whose recorder
+        wants this step.
+        """
+        M, B = self.M, self.B
+        # forward --------------------------------------------------------------
+        torch.index_select(self.C_flat, 0, idx, out=self.emb)
+        x = self.emb.view(M, B, -1).transpose(1, 2)  # feature-major view (M, T*E, B)
+        inputs = []
+        for entry in self.plan:
+            L = entry[0]
+            inputs.append(x)
+            if L.kind == "linear":
+                _, WT, _, bias, _, out, _ = entry
+                if bias is None:
+                    torch.bmm(WT, x, out=out)
+                else:
+                    torch.baddbmm(bias, WT, x, out=out)
+            elif L.kind == "batchnorm":
+                out = self._bn_forward(entry, x)
+            else:
+                _, out, _ = entry
+                if L.flavour == "tanh":
+                    _tanh(x, out)
+                else:
+                    torch.relu(x, out=out)
+                if stats is not None:
+                    step, wanting = stats
+                    for i, rec in wanting:
+                        rec.preactivation(step, L.name, x[i].t())
+                        rec.activation(step, L.name, out[i].t())
+            x = out
+        if self.bn_layers:
+            self._update_running()
+        logp = torch._log_softmax(x, 1, False, out=self.logp)  # (M, V, B)
+        torch.sum(torch.gather(logp, 1, Y, out=self.picked), dim=(1, 2), out=loss_out)
+        # backward -------------------------------------------------------------
+        g = self.g_out
+        g.zero_()
+        g.scatter_(1, Y, -1.0 / B)  # d(mean NLL)/d logp
+        d = torch._log_softmax_backward_data(g, logp, 1, logp.dtype, out=self.dlogits)
+        for l in range(len(self.plan) - 1, -1, -1):
+            entry = self.plan[l]
+            L = entry[0]
+            x = inputs[l]
+            if L.kind == "linear":
+                _, WT, gWT, _, gb, _, dx = entry
+                torch.bmm(d, x.transpose(1, 2), out=gWT)
+                if gb is not None:
+                    torch.sum(d, dim=2, keepdim=True, out=gb)
+                if l == 0:  # into the embedding: batch-major rows (B*T, E)
+                    torch.bmm(d.transpose(1, 2), WT, out=self.demb)
+                    self.gC_flat.zero_()  # what autograd does for C[X]: index_put_ with accumulation
+                    self.gC_flat.index_put_((idx,), self.demb.view(M * B * self.T, -1), accumulate=True)
+                else:
+                    d = torch.bmm(WT.transpose(1, 2), d, out=dx)
+            elif L.kind == "batchnorm":
+                d = self._bn_backward(entry, d)
+            else:
+                _, out, dx = entry
+                if stats is not None:
+                    step, wanting = stats
+                    for i, rec in wanting:
+                        if rec.plan.series(step):
+                            rec.activation_grad(step, L.name, d[i].t())
+                if L.flavour == "tanh":
+                    d = _tanh_backward(d, out, grad_input=dx)
+                else:
+                    d = _threshold_backward(d, out, 0, grad_input=dx)
+        if stats is not None:
+            self._record_parameters(stats, lr)
+        # update ---------------------------------------------------------------
+        self.params.flat.add_(self.grads.flat, alpha=-lr)
+
+    def _bn_forward(self, entry, x):
+        L, gamma, _, beta, _, out, xhat, (mean, spread), tmp, small = entry
+        B = self.B
+        torch.mean(x, dim=2, keepdim=True, out=mean)
+        torch.sub(x, mean, out=xhat)  # centred; normalised in place below
+        # torch.var is slow along a short contiguous dimension on CPU: the norm is one pass
+        norm = torch.linalg.vector_norm(xhat, dim=2, keepdim=True, out=small[0])
+        if L.flavour == "std":
+            denom = torch.mul(norm, (B - 1) ** -0.5, out=spread)
+        else:
+            torch.mul(norm, norm, out=spread).mul_(1.0 / (B - 1))
+            denom = torch.add(spread, L.eps, out=small[1]).sqrt_()
+        xhat.div_(denom)
+        torch.mul(xhat, gamma, out=out).add_(beta)
+        return out
+
+    def _bn_backward(self, entry, d):
+        L, gamma, ggamma, _, gbeta, _, xhat, (_, spread), dx, small = entry
+        B = self.B
+        denom = spread if L.flavour == "std" else small[1]
+        torch.sum(d, dim=2, keepdim=True, out=gbeta)
+        torch.sum(torch.mul(d, xhat, out=dx), dim=2, keepdim=True, out=ggamma)
+        # dx = gamma/denom * (d - mean(d) - xhat * sum(d*xhat)/(B-1))
+        torch.sub(d, gbeta, alpha=1.0 / B, out=dx)
+        dx.addcmul_(xhat, ggamma, value=-1.0 / (B - 1))
+        dx.mul_(torch.div(gamma, denom, out=small[0]))
+        return dx
+
+    def _update_running(self):
+        # Written as the model writes it, (1 - m) * running + m * batch: in float32 the two
+        # coefficients do not sum to exactly 1, and lerp would round differently.
+        if self.momentum is not None:
+            m = self.momentum
+            self.running.flat.mul_(1 - m).add_(self.batch_stats.flat * m)
+        else:
+            for l, L in enumerate(self.bn_layers):
+                for k in (2 * l, 2 * l + 1):
+                    self.running.views[k].mul_(1 - L.momentum).add_(self.batch_stats.views[k] * L.momentum)
+
+    def _record_parameters(self, stats, lr):
+        step, wanting = stats
+        for i, rec in wanting:
+            for j, s in enumerate(self.slots):
+                rec.parameter(step, s.name, s.to_net(self.params.views[j][i]), s.to_net(self.grads.views[j][i]), lr)
+            if rec.plan.series(step):
+                for l, L in enumerate(self.bn_layers):
+                    rec.batchnorm(step, L.name, self.batch_stats.views[2 * l][i].flatten(),
+                                  self.batch_stats.views[2 * l + 1][i].flatten(),
+                                  self.running.views[2 * l][i].flatten(), self.running.views[2 * l + 1][i].flatten())
+
+    # -- writing back -------------------------------------------------------
+    @torch.no_grad()
+    def write_back(self, net: Network, i: int) -> None:
+        params = dict(net.named_parameters())
+        for j, s in enumerate(self.slots):
+            params[s.name].copy_(s.to_net(self.params.views[j][i]))
+        for l, L in enumerate(self.bn_layers):
+            bn = net.layers[L.name]
+            bn.running_mean = self.running.views[2 * l][i].reshape(bn.running_mean.shape).clone().to(
+                bn.running_mean.device)
+            bn.running_spread = self.running.views[2 * l + 1][i].reshape(bn.running_spread.shape).clone().to(
+                bn.running_spread.device)
+            bn.last_batch_mean = self.batch_stats.views[2 * l][i].reshape(1, -1).clone()
+            bn.last_batch_spread = self.batch_stats.views[2 * l + 1][i].reshape(1, -1).clone()
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+def _stat_schedule(positions, k0: int, k1: int) -> dict[int, list]:
+    """step -> [(position, recorder)] for the steps in [k0, k1) that some recorder wants."""
+    schedule: dict[int, list] = {}
+    plans: list = []  # distinct plan objects, with the steps they want
+    for pos, rec in positions:
+        for plan, steps in plans:
+            if plan is rec.plan:
+                break
+        else:
+            steps = [s for s in range(k0, k1) if rec.plan.any(s)]
+            plans.append((rec.plan, steps))
+        for s in steps:
+            schedule.setdefault(s, []).append((pos, rec))
+    return schedule
+
+
+def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.Tensor, Ytr: torch.Tensor, *,
+                  steps: int, batch_size: int, lr_schedule: list[dict],
+                  recorders: list[StatsRecorder | None] | None = None, device=torch.device("cpu"),
+                  divergence_check_every: int = 100, index_chunk: int = INDEX_CHUNK) -> list[TrainResult]:
+    """Train ``nets`` (one architecture, already initialised) together; one TrainResult per model.
+
+    ``gens[i]`` is the generator that drew ``nets[i]``; it draws model i's minibatch indices as
+    the lecture does (``torch.randint(0, n, (batch_size,), generator=g)`` per step). Each
+    model stops at its first non-finite loss, checked every ``divergence_check_every`` steps
+    and at the last step, exactly as :func:`~actgrad.train.train_reference` does; the others
+    go on. At the end every network holds its trained parameters and BatchNorm running
+    statistics (on ``device``). ``seconds`` is the wall time of the whole batched run, the
+    same for every model; ``extra['models_in_batch']`` says how many shared it.
+    """
+    device = torch.device(device)
+    M = len(nets)
+    if M == 0:
+        return []
+    if len(gens) != M:
+        raise ValueError(f"{M} networks but {len(gens)} generators")
+    recorders = list(recorders) if recorders is not None else [None] * M
+    if len(recorders) != M:
+        raise ValueError(f"{M} networks but {len(recorders)} recorders")
+    arch = architecture(nets[0])
+    _check_same(nets, arch)
+    T = Xtr.shape[1]
+    if arch[0].fan_out * T != arch[1].fan_in:
+        raise ValueError(f"block size {T} does not fit the first Linear layer ({arch[1].fan_in} inputs)")
+    n_train = Xtr.shape[0]
+    for net in nets:
+        net.to(device)
+        net.train()
+
+    start = time.perf_counter()
+    batch = _Batch(nets, arch, batch_size, T, device)
+    V = batch.vocab
+    Xtr_d, Ytr_d = Xtr.to(device), Ytr.to(device)
+    losses = torch.full((steps, M), float("nan"), dtype=torch.float32, device=device)
+    active = list(range(M))  # model number of each position in the batch
+    diverged_at: list[int | None] = [None] * M
+    done_steps = [steps] * M
+    offsets = (torch.arange(M, device=device) * V).view(M, 1, 1)
+
+    k0 = 0
+    with torch.no_grad():
+        while k0 < steps and active:
+            k1 = min(steps, k0 + index_chunk)
+            K = k1 - k0
+            states = [gens[m].get_state() for m in active]
+            ix = torch.stack([torch.randint(0, n_train, (K, batch_size), generator=gens[m]) for m in active],
+                             dim=1).to(device)  # (K, M, B)
+            idx = (Xtr_d[ix] + offsets[active].view(1, len(active), 1, 1)).view(K, -1)  # (K, M*B*T)
+            Yc = Ytr_d[ix].unsqueeze(2)  # (K, M, 1, B)
+            del ix
+            chunk_losses = torch.empty(K, len(active), device=device)  # sums of log-likelihoods
+            active_t = torch.tensor(active, dtype=torch.long, device=device)
+            positions = [(p, recorders[m]) for p, m in enumerate(active) if recorders[m] is not None]
+            schedule = _stat_schedule(positions, k0, k1) if positions else {}
+            flushed = k0
+            step = k0
+            while step < k1:
+                wanting = schedule.get(step)
+                batch.step(idx[step - k0], Yc[step - k0], learning_rate(lr_schedule, step),
+                           chunk_losses[step - k0], (step, wanting) if wanting else None)
+                step += 1
+                if step % divergence_check_every and step != steps:
+                    continue
+                # As train_reference: the last `divergence_check_every` losses, every so many steps.
+                losses[flushed:step, active_t] = chunk_losses[flushed - k0:step - k0] * (-1.0 / batch_size)
+                flushed = step
+                w0 = max(0, step - divergence_check_every)
+                finite = torch.isfinite(losses[w0:step, active_t])
+                if bool(finite.all()):
+                    continue
+                bad = ~finite
+                first, any_bad = bad.float().argmax(0).tolist(), bad.any(0).tolist()
+                keep = []
+                for p, m in enumerate(active):
+                    if not any_bad[p]:
+                        keep.append(p)
+                        continue
+                    diverged_at[m] = w0 + first[p]
+                    done_steps[m] = diverged_at[m] + 1
+                    batch.write_back(nets[m], p)
+                    # leave the generator as the reference leaves it: drawn up to this step
+                    gens[m].set_state(states[p])
+                    torch.randint(0, n_train, (step - k0, batch_size), generator=gens[m])
+                active = [active[p] for p in keep]
+                if not active:
+                    break
+                keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+                batch.select(keep_t)
+                idx = idx.view(K, len(any_bad), -1)[:, keep_t].reshape(K, -1)
+                Yc = Yc[:, keep_t]
+                chunk_losses = chunk_losses[:, keep_t]
+                states = [states[p] for p in keep]
+                active_t = torch.tensor(active, dtype=torch.long, device=device)
+                positions = [(p, recorders[m]) for p, m in enumerate(active) if recorders[m] is not None]
+                schedule = _stat_schedule(positions, step, k1) if positions else {}
+            if active and flushed < k1:
+                losses[flushed:k1, active_t] = chunk_losses[flushed - k0:] * (-1.0 / batch_size)
+            k0 = k1
+        for p, m in enumerate(active):
+            batch.write_back(nets[m], p)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    losses = losses.cpu()
+    return [TrainResult(losses=losses[:done_steps[m], m].clone(), steps_done=done_steps[m],
+                        diverged_at=diverged_at[m], seconds=seconds, extra={"models_in_batch": M})
+            for m in range(M)]
