@@ -1,0 +1,60 @@
+"""Statistics collected through hooks equal what the lecture computes from its layers."""
+
+import pytest
+import torch
+
+from actgrad import config as cfg
+from actgrad import lecture, train
+from actgrad.stats import NetworkHooks, StatsPlan, StatsRecorder
+from conftest import LECTURE_SEED, REPO
+
+DEFAULT = cfg.load(REPO / "config" / "config.yaml")
+
+
+def test_plan_steps():
+    plan = StatsPlan(every=1000, update_every=100, histogram_every=5000, snapshot_steps=(0, 1000), last_step=1999)
+    assert plan.series(0) and plan.series(1000) and plan.series(1999) and not plan.series(1500)
+    assert plan.update(1500) and not plan.update(1550)
+    assert plan.histogram(0) and not plan.histogram(1000 + 1) and plan.snapshot(1999)
+
+
+def test_recorder_figures_on_a_known_tensor():
+    rec = StatsRecorder(StatsPlan(every=1, snapshot_steps=(0,), bins=4))
+    out = torch.tensor([[0.0, 0.995, -0.98], [0.5, 0.999, 0.1]])
+    rec.activation(0, "tanh1", out)
+    df = rec.stats_frame().set_index("stat").value
+    assert df["saturated_pct"] == pytest.approx(100 * 3 / 6)
+    assert df["saturated99_pct"] == pytest.approx(100 * 2 / 6)
+    assert df["dead_units"] == 1  # only the second unit is above 0.99 for every example
+    hist = rec.histogram_frame()
+    assert hist.fraction.sum() == pytest.approx(1.0) and hist.bin_left.min() == -1.0
+    assert rec.saturation_maps["tanh1"].tolist() == [[False, True, False], [False, True, False]]
+
+
+def test_deep_batchnorm_statistics_at_step_1000_are_the_lectures(splits):
+    """The lecture's run (BatchNorm, gain 1) stops after step 1,000 and prints each tanh layer's figures."""
+    Xtr, Ytr = splits["splits"]["train"]
+    ref_losses, _, layers = lecture.deep_loop(Xtr, Ytr, steps=1001, batchnorm=True, gain=1.0)
+    spec = cfg.variant_spec(DEFAULT, "deep_bn_gain1")
+    net, g = train.init_network(spec, LECTURE_SEED, 3)
+    rec = StatsRecorder(StatsPlan(every=1000, update_every=1000, histogram_every=1000, snapshot_steps=(0, 1000),
+                                  last_step=1000))
+    hooks = NetworkHooks(net, rec)
+    res = train.train_reference(net, g, Xtr, Ytr, steps=1001, batch_size=32, lr_schedule=spec["lr_schedule"],
+                                callbacks=[hooks])
+    assert torch.equal(res.losses, torch.tensor(ref_losses))
+    stats = rec.stats_frame()
+    at = stats[stats.step == 1000].set_index(["layer", "kind", "stat"]).value
+    tanhs = [layer for layer in layers if isinstance(layer, lecture.Tanh)]
+    for i, layer in enumerate(tanhs, start=1):
+        t = layer.out
+        assert at[(f"tanh{i}", "activation", "mean")] == pytest.approx(t.mean().item(), abs=1e-7)
+        assert at[(f"tanh{i}", "activation", "std")] == pytest.approx(t.std().item(), rel=1e-6)
+        sat = (t.abs() > 0.97).float().mean().item() * 100
+        assert at[(f"tanh{i}", "activation", "saturated_pct")] == pytest.approx(sat, abs=1e-5)
+        assert at[(f"tanh{i}", "activation_grad", "std")] == pytest.approx(t.grad.std().item(), rel=1e-6)
+    weights = [layer.weight for layer in layers if isinstance(layer, lecture.Linear)]
+    for i, w in enumerate(weights, start=1):
+        ratio = (w.grad.std() / w.data.std()).item()
+        # The lecture's weights are already updated at this point; ours were recorded before the update.
+        assert at[(f"layers.linear{i}.weight", "weight_grad", "grad_data_ratio")] == pytest.approx(ratio, rel=1e-3)
