@@ -195,7 +195,7 @@ def build_mlp(spec: dict, g: torch.Generator, block_size: int) -> Network:
     if spec["batchnorm"]:
         layers.append(("batchnorm1", BatchNorm1d(n_hidden, momentum=0.001, eps=0.0, normalize_by="std",
                                                  keepdim_params=True)))
-    layers.append(("tanh1" if spec["activation"] == "tanh" else "act1", ACTIVATIONS[spec["activation"]]()))
+    layers.append((f"{spec['activation']}1", ACTIVATIONS[spec["activation"]]()))
     layers.append(("linear2", Linear(W2, b2)))
     return Network(layers)
 
