@@ -150,8 +150,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Time every row, print the table, return the rows as dicts."""
     torch.set_num_threads(args.threads)
     words = data.read_names(args.names)
     built = data.make_splits(words)

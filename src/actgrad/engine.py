@@ -38,7 +38,7 @@ import torch
 
 from .model import BatchNorm1d, Embedding, Linear, Network, ReLU, Tanh
 from .stats import StatsRecorder
-from .train import TrainResult, learning_rate
+from .train import DIVERGENCE_LOSS, TrainResult, diverged_steps, learning_rate
 
 try:  # numpy's float32 tanh is as accurate as torch's (<= 1 ulp) and several times faster on CPU
     import numpy as _np
@@ -70,13 +70,18 @@ class _Slot:
     name: str
     net_shape: tuple
     shape: tuple
-    transposed: bool  # Linear weights are kept as (out, in)
+    transposed: bool  # Linear weights are kept as (out, in), their inputs zero-padded to self.shape[1]
 
     def to_internal(self, t: torch.Tensor) -> torch.Tensor:
-        return t.t() if self.transposed else t.reshape(self.shape)
+        if not self.transposed:
+            return t.reshape(self.shape)
+        out = t.new_zeros(self.shape)
+        out[:, :t.shape[0]] = t.t()
+        return out
 
     def to_net(self, v: torch.Tensor) -> torch.Tensor:
-        return v.t() if self.transposed else v.view(self.net_shape)
+        """One model's internal tensor as the Network holds it (a view)."""
+        return v[:, :self.net_shape[0]].t() if self.transposed else v.view(self.net_shape)
 
 
 def architecture(net: Network) -> tuple[_Layer, ...]:
@@ -107,14 +112,21 @@ def architecture(net: Network) -> tuple[_Layer, ...]:
     return tuple(layers)
 
 
+def _padded(n: int) -> int:
+    """The first Linear's input width rounded up to whole SIMD vectors (30 -> 32): the matmuls that
+    touch it run much faster on CPU, and the zero columns stay zero under training."""
+    return -(-n // 16) * 16
+
+
 def _slots(arch: tuple[_Layer, ...]) -> list[_Slot]:
     slots = []
-    for L in arch:
+    for l, L in enumerate(arch):
         p = f"layers.{L.name}."
         if L.kind == "embedding":
             slots.append(_Slot(p + "weight", (L.fan_in, L.fan_out), (L.fan_in, L.fan_out), False))
         elif L.kind == "linear":
-            slots.append(_Slot(p + "weight", (L.fan_in, L.fan_out), (L.fan_out, L.fan_in), True))
+            fan_in = _padded(L.fan_in) if l == 1 else L.fan_in
+            slots.append(_Slot(p + "weight", (L.fan_in, L.fan_out), (L.fan_out, fan_in), True))
             if L.bias:
                 slots.append(_Slot(p + "bias", (L.fan_out,), (L.fan_out, 1), False))
         elif L.kind == "batchnorm":
@@ -187,14 +199,20 @@ class _Batch:
     """The engine proper: the batched forward, hand-written backward and update of M models.
 
     Every intermediate tensor lives in a workspace allocated once (and again when models
-    leave the batch): fresh allocations of a few hundred kB per operation cost page faults
-    on CPU that take longer than the arithmetic.
+    leave the batch): on CPU, fresh memory for every operation costs more in cache misses
+    than the arithmetic.
     """
 
     def __init__(self, nets: list[Network], arch, batch_size: int, block_size: int, device):
         self.arch, self.B, self.T, self.device = arch, batch_size, block_size, device
         self.M = M = len(nets)
-        self.slots = _slots(arch)
+        # The flat buffers hold the small parameters (embedding, biases, BatchNorm) first and
+        # the Linear weights last: on most steps the weights are updated inside their
+        # gradient matmul, and the small ones with one add_ over the buffer's head.
+        slots = _slots(arch)
+        self.slots = ([s for s in slots if not s.transposed] + [s for s in slots if s.transposed])
+        self.named_order = [self.slots.index(s) for s in slots]
+        self.n_small = sum(M * _numel(s.shape) for s in self.slots if not s.transposed)
         self.params = _Buffers([s.shape for s in self.slots], M, device)
         with torch.no_grad():
             for j, s in enumerate(self.slots):
@@ -220,14 +238,22 @@ class _Batch:
     def _bind(self):
         """Handles on the flat buffers and a fresh workspace, for the current M."""
         M, B, dev = self.M, self.B, self.device
+        self.n_small = sum(M * _numel(s.shape) for s in self.slots if not s.transposed)
         slot_of = {s.name: j for j, s in enumerate(self.slots)}
         P, G = self.params.views, self.grads.views
         emb = self.arch[0]
         self.vocab = emb.fan_in
         self.C_flat = P[slot_of[f"layers.{emb.name}.weight"]].view(M * emb.fan_in, emb.fan_out)
         self.gC_flat = G[slot_of[f"layers.{emb.name}.weight"]].view(M * emb.fan_in, emb.fan_out)
-        self.emb = torch.empty(M * B * self.T, emb.fan_out, device=dev)
-        self.demb = torch.empty(M, B, self.T * emb.fan_out, device=dev)
+        n_in = self.T * emb.fan_out
+        n_pad = _padded(n_in)
+        self.emb = torch.empty(M * B * self.T, emb.fan_out, device=dev)  # rows looked up in C
+        self.demb = torch.empty(M, B, n_in, device=dev)
+        if n_pad != n_in:  # the first Linear's input, zero-padded
+            self.emb_padded = torch.zeros(M, B, n_pad, device=dev)
+            self.demb_padded = torch.empty(M, B, n_pad, device=dev)
+        else:
+            self.emb_padded, self.demb_padded = self.emb.view(M, B, n_in), self.demb
         # One tuple per layer after the embedding: its tensors and its workspace.
         self.plan = []
         width, bn_k = emb.fan_out * self.T, 0
@@ -269,12 +295,17 @@ class _Batch:
         ``idx``: (M * B * block_size,) rows of the flattened embedding tables;
         ``Y``: (M, 1, B) targets; the minibatch's summed log-likelihood goes to ``loss_out`` (M,).
         ``stats``: None, or (step, [(position, recorder), ...]) for the models whose recorder
-        wants this step.
+        wants this step. On such steps every gradient is materialised for the recorders and
+        the update is one add_; on the others each Linear weight is updated inside its
+        gradient matmul (``W += -lr * d @ x^T`` as one baddbmm_, after its input gradient).
         """
         M, B = self.M, self.B
+        fused = stats is None
         # forward --------------------------------------------------------------
         torch.index_select(self.C_flat, 0, idx, out=self.emb)
-        x = self.emb.view(M, B, -1).transpose(1, 2)  # feature-major view (M, T*E, B)
+        if self.emb_padded.data_ptr() != self.emb.data_ptr():
+            self.emb_padded[:, :, :self.demb.shape[2]] = self.emb.view(M, B, -1)
+        x = self.emb_padded.transpose(1, 2)  # feature-major view (M, T*E padded, B)
         inputs = []
         for entry in self.plan:
             L = entry[0]
@@ -292,7 +323,7 @@ class _Batch:
                 if L.flavour == "tanh":
                     _tanh(x, out)
                 else:
-                    torch.relu(x, out=out)
+                    torch.clamp_min(x, 0, out=out)  # relu
                 if stats is not None:
                     step, wanting = stats
                     for i, rec in wanting:
@@ -314,15 +345,22 @@ class _Batch:
             x = inputs[l]
             if L.kind == "linear":
                 _, WT, gWT, _, gb, _, dx = entry
-                torch.bmm(d, x.transpose(1, 2), out=gWT)
                 if gb is not None:
                     torch.sum(d, dim=2, keepdim=True, out=gb)
                 if l == 0:  # into the embedding: batch-major rows (B*T, E)
-                    torch.bmm(d.transpose(1, 2), WT, out=self.demb)
+                    torch.bmm(d.transpose(1, 2), WT, out=self.demb_padded)
+                    if self.demb_padded.data_ptr() != self.demb.data_ptr():
+                        self.demb.copy_(self.demb_padded[:, :, :self.demb.shape[2]])
                     self.gC_flat.zero_()  # what autograd does for C[X]: index_put_ with accumulation
                     self.gC_flat.index_put_((idx,), self.demb.view(M * B * self.T, -1), accumulate=True)
+                    d_next = None
                 else:
-                    d = torch.bmm(WT.transpose(1, 2), d, out=dx)
+                    d_next = torch.bmm(WT.transpose(1, 2), d, out=dx)
+                if fused:
+                    WT.baddbmm_(d, x.transpose(1, 2), alpha=-lr)
+                else:
+                    torch.bmm(d, x.transpose(1, 2), out=gWT)
+                d = d_next
             elif L.kind == "batchnorm":
                 d = self._bn_backward(entry, d)
             else:
@@ -336,10 +374,12 @@ class _Batch:
                     d = _tanh_backward(d, out, grad_input=dx)
                 else:
                     d = _threshold_backward(d, out, 0, grad_input=dx)
-        if stats is not None:
-            self._record_parameters(stats, lr)
         # update ---------------------------------------------------------------
-        self.params.flat.add_(self.grads.flat, alpha=-lr)
+        if fused:
+            self.params.flat[:self.n_small].add_(self.grads.flat[:self.n_small], alpha=-lr)
+        else:
+            self._record_parameters(stats, lr)
+            self.params.flat.add_(self.grads.flat, alpha=-lr)
 
     def _bn_forward(self, entry, x):
         L, gamma, _, beta, _, out, xhat, (mean, spread), tmp, small = entry
@@ -383,7 +423,8 @@ class _Batch:
     def _record_parameters(self, stats, lr):
         step, wanting = stats
         for i, rec in wanting:
-            for j, s in enumerate(self.slots):
+            for j in self.named_order:  # the order of named_parameters(), as NetworkHooks calls
+                s = self.slots[j]
                 rec.parameter(step, s.name, s.to_net(self.params.views[j][i]), s.to_net(self.grads.views[j][i]), lr)
             if rec.plan.series(step):
                 for l, L in enumerate(self.bn_layers):
@@ -428,13 +469,15 @@ def _stat_schedule(positions, k0: int, k1: int) -> dict[int, list]:
 def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.Tensor, Ytr: torch.Tensor, *,
                   steps: int, batch_size: int, lr_schedule: list[dict],
                   recorders: list[StatsRecorder | None] | None = None, device=torch.device("cpu"),
-                  divergence_check_every: int = 100, index_chunk: int = INDEX_CHUNK) -> list[TrainResult]:
+                  divergence_check_every: int = 100, divergence_loss: float = DIVERGENCE_LOSS,
+                  index_chunk: int = INDEX_CHUNK) -> list[TrainResult]:
     """Train ``nets`` (one architecture, already initialised) together; one TrainResult per model.
 
     ``gens[i]`` is the generator that drew ``nets[i]``; it draws model i's minibatch indices as
     the lecture does (``torch.randint(0, n, (batch_size,), generator=g)`` per step). Each
-    model stops at its first non-finite loss, checked every ``divergence_check_every`` steps
-    and at the last step, exactly as :func:`~actgrad.train.train_reference` does; the others
+    model stops at its first diverged loss (non-finite or above ``divergence_loss``), checked
+    every ``divergence_check_every`` steps and at the last step, exactly as
+    :func:`~actgrad.train.train_reference` does; the others
     go on. At the end every network holds its trained parameters and BatchNorm running
     statistics (on ``device``). ``seconds`` is the wall time of the whole batched run, the
     same for every model; ``extra['models_in_batch']`` says how many shared it.
@@ -466,7 +509,7 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
     active = list(range(M))  # model number of each position in the batch
     diverged_at: list[int | None] = [None] * M
     done_steps = [steps] * M
-    offsets = (torch.arange(M, device=device) * V).view(M, 1, 1)
+    offsets = torch.arange(M, device=device) * V
 
     k0 = 0
     with torch.no_grad():
@@ -476,8 +519,10 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
             states = [gens[m].get_state() for m in active]
             ix = torch.stack([torch.randint(0, n_train, (K, batch_size), generator=gens[m]) for m in active],
                              dim=1).to(device)  # (K, M, B)
-            idx = (Xtr_d[ix] + offsets[active].view(1, len(active), 1, 1)).view(K, -1)  # (K, M*B*T)
-            Yc = Ytr_d[ix].unsqueeze(2)  # (K, M, 1, B)
+            # rows of the flattened embedding tables: model m's characters + m * vocabulary
+            idx = torch.index_select(Xtr_d, 0, ix.view(-1)).view(K, len(active), -1)
+            idx = idx.add_(offsets[active].view(1, len(active), 1)).view(K, -1)  # (K, M*B*T)
+            Yc = torch.index_select(Ytr_d, 0, ix.view(-1)).view(K, len(active), 1, batch_size)
             del ix
             chunk_losses = torch.empty(K, len(active), device=device)  # sums of log-likelihoods
             active_t = torch.tensor(active, dtype=torch.long, device=device)
@@ -496,10 +541,9 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
                 losses[flushed:step, active_t] = chunk_losses[flushed - k0:step - k0] * (-1.0 / batch_size)
                 flushed = step
                 w0 = max(0, step - divergence_check_every)
-                finite = torch.isfinite(losses[w0:step, active_t])
-                if bool(finite.all()):
+                bad = diverged_steps(losses[w0:step, active_t], divergence_loss)
+                if not bool(bad.any()):
                     continue
-                bad = ~finite
                 first, any_bad = bad.float().argmax(0).tolist(), bad.any(0).tolist()
                 keep = []
                 for p, m in enumerate(active):
@@ -517,7 +561,9 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
                     break
                 keep_t = torch.tensor(keep, dtype=torch.long, device=device)
                 batch.select(keep_t)
-                idx = idx.view(K, len(any_bad), -1)[:, keep_t].reshape(K, -1)
+                # the kept models' rows, renumbered to their new places in the embedding tables
+                shift = (keep_t - torch.arange(len(keep), device=device)) * V
+                idx = idx.view(K, len(any_bad), -1)[:, keep_t].sub_(shift.view(1, -1, 1)).reshape(K, -1)
                 Yc = Yc[:, keep_t]
                 chunk_losses = chunk_losses[:, keep_t]
                 states = [states[p] for p in keep]

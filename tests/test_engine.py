@@ -1,0 +1,215 @@
+"""The batched engine trains each model as the reference engine (the lecture's loop) does."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actgrad import train
+from actgrad.engine import architecture, train_batched
+from actgrad.stats import NetworkHooks, StatsPlan, StatsRecorder
+
+SCHEDULE = [{"from_step": 0, "lr": 0.1}, {"from_step": 100000, "lr": 0.01}]
+# The lecture's four networks: fix_tanh, the shallow BatchNorm net, and the deep net with and without BatchNorm.
+NETWORKS = {
+    "shallow": dict(model="mlp", n_embd=10, n_hidden=200, activation="tanh", batchnorm=False, hidden_bias="added",
+                    init=dict(C=1, W1=0.2, b1=0.01, W2=0.01, b2=0), gain=5 / 3),
+    "shallow_bn": dict(model="mlp", n_embd=10, n_hidden=200, activation="tanh", batchnorm=True,
+                       hidden_bias="not_drawn", init=dict(C=1, W1="kaiming", b1=0.01, W2=0.01, b2=0), gain=5 / 3),
+    "deep": dict(model="deep", n_embd=10, n_hidden=100, n_layers=5, activation="tanh", batchnorm=False, gain=5 / 3,
+                 last_layer_scale=0.1),
+    "deep_bn": dict(model="deep", n_embd=10, n_hidden=100, n_layers=5, activation="tanh", batchnorm=True, gain=1.0,
+                    last_layer_scale=0.1),
+}
+SEED = 2147483647
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, as the pipeline trains: small ops with several threads on a busy machine crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def reference(spec, seed, Xtr, Ytr, steps, callbacks_for=None, **kwargs):
+    net, g = train.init_network(spec, seed, 3)
+    callbacks = [callbacks_for(net)] if callbacks_for else []
+    res = train.train_reference(net, g, Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE,
+                                callbacks=callbacks, **kwargs)
+    return res, net, g
+
+
+def engine(specs_seeds, Xtr, Ytr, steps, **kwargs):
+    nets, gens = zip(*[train.init_network(spec, seed, 3) for spec, seed in specs_seeds])
+    results = train_batched(list(nets), list(gens), Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE,
+                            **kwargs)
+    return results, nets, gens
+
+
+@torch.no_grad()
+def dev_loss(net, X, Y):
+    net.eval()
+    try:
+        return F.cross_entropy(net(X), Y).item()
+    finally:
+        net.train()
+
+
+def max_param_diff(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_chunked_index_draws_are_the_lectures():
+    """The engine draws a chunk of steps at once; that must be the lecture's per-step draws."""
+    g1, g2 = torch.Generator().manual_seed(SEED), torch.Generator().manual_seed(SEED)
+    one_by_one = torch.stack([torch.randint(0, 182625, (32,), generator=g1) for _ in range(50)])
+    assert torch.equal(torch.randint(0, 182625, (50, 32), generator=g2), one_by_one)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_one_model_trains_as_the_reference_engine(name, splits):
+    """Two thousand steps: the losses stay within float rounding of the reference's (measured: < 3e-6)."""
+    Xtr, Ytr = splits["splits"]["train"]
+    steps = 2000
+    ref, ref_net, ref_g = reference(NETWORKS[name], SEED, Xtr, Ytr, steps)
+    [res], [net], [g] = engine([(NETWORKS[name], SEED)], Xtr, Ytr, steps)
+    assert res.steps_done == steps and res.diverged_at is None and res.losses.dtype == torch.float32
+    # Same parameters, same first minibatch: the same first loss, to float rounding.
+    assert res.losses[0].item() == pytest.approx(ref.losses[0].item(), abs=1e-6)
+    assert (res.losses - ref.losses).abs().max().item() < 2e-5
+    assert res.losses[-100:].mean() < res.losses[0] - 0.5  # it did train
+    assert torch.equal(g.get_state(), ref_g.get_state())  # and drew exactly the reference's minibatches
+    # Written back: trained parameters and BatchNorm running statistics.
+    assert max_param_diff(net, ref_net) < 2e-5
+    assert [n for n, _ in net.named_parameters()] == [n for n, _ in ref_net.named_parameters()]
+    for (n, bn), (_, ref_bn) in zip(net.batchnorm_layers(), ref_net.batchnorm_layers()):
+        for ours, theirs in ((bn.running_mean, ref_bn.running_mean), (bn.running_spread, ref_bn.running_spread)):
+            assert ours.shape == theirs.shape
+            assert not torch.equal(theirs, torch.zeros_like(theirs) if theirs is ref_bn.running_mean
+                                   else torch.ones_like(theirs))
+            assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5), n
+    # The written-back network evaluates (running statistics included) as the reference's does.
+    Xdev, Ydev = splits["splits"]["dev"]
+    assert dev_loss(net, Xdev, Ydev) == pytest.approx(dev_loss(ref_net, Xdev, Ydev), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["shallow", "deep_bn"])
+def test_models_batched_together_train_as_each_alone(name, splits):
+    """Different seeds and init scales in one batch: each model's run is its run alone."""
+    Xtr, Ytr = splits["splits"]["train"]
+    base = NETWORKS[name]
+    if name == "shallow":
+        variants = [dict(base, init=dict(base["init"], W1=s)) for s in (0.2, 0.1, 0.3)]
+    else:
+        variants = [dict(base, gain=gn) for gn in (1.0, 5 / 3, 0.5)]
+    members = [(variants[0], 1), (variants[1], 2), (variants[2], 1), (variants[0], 3)]
+    steps = 150
+    together, nets, _ = engine(members, Xtr, Ytr, steps)
+    for (spec, seed), res, net in zip(members, together, nets):
+        [alone], [alone_net], _ = engine([(spec, seed)], Xtr, Ytr, steps)
+        assert (res.losses - alone.losses).abs().max().item() < 1e-5
+        assert max_param_diff(net, alone_net) < 1e-5
+    # and they are different runs
+    assert (together[0].losses - together[1].losses).abs().max().item() > 1e-2
+
+
+def test_chunking_and_check_windows_do_not_change_the_run(splits):
+    Xtr, Ytr = splits["splits"]["train"]
+    members = [(NETWORKS["shallow_bn"], 1), (NETWORKS["shallow_bn"], 2)]
+    a, _, ga = engine(members, Xtr, Ytr, 90)
+    b, _, gb = engine(members, Xtr, Ytr, 90, index_chunk=7, divergence_check_every=13)
+    for ra, rb in zip(a, b):
+        assert torch.equal(ra.losses, rb.losses)
+    assert all(torch.equal(x.get_state(), y.get_state()) for x, y in zip(ga, gb))
+
+
+def test_divergence_is_reported_and_does_not_touch_the_others(splits):
+    """A model that blows up stops where the reference engine stops; its batch-mates go on as alone."""
+    Xtr, Ytr = splits["splits"]["train"]
+    base = dict(model="deep", n_embd=10, n_hidden=32, n_layers=2, activation="relu", batchnorm=False,
+                last_layer_scale=0.1)
+    members = [(dict(base, gain=1.0), 1), (dict(base, gain=30.0), 1), (dict(base, gain=2.0), 2),
+               (dict(base, gain=100.0), 3)]
+    steps = 250
+    results, nets, gens = engine(members, Xtr, Ytr, steps)
+    outcomes = []
+    for (spec, seed), res, net, g in zip(members, results, nets, gens):
+        ref, ref_net, ref_g = reference(spec, seed, Xtr, Ytr, steps)
+        assert res.diverged_at == ref.diverged_at
+        assert res.steps_done == ref.steps_done == len(res.losses)
+        assert torch.equal(g.get_state(), ref_g.get_state())  # drawn up to where it stopped
+        if ref.diverged_at is None:
+            assert (res.losses - ref.losses).abs().max().item() < 1e-4
+            assert max_param_diff(net, ref_net) < 1e-4
+        outcomes.append(res.diverged_at)
+    assert outcomes == [None, 1, None, 1]
+
+
+def test_a_nan_model_is_taken_out_of_the_batch(splits):
+    Xtr, Ytr = splits["splits"]["train"]
+    nets, gens = zip(*[train.init_network(NETWORKS["shallow_bn"], seed, 3) for seed in (1, 2, 3)])
+    with torch.no_grad():
+        nets[1].layers["linear2"].weight[0, 0] = float("nan")
+    results = train_batched(list(nets), list(gens), Xtr, Ytr, steps=120, batch_size=32, lr_schedule=SCHEDULE)
+    assert [r.diverged_at for r in results] == [None, 0, None]
+    assert results[1].steps_done == 1 and torch.isnan(results[1].losses[0])
+    [alone], _, _ = engine([(NETWORKS["shallow_bn"], 3)], Xtr, Ytr, 120)
+    assert (results[2].losses - alone.losses).abs().max().item() < 1e-5
+    assert torch.isfinite(nets[2].layers["linear2"].weight).all()
+
+
+def _frames(recorder):
+    stats = recorder.stats_frame().set_index(["step", "layer", "kind", "stat"]).value.sort_index()
+    hists = recorder.histogram_frame().set_index(["step", "layer", "kind", "bin_left"]).fraction.sort_index()
+    return stats, hists
+
+
+@pytest.mark.parametrize("name", ["shallow", "shallow_bn", "deep_bn"])
+def test_statistics_match_the_hooks_on_the_reference_engine(name, splits):
+    Xtr, Ytr = splits["splits"]["train"]
+    steps = 61
+
+    def plan():
+        return StatsPlan(every=20, update_every=10, histogram_every=30, snapshot_steps=(0, 20), bins=20,
+                         last_step=steps - 1)
+
+    ref_rec = StatsRecorder(plan())
+    reference(NETWORKS[name], SEED, Xtr, Ytr, steps, callbacks_for=lambda net: NetworkHooks(net, ref_rec))
+    rec = StatsRecorder(plan())
+    engine([(NETWORKS[name], SEED), (NETWORKS[name], 5)], Xtr, Ytr, steps, recorders=[rec, None])
+    ref_stats, ref_hists = _frames(ref_rec)
+    stats, hists = _frames(rec)
+    assert list(stats.index) == list(ref_stats.index)  # same steps, layers, parameter names, figures
+    kinds = set(stats.index.get_level_values("kind"))
+    assert {"activation", "activation_grad", "preactivation", "update", "weight_grad"} <= kinds
+    assert ("batchnorm" in kinds) == name.endswith("_bn")
+    close = np.isclose(stats.values, ref_stats.values, rtol=1e-3, atol=1e-4, equal_nan=True)
+    assert close.all(), pd.DataFrame({"engine": stats, "reference": ref_stats})[~close]
+    assert list(hists.index.droplevel("bin_left").unique()) == list(ref_hists.index.droplevel("bin_left").unique())
+    # bin edges of data-ranged histograms and values near edges may move by float rounding
+    assert (hists.values - ref_hists.values).__abs__().max() < 0.01
+    assert rec.saturation_maps.keys() == ref_rec.saturation_maps.keys()
+    for layer, smap in rec.saturation_maps.items():
+        assert smap.shape == ref_rec.saturation_maps[layer].shape
+        assert (smap != ref_rec.saturation_maps[layer]).float().mean() < 0.001
+
+
+def test_engine_refuses_to_batch_different_architectures(splits):
+    Xtr, Ytr = splits["splits"]["train"]
+    nets, gens = zip(*[train.init_network(NETWORKS[n], 1, 3) for n in ("shallow", "shallow_bn")])
+    assert architecture(nets[0]) != architecture(nets[1])
+    with pytest.raises(ValueError, match="architecture"):
+        train_batched(list(nets), list(gens), Xtr, Ytr, steps=5, batch_size=32, lr_schedule=SCHEDULE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_one_model_on_cuda_trains_as_on_cpu(splits):
+    Xtr, Ytr = splits["splits"]["train"]
+    [cpu], _, _ = engine([(NETWORKS["deep_bn"], SEED)], Xtr, Ytr, 200)
+    [gpu], [net], _ = engine([(NETWORKS["deep_bn"], SEED)], Xtr, Ytr, 200, device=torch.device("cuda"))
+    assert gpu.losses.device.type == "cpu" and next(net.parameters()).device.type == "cuda"
+    assert (gpu.losses - cpu.losses).abs().max().item() < 1e-3
