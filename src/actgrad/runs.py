@@ -39,7 +39,6 @@ from .train import (
     kept_running_stats,
     resolve_device,
     sample_names,
-    saturation_pct,
     train_reference,
 )
 
@@ -59,13 +58,13 @@ def stats_plan(config: dict, steps: int) -> StatsPlan:
                      bins=s.get("bins", 50), last_step=steps - 1)
 
 
-def _final_evaluation(net, splits, device) -> tuple[dict, dict]:
+def _final_evaluation(net, splits, device) -> dict:
     """Train/val/test losses with the running statistics, and for BatchNorm nets also with
     statistics calibrated over the whole training split (the lecture's two evaluations)."""
     data = {key: (splits[f"X{split}"].to(device), splits[f"Y{split}"].to(device))
             for split, key in (("train", "train"), ("dev", "val"), ("test", "test"))}
     out = {}
-    out["train_loss"], acts = evaluate(net, *data["train"], keep_activations=True)
+    out["train_loss"], sat = evaluate(net, *data["train"], saturation=(SATURATION, DEAD))
     out["val_loss"], _ = evaluate(net, *data["val"])
     out["test_loss"], _ = evaluate(net, *data["test"])
     if net.batchnorm_layers():
@@ -73,7 +72,8 @@ def _final_evaluation(net, splits, device) -> tuple[dict, dict]:
             out["train_loss_calibrated"], _ = evaluate(net, *data["train"], calibrate=True)
             out["val_loss_calibrated"], _ = evaluate(net, *data["val"])
             out["test_loss_calibrated"], _ = evaluate(net, *data["test"])
-    return out, acts
+    out["sat97_final"], out["sat99_final"] = sat[SATURATION], sat[DEAD]
+    return out
 
 
 def _parquet_bytes(df: pd.DataFrame) -> bytes:
@@ -118,13 +118,9 @@ def train_variant(config: dict, name: str, splits_path: str | os.PathLike, resul
         # At init the running statistics are still 0 and 1, so a BatchNorm net is evaluated
         # with the training split's own statistics.
         with kept_running_stats(net):
-            init_loss, acts = evaluate(net, Xtr.to(device), Ytr.to(device), calibrate=True, keep_activations=True)
-        before.append({
-            "init_loss": init_loss,
-            "sat97_init": saturation_pct(acts, SATURATION),
-            "sat99_init": saturation_pct(acts, DEAD),
-        })
-        del acts
+            init_loss, sat = evaluate(net, Xtr.to(device), Ytr.to(device), calibrate=bool(net.batchnorm_layers()),
+                                      saturation=(SATURATION, DEAD))
+        before.append({"init_loss": init_loss, "sat97_init": sat[SATURATION], "sat99_init": sat[DEAD]})
 
     log(f"[{name}] training {len(members)} run(s) of {steps} steps with the {engine} engine on {device}")
     start = time.perf_counter()
@@ -189,11 +185,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
             metrics.update(train_loss_calibrated=nan, val_loss_calibrated=nan, test_loss_calibrated=nan)
         samples = []
     else:
-        losses_final, acts = _final_evaluation(net, splits, device)
-        metrics.update(losses_final)
-        metrics["sat97_final"] = saturation_pct(acts, SATURATION)
-        metrics["sat99_final"] = saturation_pct(acts, DEAD)
-        del acts
+        metrics.update(_final_evaluation(net, splits, device))
         samples = sample_names(net, splits["itos"], int(splits["block_size"]), int(config.get("samples", 20)), seed)
     if twin is not None:
         n = min(len(losses), len(twin.losses))
