@@ -17,8 +17,9 @@ for _variant in VARIANTS:
             results="results",
         threads: config["threads"]
         resources:
-            mem_mb=config["resources"]["train_mem_mb"],
-            runtime=config["resources"]["train_runtime"],
+            # A cluster job that ran out of memory or time asks for twice as much when retried.
+            mem_mb=lambda wildcards, attempt: config["resources"]["train_mem_mb"] * attempt,
+            runtime=lambda wildcards, attempt: config["resources"]["train_runtime"] * attempt,
             gpu=config["resources"]["train_gpus"],
         log:
             f"logs/train/{_variant}.log",
