@@ -1,0 +1,659 @@
+"""The report's figures, drawn with seaborn/matplotlib from what the runs wrote.
+
+Each ``*_figure`` function takes plain data (frames, arrays, dicts) and returns a
+matplotlib ``Figure``; :func:`variant_figures` and :func:`global_figures` read the run
+files and write the PNGs the workflow asks for. Nothing here trains or evaluates.
+
+Per variant (the lecture seed's run unless said otherwise):
+
+``init``              tanh / pre-activation histograms and the |h| > 0.99 saturation map at step 0
+``activations``       activation distribution per tanh layer, at step 0 and a later snapshot
+``activation_grads``  gradient distribution per tanh layer, at the same steps
+``weight_grads``      weight-gradient distribution per 2-D parameter, grad:data ratio in the legend
+``updates``           log10 update:data ratio of each 2-D parameter over the steps (guide at -3)
+``heatmap``           activation histogram over training time, per layer ("colorful dimension")
+
+Across variants: ``loss_curves``, ``final_losses``, ``deep_layers`` and ``sensitivity``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+
+from .data import atomic_write_bytes  # noqa: E402
+from .summary import lecture_seed_of  # noqa: E402
+
+DPI = 100
+LECTURE_SNAPSHOT = 1000  # the step the lecture's diagnostic plots show
+UPDATE_GUIDE = -3.0  # the lecture's rule of thumb: updates about 1/1000 of the data
+HEATMAP_VMIN = -4.0  # log10 fraction: the heat-map's colour scale runs from 1/10,000 to everything
+EXPECTED_INIT_LOSS = -math.log(1 / 27)
+
+VARIANT_FIGURES = ("init", "activations", "activation_grads", "weight_grads", "updates", "heatmap")
+GLOBAL_FIGURES = ("loss_curves", "final_losses", "deep_layers", "sensitivity")
+
+
+# -- reading runs -------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One run directory's files, read on demand."""
+
+    path: Path
+    metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Run:
+        path = Path(path)
+        return cls(path, json.loads((path / "metrics.json").read_text()))
+
+    @property
+    def seed(self) -> int:
+        return int(self.metrics.get("seed", -1))
+
+    @property
+    def diverged_at(self):
+        return self.metrics.get("diverged_at")
+
+    def _parquet(self, name: str) -> pd.DataFrame:
+        p = self.path / name
+        return pd.read_parquet(p) if p.exists() else pd.DataFrame()
+
+    def losses(self) -> pd.DataFrame:
+        return self._parquet("losses.parquet")
+
+    def stats(self) -> pd.DataFrame:
+        return self._parquet("stats.parquet")
+
+    def histograms(self) -> pd.DataFrame:
+        return self._parquet("histograms.parquet")
+
+    def saturation(self) -> dict[str, np.ndarray]:
+        p = self.path / "saturation.npz"
+        if not p.exists():
+            return {}
+        with np.load(p) as z:
+            return {k: z[k] for k in sorted(z.files, key=natural_key)}
+
+    def samples(self) -> list[str]:
+        p = self.path / "samples.txt"
+        return [s for s in p.read_text().splitlines() if s.strip()] if p.exists() else []
+
+
+def run_dirs_of(paths) -> list[Path]:
+    """The distinct run directories of a list of run files (or directories)."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        d = p if p.is_dir() else p.parent
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def lecture_run(runs: list[Run]) -> Run:
+    seed = lecture_seed_of([r.seed for r in runs])
+    return next(r for r in runs if r.seed == seed)
+
+
+# -- small helpers --------------------------------------------------------------------------
+def natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name))]
+
+
+def param_label(name: str) -> str:
+    """'layers.linear2.weight' -> 'W2', 'layers.embedding.weight' -> 'C' (the lecture's names)."""
+    m = re.search(r"linear(\d+)\.weight$", name)
+    if m:
+        return f"W{m.group(1)}"
+    if name.endswith("embedding.weight"):
+        return "C"
+    m = re.search(r"linear(\d+)\.bias$", name)
+    if m:
+        return f"b{m.group(1)}"
+    return name.removeprefix("layers.")
+
+
+def layer_colors(n: int) -> list:
+    if n <= 1:
+        return [sns.color_palette("deep")[0]]
+    return sns.color_palette("viridis", n_colors=n) if n > 2 else sns.color_palette("deep")[:n]
+
+
+def variant_palette(variants: list[str]) -> dict[str, tuple]:
+    pal = sns.color_palette("tab10") + sns.color_palette("Set2") + sns.color_palette("Dark2")
+    return {v: pal[i % len(pal)] for i, v in enumerate(variants)}
+
+
+def pick_snapshot(steps, last_step=None, target: int = LECTURE_SNAPSHOT):
+    """The lecture's step 1,000 if recorded, else the configured snapshot nearest to it, else the last."""
+    steps = sorted({int(s) for s in steps if int(s) > 0})
+    if not steps:
+        return None
+    if target in steps:
+        return target
+    middle = [s for s in steps if s != last_step] or steps
+    return min(middle, key=lambda s: abs(s - target))
+
+
+def stat_at(stats: pd.DataFrame, kind: str, layer: str, stat: str, step: int) -> float:
+    if stats.empty:
+        return float("nan")
+    sel = stats[(stats.kind == kind) & (stats.layer == layer) & (stats.stat == stat) & (stats.step == step)]
+    return float(sel.value.iloc[0]) if len(sel) else float("nan")
+
+
+def fmt(x: float, spec: str) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
+
+
+def window_for(steps: int) -> int:
+    """The lecture averages log10 losses over 1,000 steps; a short run gets steps/20."""
+    return 1000 if steps >= 20_000 else max(1, steps // 20)
+
+
+def windowed_log10(loss: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window-mean of log10(loss) (the lecture's ``view(-1, 1000).mean(1)``) and each window's centre step.
+
+    A run that stopped early (diverged) keeps its last, partial window; non-finite losses are
+    left out of a window's mean, and a window with none finite is NaN.
+    """
+    loss = np.asarray(loss, dtype=float)
+    if len(loss) == 0:
+        return np.array([]), np.array([])
+    window = max(1, int(window))
+    n_windows = math.ceil(len(loss) / window)
+    padded = np.full(n_windows * window, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        padded[:len(loss)] = np.log10(loss)
+    padded[~np.isfinite(padded)] = np.nan
+    blocks = padded.reshape(n_windows, window)
+    counts = np.isfinite(blocks).sum(axis=1)
+    sums = np.nansum(blocks, axis=1)
+    means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    starts = np.arange(n_windows) * window
+    ends = np.minimum(starts + window, len(loss)) - 1
+    return (starts + ends) / 2, means
+
+
+def no_data(ax, text="not recorded"):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.5")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def style() -> None:
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.85,
+                  rc={"axes.titleweight": "bold", "axes.titlesize": 10.5, "legend.fontsize": 7.5,
+                      "legend.framealpha": 0.85, "figure.dpi": DPI, "savefig.dpi": DPI,
+                      "axes.spines.top": False, "axes.spines.right": False, "font.family": "DejaVu Sans"})
+
+
+def png_bytes(fig) -> bytes:
+    """The figure as a PNG, reduced to a 256-colour palette (a quarter of the size, no visible change)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08, facecolor="white",
+                metadata={"Software": None})
+    plt.close(fig)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    small.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def save(fig, path: str | os.PathLike) -> None:
+    """Write ``fig`` as a PNG atomically (temporary file, then rename)."""
+    atomic_write_bytes(path, png_bytes(fig))
+
+
+# -- per-variant figures ------------------------------------------------------------------------
+def _hist(hists: pd.DataFrame, kind: str, layer: str, step: int) -> pd.DataFrame:
+    if hists.empty:
+        return hists
+    h = hists[(hists.kind == kind) & (hists.layer == layer) & (hists.step == step)].sort_values("bin_left")
+    return h[np.isfinite(h.fraction)]
+
+
+def _layers(frame: pd.DataFrame, kind: str) -> list[str]:
+    if frame.empty:
+        return []
+    return sorted(frame[frame.kind == kind].layer.unique(), key=natural_key)
+
+
+def init_figure(hists: pd.DataFrame, saturation: dict[str, np.ndarray], stats: pd.DataFrame, title: str = ""):
+    """Step 0: the first tanh layer's activation and pre-activation histograms, and the saturation maps."""
+    layers = list(saturation) or _layers(hists, "activation")
+    n_maps = max(1, len(saturation))
+    fig = plt.figure(figsize=(10, 5.6 if n_maps == 1 else 5.4), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 0.9 if n_maps == 1 else 0.8], hspace=0.04)
+    ax_act, ax_pre = top.subplots(1, 2)
+    first = layers[0] if layers else None
+    deep = len(layers) > 1
+    for ax, kind, label in ((ax_act, "activation", "tanh output h"), (ax_pre, "preactivation", "pre-activation")):
+        h = _hist(hists, kind, first, 0) if first else pd.DataFrame()
+        if h.empty:
+            no_data(ax)
+            continue
+        edges = np.append(h.bin_left.to_numpy(), h.bin_right.iloc[-1])
+        color = sns.color_palette("deep")[0 if kind == "activation" else 1]
+        ax.stairs(h.fraction.to_numpy(), edges, fill=True, color=color, alpha=0.85)
+        mean, std = stat_at(stats, kind, first, "mean", 0), stat_at(stats, kind, first, "std", 0)
+        ax.set_title(f"{label} of {first}" + (f" (1st of {len(layers)})" if deep else "") + ", step 0")
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of values")
+        note = f"mean {fmt(mean, '+.2f')}\nstd {fmt(std, '.2f')}"
+        if kind == "activation":
+            note += f"\n|h|>0.97: {fmt(stat_at(stats, kind, first, 'saturated_pct', 0), '.1f')}%"
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
+        ax.text(0.5 if kind == "activation" else 0.98, 0.95, note, transform=ax.transAxes, va="top",
+                ha="center" if kind == "activation" else "right", fontsize=8,
+                bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="0.8"))
+    if not saturation:
+        no_data(bottom.subplots(), "no saturation map recorded")
+        return fig
+    axes = np.atleast_1d(bottom.subplots(1, n_maps, sharey=True))
+    for i, (ax, (layer, m)) in enumerate(zip(axes, saturation.items())):
+        ax.imshow(m, cmap="gray", interpolation="nearest", aspect="auto", vmin=0, vmax=1)
+        ax.grid(False)
+        dead = int(m.all(axis=0).sum())
+        if n_maps == 1:
+            ax.set_title(f"{layer}: |h| > 0.99 over the first batch - {100 * m.mean():.1f}% white (saturated), "
+                         f"{dead} dead unit(s) (all-white columns)")
+        else:
+            ax.set_title(f"{layer}: {100 * m.mean():.0f}% white" + (f", {dead} dead" if dead else ""), fontsize=9)
+        ax.set_xlabel("hidden unit")
+        if i == 0:
+            ax.set_ylabel("example in batch")
+    if n_maps > 1:
+        bottom.suptitle("|h| > 0.99 over the first batch, every layer (white = saturated)", fontsize=9.5)
+    if title:
+        fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+    return fig
+
+
+def distribution_figure(hists: pd.DataFrame, stats: pd.DataFrame, kind: str, steps: list[int], title: str = ""):
+    """Histogram lines per layer (density), one panel per step, with the lecture's legend."""
+    layers = _layers(hists, kind)
+    steps = [s for s in steps if s is not None]
+    legend_rows = math.ceil(len(layers) / 2) if len(layers) > 4 else max(1, len(layers))
+    fig, axes = plt.subplots(1, max(1, len(steps)), figsize=(10, 2.9 + 0.16 * legend_rows), layout="constrained",
+                             squeeze=False)
+    colors = layer_colors(len(layers))
+    for ax, step in zip(axes[0], steps or [None]):
+        drawn = False
+        for layer, color in zip(layers, colors):
+            h = _hist(hists, kind, layer, step)
+            if h.empty:
+                continue
+            width = (h.bin_right - h.bin_left).to_numpy()
+            centres = ((h.bin_left + h.bin_right) / 2).to_numpy()
+            density = h.fraction.to_numpy() / np.where(width > 0, width, 1)
+            ax.plot(centres, density, color=color, lw=1.6, label=_legend(kind, layer, stats, step))
+            drawn = True
+        if not drawn:
+            no_data(ax, f"no {kind.replace('_', ' ')} histogram at step {step}")
+            continue
+        ax.set_title(f"step {step:,}")
+        ax.set_ylabel("density")
+        ax.set_xlabel({"activation": "tanh output", "activation_grad": "gradient of the loss w.r.t. tanh output",
+                       "weight_grad": "gradient of the loss w.r.t. the weight"}[kind])
+        if kind != "activation":
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
+        # below the panel, so that it never hides a curve
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), handlelength=1.5, frameon=False,
+                  ncol=2 if len(layers) > 4 else 1, columnspacing=1.0)
+    if title:
+        fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+    return fig
+
+
+def _legend(kind: str, layer: str, stats: pd.DataFrame, step: int) -> str:
+    if kind == "activation":
+        return (f"{layer}: mean {fmt(stat_at(stats, kind, layer, 'mean', step), '+.2f')}, "
+                f"std {fmt(stat_at(stats, kind, layer, 'std', step), '.2f')}, "
+                f"saturated {fmt(stat_at(stats, kind, layer, 'saturated_pct', step), '.1f')}%")
+    if kind == "activation_grad":
+        return (f"{layer}: mean {fmt(stat_at(stats, kind, layer, 'mean', step), '+.1e')}, "
+                f"std {fmt(stat_at(stats, kind, layer, 'std', step), '.1e')}")
+    return (f"{param_label(layer)}: std {fmt(stat_at(stats, kind, layer, 'std', step), '.1e')}, "
+            f"grad:data {fmt(stat_at(stats, kind, layer, 'grad_data_ratio', step), '.1e')}")
+
+
+def updates_figure(stats: pd.DataFrame, title: str = ""):
+    """log10(lr * grad.std / data.std) per 2-D weight over the steps, with the lecture's guide at -3."""
+    fig, ax = plt.subplots(figsize=(10, 3.0), layout="constrained")
+    weights = _layers(stats, "weight_grad")
+    up = stats[(stats.kind == "update") & stats.layer.isin(weights)] if not stats.empty else stats
+    if up.empty:
+        no_data(ax)
+        return fig
+    for layer, color in zip(weights, layer_colors(len(weights))):
+        s = up[up.layer == layer].sort_values("step")
+        v = s.value.to_numpy(dtype=float, copy=True)
+        v[~np.isfinite(v)] = np.nan
+        ax.plot(s.step, v, color=color, lw=1.1, label=param_label(layer))
+    ax.axhline(UPDATE_GUIDE, color="k", ls="--", lw=1.2, label="1e-3 (guide)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10(update std / data std)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+    return fig
+
+
+def heatmap_figure(hists: pd.DataFrame, title: str = ""):
+    """fastai's 'colorful dimension': each column is one step's activation histogram, log-coloured."""
+    layers = _layers(hists, "activation")
+    n = max(1, len(layers))
+    cols = min(n, 5)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(10, 2.6 * rows if n > 1 else 2.8), layout="constrained",
+                             squeeze=False, sharey=True)
+    if not layers:
+        no_data(axes[0, 0])
+        return fig
+    frames = {layer: hists[(hists.kind == "activation") & (hists.layer == layer)] for layer in layers}
+    norm = Normalize(vmin=HEATMAP_VMIN, vmax=0.0)  # fixed, so that the variants' heat-maps compare
+    mesh = None
+    for ax, layer in zip(axes.flat, layers):
+        f = frames[layer]
+        grid = f.pivot_table(index="bin_left", columns="step", values="fraction", aggfunc="first").sort_index()
+        steps = grid.columns.to_numpy(dtype=float)
+        bins = np.append(grid.index.to_numpy(dtype=float),
+                         f.bin_right.max())
+        if len(steps) == 1:
+            xedges = np.array([steps[0] - 0.5, steps[0] + 0.5])
+        else:
+            mids = (steps[:-1] + steps[1:]) / 2
+            xedges = np.concatenate([[steps[0]], mids, [steps[-1]]])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.log10(grid.to_numpy(dtype=float))
+        values = np.ma.masked_invalid(values)
+        mesh = ax.pcolormesh(xedges, bins, values, cmap="magma", norm=norm, shading="flat")
+        ax.set_facecolor("black")
+        ax.grid(False)
+        ax.set_title(layer)
+        ax.set_xlabel("step")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("tanh output")
+    fig.colorbar(mesh, ax=axes, label="log10 fraction", shrink=0.9, pad=0.01, extend="min")
+    if title:
+        fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+    return fig
+
+
+def variant_figures(run_paths, outputs: dict[str, str | os.PathLike], log=print) -> None:
+    """Write the requested per-variant figures (``outputs``: name -> PNG path) from a variant's runs."""
+    unknown = set(outputs) - set(VARIANT_FIGURES)
+    if unknown:
+        raise ValueError(f"unknown per-variant figure(s): {sorted(unknown)}; known: {VARIANT_FIGURES}")
+    style()
+    runs = [Run.read(d) for d in run_dirs_of(run_paths)]
+    run = lecture_run(runs)
+    name = run.metrics.get("variant", run.path.parent.name)
+    stats, hists = run.stats(), run.histograms()
+    snapshot_steps = hists[hists.kind == "activation_grad"].step.unique() if not hists.empty else []
+    last = int(max(snapshot_steps)) if len(snapshot_steps) else None
+    later = pick_snapshot(snapshot_steps, last_step=last)
+    steps = [0] + ([later] if later is not None else [])
+    suffix = f" - {name}, seed {run.seed}"
+    if run.diverged_at is not None:
+        suffix += f" (diverged at step {run.diverged_at})"
+    makers = {
+        "init": lambda: init_figure(hists, run.saturation(), stats),
+        "activations": lambda: distribution_figure(hists, stats, "activation", steps,
+                                                   "activation distribution per tanh layer" + suffix),
+        "activation_grads": lambda: distribution_figure(hists, stats, "activation_grad", steps,
+                                                        "gradient distribution per tanh layer" + suffix),
+        "weight_grads": lambda: distribution_figure(hists, stats, "weight_grad", steps,
+                                                    "weight-gradient distribution per 2-D parameter" + suffix),
+        "updates": lambda: updates_figure(stats, "update:data ratio per weight matrix" + suffix),
+        "heatmap": lambda: heatmap_figure(hists, "activation histogram over training" + suffix),
+    }
+    for key, path in outputs.items():
+        save(makers[key](), path)
+        log(f"[{name}] figure {key} -> {path}")
+
+
+# -- figures across variants ------------------------------------------------------------------------
+def loss_curves_figure(curves: dict[str, list[np.ndarray]], models: dict[str, str],
+                       diverged: dict[str, list] | None = None, steps: dict[str, int] | None = None):
+    """log10 loss, window-averaged, mean over seeds with a band of one standard deviation; mlp and deep apart.
+
+    A diverged variant's curve runs off the top of the panel (the y-range follows the others) and
+    ends in a cross where it was last finite.
+    """
+    diverged, steps = diverged or {}, steps or {}
+    groups = [(m, [v for v in curves if models.get(v) == m]) for m in ("mlp", "deep")]
+    groups = [(m, vs) for m, vs in groups if vs] or [("mlp", [])]
+    fig, axes = plt.subplots(1, len(groups), figsize=(10 if len(groups) > 1 else 8, 4.0), layout="constrained",
+                             squeeze=False)
+    palette = variant_palette(list(curves))
+    windows = set()
+    for ax, (model, variants) in zip(axes[0], groups):
+        calm_lo, calm_hi = [], []
+        drawn = []
+        for v in variants:
+            seeds = [np.asarray(x, dtype=float) for x in curves[v] if len(x)]
+            if not seeds:
+                continue
+            window = window_for(steps.get(v) or max(len(x) for x in seeds))
+            windows.add(window)
+            per_seed = [windowed_log10(x, window) for x in seeds]
+            n = max(len(m) for _, m in per_seed)
+            mat = np.full((len(per_seed), n), np.nan)
+            centres = np.full(n, np.nan)
+            for i, (c, m) in enumerate(per_seed):
+                mat[i, :len(m)] = m
+                centres[:len(c)] = np.where(np.isnan(centres[:len(c)]), c, centres[:len(c)])
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(mat, axis=0)
+                std = np.nanstd(mat, axis=0)
+            label = v + (" (diverged)" if diverged.get(v) else "")
+            ax.plot(centres, mean, color=palette[v], lw=1.6, label=label)
+            if len(seeds) > 1:
+                ax.fill_between(centres, mean - std, mean + std, color=palette[v], alpha=0.18, lw=0)
+            ok = np.isfinite(mean)
+            drawn.append((v, centres[ok], mean[ok]))
+            if not diverged.get(v) and ok.any():
+                calm_lo.append(np.nanmin(mean - np.nan_to_num(std)))
+                calm_hi.append(np.nanmax(mean + np.nan_to_num(std)))
+        if calm_hi:
+            lo, hi = min(calm_lo), max(calm_hi)
+            pad = 0.06 * (hi - lo or 1.0)
+            ax.set_ylim(lo - pad, hi + pad)
+        top = ax.get_ylim()[1]
+        for v, c, m in drawn:
+            if diverged.get(v) and len(c):
+                ax.plot([c[-1]], [min(m[-1], top)], marker="X", ms=9, color=palette[v], clip_on=False, zorder=5)
+        ax.set_title({"mlp": "one hidden layer (mlp)", "deep": "deep tanh network"}[model])
+        ax.set_xlabel("step")
+        ax.set_ylabel("log10 loss (window mean)")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        if drawn:
+            ax.legend(loc="upper right", ncol=1 if len(variants) < 5 else 2)
+        else:
+            no_data(ax, "no runs")
+    if windows:
+        fig.suptitle(f"training loss, averaged over windows of {', '.join(f'{w:,}' for w in sorted(windows))} "
+                     "step(s); band: ±1 std over seeds; X: diverged", fontsize=10, x=0.01, ha="left")
+    return fig
+
+
+def final_losses_figure(summary: pd.DataFrame, references: pd.DataFrame, order: list[str]):
+    """Every seed's final val loss (dots), the mean (bar) and the lecture's printed value (diamond)."""
+    fig, ax = plt.subplots(figsize=(10, 0.32 * max(3, len(order)) + 1.1), layout="constrained")
+    palette = variant_palette(order)
+    ys = {v: i for i, v in enumerate(order)}
+    for v in order:
+        sub = summary[summary.variant == v]
+        vals = pd.to_numeric(sub.val_loss, errors="coerce").to_numpy(dtype=float)
+        ok = vals[np.isfinite(vals)]
+        y = ys[v]
+        if len(ok):
+            ax.scatter(ok, np.full(len(ok), y), color=palette[v], s=28, alpha=0.75, zorder=3, edgecolor="white",
+                       lw=0.5)
+            ax.plot([ok.mean()] * 2, [y - 0.32, y + 0.32], color=palette[v], lw=2.5, zorder=2)
+        n_div = int((sub.status == "diverged").sum()) if "status" in sub else 0
+        if n_div:
+            ax.annotate(f"{n_div} seed(s) diverged", (0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=8, color="firebrick")
+    if not references.empty:
+        val = references[references.quantity.str.startswith("val loss")]
+        for _, r in val.iterrows():
+            if r.variant in ys:
+                ax.scatter([r.reference], [ys[r.variant]], marker="D", s=40, color="black", zorder=4,
+                           label="lecture's value")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles[:1], labels[:1], loc="lower right")
+    ax.set_yticks(range(len(order)), order)
+    ax.invert_yaxis()
+    ax.set_xlabel("validation loss at the end of training (dots: seeds, bar: mean)")
+    ax.set_title("final validation loss per variant")
+    return fig
+
+
+def deep_layers_figure(layer_stats: pd.DataFrame, order: list[str], batchnorm: set | None = None):
+    """Per layer, at step 0: activation std, saturation % and activation-gradient std, one line per deep variant."""
+    panels = [("activation", "std", "activation std"), ("activation", "saturated_pct", "saturated % (|h|>0.97)"),
+              ("activation_grad", "std", "activation gradient std")]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.5), layout="constrained")
+    palette = variant_palette(order)
+    for ax, (kind, stat, label) in zip(axes, panels):
+        sel = layer_stats[(layer_stats.kind == kind) & (layer_stats.stat == stat)] if not layer_stats.empty else \
+            layer_stats
+        if sel.empty:
+            no_data(ax)
+            continue
+        for v in order:
+            s = sel[sel.variant == v].copy()
+            if s.empty:
+                continue
+            s["n"] = s.layer.map(lambda x: natural_key(x)[-2] if isinstance(natural_key(x)[-2], int) else 0)
+            s = s.groupby("n").value.mean()
+            dashed = v in (batchnorm or set())
+            ax.plot(s.index, s.to_numpy(), marker="s" if dashed else "o", ms=4, color=palette[v], label=v,
+                    ls="--" if dashed else "-")
+        ax.set_xlabel("tanh layer")
+        ax.set_title(label)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if kind == "activation_grad":
+            ax.set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", frameon=False, fontsize=8)
+    fig.suptitle("deep networks at step 0, layer by layer (mean over seeds)", fontsize=10, x=0.01, ha="left")
+    return fig
+
+
+SENSITIVITY_FLOOR = 1e-9
+
+
+def sensitivity_figure(deltas: dict[str, list[tuple[int, np.ndarray]]]):
+    """|loss - twin loss| per step (rolling max), log scale, one panel per variant; equal losses at the floor."""
+    variants = [v for v in deltas if deltas[v]]
+    n = max(1, len(variants))
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(10, 2.2 * rows + 0.7), layout="constrained", squeeze=False,
+                             sharey=True)
+    if not variants:
+        no_data(axes[0, 0], "no sensitivity twins")
+    seed_colors = sns.color_palette("deep")
+    for ax, v in zip(axes.flat, variants):
+        for i, (seed, d) in enumerate(deltas[v]):
+            d = pd.Series(np.asarray(d, dtype=float)).replace([np.inf, -np.inf], np.nan)
+            if d.empty:
+                continue
+            window = max(10, len(d) // 100)
+            env = d.rolling(window, min_periods=1, center=True).max().clip(lower=SENSITIVITY_FLOOR)
+            step = max(1, len(env) // 1000)
+            ax.plot(env.index[::step], env.to_numpy()[::step], lw=1.1, color=seed_colors[i % 10], label=f"seed {seed}")
+        ax.axhline(SENSITIVITY_FLOOR, color="0.6", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set_title(v, fontsize=9.5)
+        ax.set_xlabel("step")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+    for ax in axes.flat[len(variants):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("|Δ loss| vs twin")
+    if variants:
+        axes.flat[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("how far each run drifts from its twin (W1 x (1 + 1e-7)); rolling max; dotted floor: identical",
+                 fontsize=10, x=0.01, ha="left")
+    return fig
+
+
+def global_figures(order: list[str], run_paths, summary_csv, references_csv, outputs: dict, log=print) -> None:
+    """Write the requested cross-variant figures (``outputs``: name -> PNG path)."""
+    unknown = set(outputs) - set(GLOBAL_FIGURES)
+    if unknown:
+        raise ValueError(f"unknown global figure(s): {sorted(unknown)}; known: {GLOBAL_FIGURES}")
+    style()
+    runs: dict[str, list[Run]] = {}
+    for d in run_dirs_of(run_paths):
+        r = Run.read(d)
+        runs.setdefault(r.metrics.get("variant", d.parent.name), []).append(r)
+    order = [v for v in order if v in runs]
+    models = {v: runs[v][0].metrics.get("model", "mlp") for v in order}
+    if "loss_curves" in outputs:
+        curves = {v: [r.losses().loss.to_numpy() if "loss" in r.losses() else np.array([]) for r in runs[v]]
+                  for v in order}
+        diverged = {v: [r.diverged_at for r in runs[v] if r.diverged_at is not None] for v in order}
+        steps = {v: max(int(r.metrics.get("steps") or 0) for r in runs[v]) for v in order}
+        save(loss_curves_figure(curves, models, diverged, steps), outputs["loss_curves"])
+    if "final_losses" in outputs:
+        summary = pd.read_csv(summary_csv)
+        refs = pd.read_csv(references_csv) if references_csv and Path(references_csv).exists() else pd.DataFrame()
+        save(final_losses_figure(summary, refs, order), outputs["final_losses"])
+    if "deep_layers" in outputs:
+        frames = []
+        for v in order:
+            if models[v] != "deep":
+                continue
+            for r in runs[v]:
+                s = r.stats()
+                if s.empty:
+                    continue
+                s = s[(s.step == 0) & s.kind.isin(["activation", "activation_grad"])]
+                frames.append(s.assign(variant=v, seed=r.seed))
+        layer_stats = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        bn = {v for v in order if runs[v][0].metrics.get("batchnorm")}
+        save(deep_layers_figure(layer_stats, [v for v in order if models[v] == "deep"], bn), outputs["deep_layers"])
+    if "sensitivity" in outputs:
+        deltas = {}
+        for v in order:
+            for r in runs[v]:
+                lf = r.losses()
+                if "twin_loss" in lf:
+                    deltas.setdefault(v, []).append((r.seed, np.abs(lf.loss.to_numpy(float) -
+                                                                    lf.twin_loss.to_numpy(float))))
+        save(sensitivity_figure(deltas), outputs["sensitivity"])
+    for key, path in outputs.items():
+        log(f"figure {key} -> {path}")

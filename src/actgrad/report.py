@@ -1,0 +1,483 @@
+"""The study as one self-contained HTML page: tables from the summary, figures embedded as PNG.
+
+:func:`build_context` gathers everything the template shows (numbers already formatted,
+each figure as a ``data:`` URI with its caption); :func:`render` fills the jinja2 template;
+:func:`write_report` does both and writes the page atomically. The page needs no network:
+no external CSS, scripts, fonts or images.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .data import atomic_write_bytes
+from .figures import EXPECTED_INIT_LOSS, GLOBAL_FIGURES, LECTURE_SNAPSHOT, natural_key, pick_snapshot
+from .summary import ALPHA, lecture_seed_of
+
+FIGURE_TITLES = {
+    "loss_curves": "Loss curves",
+    "final_losses": "Final validation loss",
+    "deep_layers": "Deep networks, layer by layer",
+    "sensitivity": "Sensitivity to a 1e-7 nudge",
+    "init": "At initialisation",
+    "activations": "Activation distribution",
+    "activation_grads": "Gradient distribution",
+    "weight_grads": "Weight-gradient distribution",
+    "updates": "Update:data ratio",
+    "heatmap": "Activations over training",
+}
+PACKAGES = ("torch", "numpy", "pandas", "seaborn", "matplotlib", "scipy", "jinja2", "snakemake")
+CHAOTIC_WHY = ("A saturated, badly initialised net is chaotic: float rounding alone (a different order of "
+               "additions, another library version) moves its trajectory, so its printed numbers cannot be "
+               "reproduced digit for digit. These rows are shown, marked, and not counted as failures.")
+
+
+# -- formatting -----------------------------------------------------------------------------------
+def finite(x) -> bool:
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def num(x, digits: int = 4, signed: bool = False) -> str:
+    """A number for a table cell; NaN, None and inf become an em dash."""
+    if not finite(x):
+        return "—"
+    return f"{float(x):+.{digits}f}" if signed else f"{float(x):.{digits}f}"
+
+
+def mean_std(mean, std, digits: int = 4) -> str:
+    if not finite(mean):
+        return "—"
+    return num(mean, digits) + (f" ± {num(std, digits)}" if finite(std) else "")
+
+
+def pct(x, digits: int = 1) -> str:
+    return "—" if not finite(x) else f"{float(x):.{digits}f}%"
+
+
+def p_value(p) -> str:
+    if not finite(p):
+        return "—"
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}" if p < 0.01 else f"{p:.3f}"
+
+
+def as_bool(x) -> bool:
+    if isinstance(x, str):
+        return x.strip().lower() == "true"
+    return bool(x) if finite(x) or isinstance(x, (bool, np.bool_)) else False
+
+
+def data_uri(path: str | os.PathLike) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def read_caption(captions_dir, name: str) -> str:
+    """A figure's caption: the text of its Snakemake-report caption ``<name>.rst``."""
+    if not captions_dir:
+        return ""
+    p = Path(captions_dir) / f"{name}.rst"
+    if not p.exists():
+        return ""
+    return " ".join(line.strip() for line in p.read_text().splitlines() if line.strip()).replace("``", "")
+
+
+def _csv(path) -> pd.DataFrame:
+    p = Path(path)
+    if not p.exists() or p.stat().st_size == 0:
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(p)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+# -- the tables ----------------------------------------------------------------------------------
+def divergence_notes(summary: pd.DataFrame, variant: str) -> tuple[list[tuple[int, int]], int]:
+    """[(seed, step)] of a variant's diverged runs, and its number of runs."""
+    sub = summary[summary.variant == variant] if not summary.empty else summary
+    if sub.empty:
+        return [], 0
+    out = []
+    for _, r in sub[sub.status == "diverged"].iterrows():
+        step = int(r.diverged_at) if finite(r.get("diverged_at")) else None
+        out.append((int(r.seed), step))
+    return out, len(sub)
+
+
+def diverged_text(diverged: list[tuple[int, int]], lecture_seed=None) -> str:
+    if not diverged:
+        return ""
+    steps = [s for _, s in diverged if s is not None]
+    mine = [s for seed, s in diverged if seed == lecture_seed and s is not None]
+    step = mine[0] if mine else (min(steps) if steps else None)
+    return f"diverged at step {step:,}" if step is not None else "diverged"
+
+
+def _before_cell(runs: pd.DataFrame, metric: str, lecture, digits: int = 4) -> dict:
+    """A number measured before training: over every seed, diverged or not."""
+    values = pd.to_numeric(runs[metric], errors="coerce").dropna() if metric in runs else pd.Series(dtype=float)
+    text = mean_std(values.mean() if len(values) else None, values.std(ddof=1) if len(values) > 1 else None, digits)
+    lect = runs[runs.seed == lecture][metric] if metric in runs else pd.Series(dtype=float)
+    lect = float(lect.iloc[0]) if len(lect) else None
+    return {"text": text, "sub": f"lecture seed: {num(lect, digits)}" if finite(lect) else "", "cls": ""}
+
+
+def _final_cell(v, metric: str, all_diverged: bool, dtext: str, lecture_diverged: bool, digits: int = 4) -> dict:
+    """A final loss: mean ± std over the seeds that finished, or where the variant diverged."""
+    if all_diverged:
+        return {"text": dtext, "sub": "", "cls": "diverged"}
+    text = mean_std(v.get(f"{metric}_mean"), v.get(f"{metric}_std"), digits)
+    lect = v.get(f"{metric}_lecture_seed")
+    if lecture_diverged:
+        sub = "lecture seed: " + dtext
+    else:
+        sub = f"lecture seed: {num(lect, digits)}" if finite(lect) else ""
+    return {"text": text, "sub": sub, "cls": ""}
+
+
+def comparison_rows(config: dict, variants: pd.DataFrame, summary: pd.DataFrame, refs: pd.DataFrame) -> list[dict]:
+    rows = []
+    for name in config["variants"]:
+        v = variants[variants.variant == name] if not variants.empty else variants
+        if v.empty:
+            continue
+        v = v.iloc[0]
+        seeds = summary[summary.variant == name].seed.tolist() if not summary.empty else []
+        lecture = lecture_seed_of(seeds) if seeds else None
+        diverged, n = divergence_notes(summary, name)
+        all_diverged = bool(diverged) and len(diverged) == n
+        dtext = diverged_text(diverged, lecture)
+        lecture_diverged = any(seed == lecture for seed, _ in diverged)
+
+        runs = summary[summary.variant == name]
+        state = {"all_diverged": all_diverged, "dtext": dtext, "lecture_diverged": lecture_diverged}
+
+        init_mean = pd.to_numeric(runs.init_loss, errors="coerce").mean() if "init_loss" in runs else None
+        sat_init = pd.to_numeric(runs.sat97_init, errors="coerce").mean() if "sat97_init" in runs else None
+        row = {
+            "variant": name, "description": config["variants"][name].get("description", ""),
+            "model": v.get("model", ""), "seeds": int(v.get("seeds", n) or 0),
+            "status": f"{dtext} ({len(diverged)} of {n} seeds)" if diverged else "ok",
+            "status_cls": "diverged" if diverged else "ok",
+            "init_loss": _before_cell(runs, "init_loss", lecture),
+            "init_gap": num(init_mean - EXPECTED_INIT_LOSS if finite(init_mean) else None, 3, signed=True),
+            "step0_loss": _before_cell(runs, "step0_loss", lecture),
+            "train_loss": _final_cell(v, "train_loss", **state),
+            "val_loss": _final_cell(v, "val_loss", **state),
+            "sat_init": {"text": pct(sat_init), "sub": "", "cls": ""},
+            "sat_final": ({"text": "diverged", "sub": "", "cls": "diverged"} if all_diverged else
+                          {"text": pct(v.get("sat97_final_mean")), "sub": "", "cls": ""}),
+        }
+        for quantity in ("train", "val"):
+            ref = refs[(refs.variant == name) & refs.quantity.str.startswith(f"{quantity} loss")] \
+                if not refs.empty else refs
+            if ref.empty:
+                row[f"{quantity}_ref"] = None
+                continue
+            r = ref.iloc[0]
+            calibrated = "calibrated" in str(r.quantity)
+            compared = as_bool(r.compared)
+            row[f"{quantity}_ref"] = {
+                "reference": num(r.reference, int(r.precision) if finite(r.precision) else 4),
+                "difference": num(r.difference, 4, signed=True),
+                "note": ("calibrated BatchNorm statistics; " if calibrated else "") +
+                        ("" if compared else "run shorter than the lecture's, so not comparable yet"),
+                "cls": "" if compared else "muted",
+            }
+        rows.append(row)
+    return rows
+
+
+def significance_rows(sig: pd.DataFrame) -> list[dict]:
+    rows = []
+    if sig.empty:
+        return rows
+    for _, r in sig.iterrows():
+        significant = as_bool(r.get("significant"))
+        tested = finite(r.get("p_value"))
+        rows.append({
+            "before": r.before, "after": r.after, "n": f"{int(r.n_before)} / {int(r.n_after)}",
+            "mean_before": num(r.mean_before), "mean_after": num(r.mean_after),
+            "difference": num(r.difference, 4, signed=True), "p": p_value(r.get("p_value")),
+            "verdict": ("exceeds the seed noise" if significant else "within the seed noise") if tested else
+            str(r.get("verdict", "not tested")),
+            "cls": ("real" if significant else "noise") if tested else "muted",
+        })
+    return rows
+
+
+def reference_rows(refs: pd.DataFrame) -> tuple[list[dict], dict]:
+    rows = []
+    counted = matched = chaotic_n = not_reached = 0
+    if refs.empty:
+        return rows, {"matched": 0, "counted": 0, "chaotic": 0, "not_reached": 0}
+    for _, r in refs.iterrows():
+        compared, chaotic, match = as_bool(r.compared), as_bool(r.chaotic), as_bool(r.match)
+        precision = int(r.precision) if finite(r.precision) else 4
+        if not compared:
+            state, cls = "not reached", "muted"
+            not_reached += 1
+        elif chaotic:
+            state, cls = "chaotic" + (" ✓" if match else ""), "chaotic"
+            chaotic_n += 1
+        else:
+            counted += 1
+            matched += int(match)
+            state, cls = ("✓" if match else "✗"), ("match" if match else "miss")
+        rows.append({
+            "variant": r.variant, "quantity": r.quantity, "step": f"{int(r.step):,}" if finite(r.step) else "—",
+            "ours": num(r.ours, precision + 2), "reference": num(r.reference, precision),
+            "difference": num(r.difference, precision + 2, signed=True), "state": state, "cls": cls,
+            "source": r.source,
+        })
+    return rows, {"matched": matched, "counted": counted, "chaotic": chaotic_n, "not_reached": not_reached}
+
+
+def _closest(steps, target):
+    steps = sorted(set(int(s) for s in steps))
+    return min(steps, key=lambda s: (abs(s - target), s)) if steps else None
+
+
+def _shade(value, vmax=100.0) -> str:
+    """A background for a percentage cell: white to orange as it grows."""
+    if not finite(value):
+        return ""
+    a = max(0.0, min(1.0, float(value) / vmax))
+    return f"background: rgba(230, 120, 30, {0.08 + 0.6 * a:.2f})"
+
+
+def _per_layer(act: pd.DataFrame, step, stat: str = "saturated_pct") -> list[dict]:
+    """One shaded cell per layer: the mean over seeds of ``stat`` at ``step``."""
+    if step is None:
+        return []
+    sel = act[(act.step == step) & (act.stat == stat)].groupby("layer").value.mean()
+    return [{"layer": layer, "text": f"{sel[layer]:.0f}", "style": _shade(sel[layer])}
+            for layer in sorted(sel.index, key=natural_key)]
+
+
+def final_cell(v, metric: str, diverged, all_diverged: bool) -> dict:
+    """Mean over seeds, its spread below; a variant whose every seed diverged says where."""
+    if all_diverged:
+        return {"text": diverged_text(diverged), "sub": ""}
+    std = v.get(f"{metric}_std")
+    return {"text": num(v.get(f"{metric}_mean")), "sub": f"± {num(std)}" if finite(std) else ""}
+
+
+def deep_rows(config: dict, summary: pd.DataFrame, variants: pd.DataFrame, results) -> list[dict]:
+    """Per deep variant: per-layer saturation, first vs last layer gradient, update ratios, dead units."""
+    rows = []
+    if summary.empty:
+        return rows
+    for name in config["variants"]:
+        sub = summary[summary.variant == name]
+        if sub.empty or str(sub.model.iloc[0]) != "deep":
+            continue
+        frames = []
+        for _, r in sub.iterrows():
+            p = Path(results) / "runs" / name / f"seed{int(r.seed)}" / "stats.parquet"
+            if p.exists():
+                s = pd.read_parquet(p)
+                frames.append(s.assign(seed=int(r.seed)))
+        stats = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+            columns=["step", "layer", "kind", "stat", "value", "seed"])
+        stats = stats[np.isfinite(stats.value.astype(float))]
+        act = stats[stats.kind == "activation"]
+        diverged, n = divergence_notes(summary, name)
+        last = int(act.step.max()) if len(act) else None
+        # the lecture's step 1,000, else the configured snapshot nearest to it (as in the figures)
+        early = pick_snapshot(stats[stats.kind == "preactivation"].step.unique(), last_step=last)
+        if early is None and len(act):
+            early = _closest(act.step.unique(), LECTURE_SNAPSHOT)
+
+        grads = stats[(stats.kind == "activation_grad") & (stats.stat == "std") & (stats.step == 0)]
+        g = grads.groupby("layer").value.mean()
+        order = sorted(g.index, key=natural_key)
+        first, lastg = (g[order[0]], g[order[-1]]) if order else (np.nan, np.nan)
+        ratio = first / lastg if finite(first) and finite(lastg) and lastg > 0 else np.nan
+        verdict = ("vanishing towards the input" if ratio < 0.5 else "exploding towards the input" if ratio > 2
+                   else "stable") if finite(ratio) else ""
+        weights = set(stats[stats.kind == "weight_grad"].layer)
+        upd = stats[(stats.kind == "update") & stats.layer.isin(weights)].value
+        dead = act[act.stat == "dead_units"]
+        dead_end = dead[dead.step == last].groupby("seed").value.sum().mean() if last is not None else np.nan
+        dead_init = dead[dead.step == 0].groupby("seed").value.sum().mean()
+        v = variants[variants.variant == name].iloc[0] if not variants.empty and (variants.variant == name).any() \
+            else {}
+        all_diverged = bool(diverged) and len(diverged) == n
+        rows.append({
+            "variant": name, "description": config["variants"][name].get("description", ""),
+            "early_step": f"{early:,}" if early is not None else "—", "last_step": f"{last:,}" if last else "—",
+            "sat_early": _per_layer(act, early), "sat_last": _per_layer(act, last),
+            "grad_first": f"{first:.1e}" if finite(first) else "—",
+            "grad_last": f"{lastg:.1e}" if finite(lastg) else "—",
+            "grad_ratio": f"{ratio:.2f}" if finite(ratio) else "—", "grad_verdict": verdict,
+            "update_median": num(upd.median(), 2) if len(upd) else "—",
+            "dead": f"{dead_init:.0f} → {dead_end:.0f}" if finite(dead_init) and finite(dead_end) else "—",
+            "train_loss": final_cell(v, "train_loss", diverged, all_diverged),
+            "val_loss": final_cell(v, "val_loss", diverged, all_diverged),
+            "diverged": bool(diverged),
+        })
+    return rows
+
+
+# -- the rest ------------------------------------------------------------------------------------
+def package_versions() -> list[tuple[str, str]]:
+    out = [("python", platform.python_version())]
+    for pkg in PACKAGES:
+        try:
+            out.append((pkg, importlib.metadata.version(pkg)))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    from . import __version__
+
+    out.append(("actgrad", __version__))
+    return out
+
+
+def git_commit(repo) -> str:
+    """``git rev-parse HEAD`` of the workflow's repository (marked when it has uncommitted changes)."""
+    if not repo:
+        return "unknown"
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=20)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20)
+        return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def samples_of(results, variant: str, seed) -> list[str]:
+    p = Path(results) / "runs" / variant / f"seed{seed}" / "samples.txt"
+    return [s for s in p.read_text().splitlines() if s.strip()] if p.exists() else []
+
+
+def figure(figures_dir, captions_dir, name: str, variant: str | None = None) -> dict | None:
+    path = Path(figures_dir) / (variant or "") / f"{name}.png"
+    if not path.exists():
+        return None
+    return {"name": name, "title": FIGURE_TITLES.get(name, name), "src": data_uri(path),
+            "caption": read_caption(captions_dir, name), "id": f"fig-{variant}-{name}" if variant else f"fig-{name}"}
+
+
+def runtime_of(summary: pd.DataFrame, results) -> list[str]:
+    """engine / device / threads of the runs, as read from their metrics.json."""
+    seen = []
+    if summary.empty:
+        return seen
+    for _, r in summary.iterrows():
+        p = Path(results) / "runs" / r.variant / f"seed{int(r.seed)}" / "metrics.json"
+        if not p.exists():
+            continue
+        m = json.loads(p.read_text())
+        text = f"engine {m.get('engine', '?')} on {m.get('device', '?')}, {m.get('threads', '?')} thread(s), " \
+               f"torch {m.get('torch', '?')}"
+        if text not in seen:
+            seen.append(text)
+    return seen
+
+
+def build_context(config: dict, results, figures_dir, captions_dir=None, splits_json=None, repo=None) -> dict:
+    """Everything the template shows, formatted."""
+    results = Path(results)
+    summary = _csv(results / "summary.csv")
+    variants = _csv(results / "variants.csv")
+    sig = _csv(results / "significance.csv")
+    refs = _csv(results / "reference_check.csv")
+    if not summary.empty:
+        summary["status"] = summary.status.fillna("ok")
+    ref_rows, headline = reference_rows(refs)
+    comparison = comparison_rows(config, variants, summary, refs)
+
+    per_variant = []
+    for name in config["variants"]:
+        sub = summary[summary.variant == name] if not summary.empty else summary
+        if sub.empty:
+            continue
+        seeds = sub.seed.astype(int).tolist()
+        lecture = lecture_seed_of(seeds)
+        row = next((c for c in comparison if c["variant"] == name), None)
+        per_variant.append({
+            "name": name, "description": config["variants"][name].get("description", ""),
+            "model": str(sub.model.iloc[0]), "lecture_seed": lecture, "seeds": seeds,
+            "status": row["status"] if row else "",
+            "status_cls": row["status_cls"] if row else "",
+            "facts": [("init loss", row["init_loss"]["text"] if row else "—"),
+                      ("final val loss", row["val_loss"]["text"] if row else "—"),
+                      ("saturated at init", row["sat_init"]["text"] if row else "—")],
+            "samples": samples_of(results, name, lecture),
+            "init": figure(figures_dir, captions_dir, "init", name),
+            "diagnostics": [f for f in (figure(figures_dir, captions_dir, k, name) for k in
+                                        ("activations", "activation_grads", "weight_grads", "updates")) if f],
+            "heatmap": figure(figures_dir, captions_dir, "heatmap", name),
+        })
+
+    steps = sorted({int(s) for s in summary.steps.dropna()}) if not summary.empty else []
+    seeds = sorted({int(s) for s in summary.seed}) if not summary.empty else []
+    best = None
+    if not variants.empty and variants.val_loss_mean.notna().any():
+        b = variants.loc[variants.val_loss_mean.idxmin()]
+        best = {"variant": b.variant, "value": num(b.val_loss_mean)}
+    data_sha = "unknown"
+    if splits_json and Path(splits_json).exists():
+        data_sha = json.loads(Path(splits_json).read_text()).get("data_sha256", "unknown")
+    n_diverged = int((summary.status == "diverged").sum()) if not summary.empty else 0
+    return {
+        "title": config.get("title", "makemore part 3, reproduced"),
+        "expected_init_loss": f"{EXPECTED_INIT_LOSS:.4f}",
+        "n_variants": len(per_variant), "n_runs": len(summary), "seeds": seeds,
+        "lecture_seed": lecture_seed_of(seeds) if seeds else None,
+        "steps": ", ".join(f"{s:,}" for s in steps) or "—",
+        "n_diverged": n_diverged,
+        "best": best,
+        "comparison": comparison,
+        "significance": significance_rows(sig), "alpha": ALPHA,
+        "references": ref_rows, "headline": headline, "chaotic_why": CHAOTIC_WHY,
+        "global": {k: figure(figures_dir, captions_dir, k) for k in GLOBAL_FIGURES},
+        "deep": deep_rows(config, summary, variants, results),
+        "variants": per_variant,
+        "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
+        "versions": package_versions(),
+        "data_sha256": data_sha,
+        "git_commit": git_commit(repo),
+        "runtime": runtime_of(summary, results),
+    }
+
+
+def render(template_path, context: dict) -> str:
+    import jinja2
+
+    template_path = Path(template_path)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_path.parent)),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(template_path.name).render(**context)
+
+
+def write_report(config: dict, results, figures_dir, template, out, captions_dir=None, splits_json=None,
+                 repo=None, log=print) -> Path:
+    """Render the report and write it atomically (temporary file, then rename)."""
+    context = build_context(config, results, figures_dir, captions_dir, splits_json, repo)
+    html = render(template, context)
+    out = Path(out)
+    atomic_write_bytes(out, html.encode("utf-8"))
+    log(f"report: {context['n_variants']} variant(s), {context['n_runs']} run(s), "
+        f"{context['headline']['matched']} of {context['headline']['counted']} reference numbers reproduced "
+        f"-> {out} ({len(html) / 1e6:.1f} MB)")
+    return out

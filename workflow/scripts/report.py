@@ -1,0 +1,7 @@
+from actgrad.report import write_report
+from actgrad.steps import as_step
+
+as_step(snakemake, lambda log: write_report(snakemake.config, snakemake.params.results, snakemake.params.figures,
+                                            snakemake.input.template, snakemake.output[0],
+                                            captions_dir=snakemake.params.captions, splits_json=snakemake.input.splits,
+                                            repo=snakemake.params.repo, log=log))
