@@ -7,6 +7,7 @@ functions here fill in the rest, so every stage sees the same complete settings.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from pathlib import Path
 
@@ -51,11 +52,38 @@ def load_schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
+def _is_integer(checker, instance) -> bool:
+    # JSON Schema counts 3.0 as an integer; a seed or a step count written 3.0 is a typo here.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_TYPE_CHECKER = jsonschema.Draft7Validator.TYPE_CHECKER.redefine("integer", _is_integer)
+_Validator = jsonschema.validators.extend(jsonschema.Draft7Validator, type_checker=_TYPE_CHECKER)
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+               "array": "a list", "object": "a mapping of keys"}
+
+
 def _describe(error: jsonschema.ValidationError) -> str:
     where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-    if error.validator == "additionalProperties":
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = sorted(error.schema.get("properties", {}))
-        return f"{where}: {error.message}; allowed keys: {', '.join(allowed)}"
+        unknown = sorted(k for k in error.instance if k not in allowed)
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            if close:
+                hints.append(f"did you mean {close[0]!r} for {key!r}?")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        return (f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}{hint}; "
+                f"allowed keys: {', '.join(allowed)}")
+    if error.validator == "type":
+        expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return (f"{where}: {error.instance!r} is not allowed; expected "
+                f"{' or '.join(_TYPE_NAMES.get(t, t) for t in expected)}")
+    if error.validator in ("minItems", "minProperties") and not error.instance:
+        return f"{where}: is empty; give at least {error.validator_value}"
+    if error.validator == "pattern" and error.schema.get("description"):
+        return f"{where}: {error.instance!r} is not allowed: {error.schema['description']}"
     if error.validator == "enum":
         return f"{where}: {error.instance!r} is not one of {error.validator_value}"
     if error.validator in ("oneOf", "anyOf"):
@@ -73,8 +101,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
 def validate(config: dict, schema: dict | None = None) -> None:
     """Raise :class:`ConfigError` listing every problem, each naming its key."""
     schema = schema or load_schema()
-    validator = jsonschema.Draft7Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    validator = _Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in errors))
     for name, variant in config["variants"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -26,6 +27,16 @@ class DataError(Exception):
     """A problem with the names data, with a message meant for the user as it is."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; a finished file gets the usual mode.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -38,6 +49,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,7 +62,14 @@ def fetch(source: str, retries: int = 3, backoff: float = 1.0, timeout: float = 
     Transient network failures (no connection, time-outs, 5xx and 429) are retried
     ``retries`` times; everything else fails at once with a :class:`DataError`.
     """
-    parsed = urllib.parse.urlparse(source)
+    try:
+        parsed = urllib.parse.urlparse(source)
+        if parsed.scheme in ("http", "https"):
+            if not parsed.hostname:
+                raise ValueError("no host given")
+            parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as e:
+        raise DataError(f"{source}: not a valid URL ({e})") from None
     if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
         path = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else source)
         try:
@@ -65,6 +84,7 @@ def fetch(source: str, retries: int = 3, backoff: float = 1.0, timeout: float = 
         raise DataError(f"{source}: unsupported URL scheme {parsed.scheme!r} (use http, https, file or a path)")
 
     last_problem = ""
+    attempt = 0
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
@@ -72,7 +92,7 @@ def fetch(source: str, retries: int = 3, backoff: float = 1.0, timeout: float = 
             with urllib.request.urlopen(source, timeout=timeout) as response:
                 data = response.read()
                 expected = response.headers.get("Content-Length")
-                if expected is not None and len(data) != int(expected):
+                if expected is not None and expected.isdigit() and len(data) != int(expected):
                     last_problem = f"truncated download ({len(data)} of {expected} bytes)"
                     continue
                 return data
@@ -80,11 +100,35 @@ def fetch(source: str, retries: int = 3, backoff: float = 1.0, timeout: float = 
             last_problem = f"HTTP {e.code} {e.reason}"
             if e.code not in RETRYABLE_HTTP:
                 break
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-            reason = getattr(e, "reason", e)
+        except http.client.IncompleteRead as e:
+            # The server closed the connection before sending every byte it announced.
+            got = len(e.partial)
+            last_problem = (f"truncated download ({got} of {got + e.expected} bytes)" if e.expected is not None
+                            else f"truncated download ({got} bytes, then the connection closed)")
+        except (ValueError, http.client.InvalidURL) as e:  # a malformed URL: no point in trying again
+            raise DataError(f"{source}: not a valid URL ({e})") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", None) or e
             last_problem = f"unreachable (offline or host down: {reason})"
     tries = attempt + 1
     raise DataError(f"{source}: {last_problem}" + (f" after {tries} tries" if tries > 1 else ""))
+
+
+def _line_problem(line: str) -> str:
+    """What is wrong with one line of the names file, in a few words."""
+    if line == "":
+        return "a blank line"
+    if line.strip() == "":
+        return "a line of only whitespace"
+    if line.endswith("\r"):
+        return "a Windows line ending (\\r\\n)"
+    if any(c.isupper() for c in line):
+        return "an upper-case letter"
+    if any(c.isdigit() for c in line):
+        return "a digit"
+    if any(c.isspace() for c in line):
+        return "a space or tab"
+    return "a character other than a-z"
 
 
 def validate_names(data: bytes, source: str = "names file") -> list[str]:
@@ -108,21 +152,26 @@ def validate_names(data: bytes, source: str = "names file") -> list[str]:
         shown = ", ".join(str(i) for i in bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
         example = lines[bad[0] - 1]
         raise DataError(
-            f"{source}: {len(bad)} line(s) are not a lower-case a-z name, first at line {shown}: {example!r}"
+            f"{source}: {len(bad)} line(s) are not a lower-case a-z name, at line {shown}; "
+            f"line {bad[0]} is {example!r}: {_line_problem(example)}"
         )
     return lines
 
 
-def download_names(source: str, expected_sha256: str | None, dest: str | os.PathLike) -> dict:
-    """Fetch, verify and validate the names, then write them to ``dest`` atomically.
+def download_names(source: str, expected_sha256: str | None, dest: str | os.PathLike, *, retries: int = 3,
+                   backoff: float = 1.0, timeout: float = 30.0) -> dict:
+    """Fetch, validate and verify the names, then write them to ``dest`` atomically.
 
-    Nothing is written unless every check passes.
+    Nothing is written unless every check passes. The content is checked before the
+    checksum, so an empty file, an HTML error page or a hand-edited list is reported as
+    what it is rather than only as a checksum mismatch.
     """
-    data = fetch(source)
+    data = fetch(source, retries=retries, backoff=backoff, timeout=timeout)
+    words = validate_names(data, source)
     actual = sha256_of(data)
     if expected_sha256 and actual != expected_sha256.lower():
-        raise DataError(f"{source}: checksum mismatch: expected sha256 {expected_sha256}, got {actual}")
-    words = validate_names(data, source)
+        raise DataError(f"{source}: checksum mismatch: expected sha256 {expected_sha256}, got {actual} "
+                        f"({len(data)} bytes, {len(words)} names)")
     atomic_write_bytes(dest, data)
     return {"source": source, "sha256": actual, "bytes": len(data), "names": len(words)}
 
@@ -162,6 +211,8 @@ def make_splits(words: list[str], block_size: int = BLOCK_SIZE, seed: int = SPLI
     stoi, itos = vocabulary(words)
     if len(stoi) != 27:
         raise DataError(f"the names use {len(stoi) - 1} distinct letters; the models expect all 26 of a-z")
+    if len(words) < 10:
+        raise DataError(f"only {len(words)} names; the 80/10/10 split needs at least 10")
     rng_state = random.getstate()
     try:
         random.seed(seed)
@@ -180,7 +231,10 @@ def save_splits(names_path: str | os.PathLike, out_tensors: str | os.PathLike, o
     names_path = Path(names_path)
     data = names_path.read_bytes()
     words = validate_names(data, str(names_path))
-    built = make_splits(words, block_size, seed)
+    try:
+        built = make_splits(words, block_size, seed)
+    except DataError as e:
+        raise DataError(f"{names_path}: {e}") from None
     payload = {f"X{name}": xy[0] for name, xy in built["splits"].items()}
     payload.update({f"Y{name}": xy[1] for name, xy in built["splits"].items()})
     payload["itos"] = built["itos"]
