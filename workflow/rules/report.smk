@@ -22,21 +22,22 @@ VARIANT_FIGURE_FILES = ["metrics.json", "stats.parquet", "histograms.parquet", "
 report: "../report/workflow.rst"
 
 
-def _figure(name, category, subcategory=None):
-    path = f"results/figures/{{variant}}/{name}.png" if subcategory else f"results/figures/{name}.png"
-    return report(path, caption=f"../report/{name}.rst", category=category, subcategory=subcategory,
-                  labels={"figure": name.replace("_", " "), **({"variant": "{variant}"} if subcategory else {})})
-
-
 rule figures_variant:
     input:
         lambda wc: run_outputs(wc.variant, VARIANT_FIGURE_FILES),
     output:
-        **{name: _figure(name, "2. Per variant", "{variant}") for name in VARIANT_FIGURES},
+        **{
+            name: report(f"results/figures/{{variant}}/{name}.png", caption=f"../report/{name}.rst",
+                         category="2. Per variant", subcategory="{variant}",
+                         labels={"figure": name.replace("_", " "), "variant": "{variant}"})
+            for name in VARIANT_FIGURES
+        },
     wildcard_constraints:
         variant="|".join(re.escape(v) for v in VARIANTS),
     log:
         "logs/figures/{variant}.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/figures.py"
 
@@ -47,11 +48,17 @@ rule figures_global:
         summary="results/summary.csv",
         references="results/reference_check.csv",
     output:
-        **{name: _figure(name, "1. Across variants") for name in GLOBAL_FIGURES},
+        **{
+            name: report(f"results/figures/{name}.png", caption=f"../report/{name}.rst",
+                         category="1. Across variants", labels={"figure": name.replace("_", " ")})
+            for name in GLOBAL_FIGURES
+        },
     params:
         order=VARIANTS,
     log:
         "logs/figures/global.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/figures.py"
 
@@ -71,11 +78,14 @@ rule report:
     output:
         "report/report.html",
     params:
-        results="results",
-        figures="results/figures",
-        captions=str(CAPTIONS),
-        repo=str(REPO_DIR),
+        # derived from the inputs, so that they follow wherever the files are
+        results=lambda wildcards, input: str(Path(input.summary).parent),
+        figures=lambda wildcards, input: str(Path(input.figures[0]).parent),
+        captions=lambda wildcards, input: str(Path(input.captions[0]).parent),
+        repo=lambda wildcards, input: str(Path(input.template).parents[1]),  # the repository, for its commit
     log:
         "logs/report.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/report.py"
