@@ -7,6 +7,10 @@ rule download:
     params:
         url=config["names_url"],
         sha256=config["names_sha256"],
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
     log:
         "logs/download.log",
     script:
@@ -22,6 +26,10 @@ rule splits:
     params:
         block_size=config["block_size"],
         seed=config["split_seed"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     log:
         "logs/splits.log",
     script:

@@ -34,6 +34,10 @@ rule figures_variant:
         },
     wildcard_constraints:
         variant="|".join(re.escape(v) for v in VARIANTS),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
     log:
         "logs/figures/{variant}.log",
     conda:
@@ -55,6 +59,10 @@ rule figures_global:
         },
     params:
         order=VARIANTS,
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
     log:
         "logs/figures/global.log",
     conda:
@@ -83,6 +91,10 @@ rule report:
         figures=lambda wildcards, input: str(Path(input.figures[0]).parent),
         captions=lambda wildcards, input: str(Path(input.captions[0]).parent),
         repo=lambda wildcards, input: str(Path(input.template).parents[1]),  # the repository, for its commit
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     log:
         "logs/report.log",
     conda:

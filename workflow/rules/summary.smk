@@ -12,6 +12,10 @@ rule summary:
         references="results/reference_check.csv",
     params:
         results="results",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     log:
         "logs/summary.log",
     script:
