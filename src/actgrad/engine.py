@@ -192,14 +192,6 @@ def _numel(shape) -> int:
     return n
 
 
-def _tanh(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    if _np is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-        _np.tanh(x.numpy(), out=out.numpy())
-    else:
-        torch.tanh(x, out=out)
-    return out
-
-
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
@@ -228,20 +220,25 @@ class _Batch:
                 self.params.views[j].copy_(torch.stack(
                     [s.to_internal(dict(net.named_parameters())[s.name].detach()).to(device) for net in nets]))
         self.grads = _Buffers([s.shape for s in self.slots], M, device)
-        # Running statistics: block 2k is the k-th BatchNorm's running mean, 2k + 1 its running std/var.
+        # BatchNorm statistics, running and of the batch, for K layers: block k is the k-th
+        # layer's mean, block K + k its std or variance. Means first, then spreads, so that
+        # each half is finished and each running update is done by one op for all layers.
         self.bn_layers = [L for L in arch if L.kind == "batchnorm"]
-        bn_shapes = [s for L in self.bn_layers for s in ((L.fan_out, 1), (L.fan_out, 1))]
+        K = self.n_bn = len(self.bn_layers)
+        bn_shapes = [(L.fan_out, 1) for L in self.bn_layers] * 2
         self.running = _Buffers(bn_shapes, M, device)
         with torch.no_grad():
             for k, L in enumerate(self.bn_layers):
                 mods = [net.layers[L.name] for net in nets]
-                self.running.views[2 * k].copy_(torch.stack(
+                self.running.views[k].copy_(torch.stack(
                     [m.running_mean.detach().reshape(L.fan_out, 1).to(device) for m in mods]))
-                self.running.views[2 * k + 1].copy_(torch.stack(
+                self.running.views[K + k].copy_(torch.stack(
                     [m.running_spread.detach().reshape(L.fan_out, 1).to(device) for m in mods]))
         self.batch_stats = _Buffers(bn_shapes, M, device)
         momenta = {L.momentum for L in self.bn_layers}
         self.momentum = momenta.pop() if len(momenta) == 1 else None  # None: one per layer
+        flavours = {L.flavour for L in self.bn_layers}
+        self.flavour = flavours.pop() if len(flavours) == 1 else None  # None: one per layer
         self._bind()
 
     def _bind(self):
@@ -275,14 +272,15 @@ class _Batch:
                 width = L.fan_out
             elif L.kind == "batchnorm":
                 gm, bt = slot_of[f"layers.{L.name}.gamma"], slot_of[f"layers.{L.name}.beta"]
-                stats = (self.batch_stats.views[2 * bn_k], self.batch_stats.views[2 * bn_k + 1])
+                stats = (self.batch_stats.views[bn_k], self.batch_stats.views[self.n_bn + bn_k])
                 bn_k += 1
                 self.plan.append((L, P[gm], G[gm], P[bt], G[bt], torch.empty(M, width, B, device=dev),
                                   torch.empty(M, width, B, device=dev), stats, torch.empty(M, width, B, device=dev),
-                                  (torch.empty(M, width, 1, device=dev), torch.empty(M, width, 1, device=dev))))
+                                  tuple(torch.empty(M, width, 1, device=dev) for _ in range(3))))
             else:
                 self.plan.append((L, torch.empty(M, width, B, device=dev), torch.empty(M, width, B, device=dev)))
         self._view_cache = {}
+        self._numpy_tanh = _np is not None and torch.device(dev).type == "cpu"
         self._consts = {}
         self._running_tmp = torch.empty_like(self.running.flat)
         V = self.arch[-1].fan_out
@@ -333,7 +331,7 @@ class _Batch:
             else:
                 _, out, _ = entry
                 if L.flavour == "tanh":
-                    _tanh(x, out)
+                    self._tanh(x, out)
                 else:
                     torch.clamp_min(x, 0, out=out)  # relu
                 if stats is not None:
@@ -344,6 +342,7 @@ class _Batch:
                         rec.activation(step, L.name, post[i])
             x = out
         if self.bn_layers:
+            self._finish_batch_stats()
             self._update_running()
         logp = torch._log_softmax(x, 1, False, out=self.logp)  # (M, V, B)
         torch.sum(torch.gather(logp, 1, Y, out=self.picked), dim=(1, 2), out=loss_out)
@@ -396,32 +395,54 @@ class _Batch:
             self.params.flat.add_(self.grads.flat, alpha=-lr)
 
     def _bn_forward(self, entry, x):
-        L, gamma, _, beta, _, out, xhat, (mean, spread), tmp, small = entry
+        """gamma * (x - mean) / spread' + beta, with spread' = std (no eps) or sqrt(var + eps).
+
+        The batch's sum and sum-of-squares norm go to the batch-statistics buffer, which
+        :meth:`_finish_batch_stats` turns into mean and std/var for all layers at once.
+        Kept for the backward pass: the centred input and 1 / spread'.
+        """
+        L, gamma, _, beta, _, out, xc, (total, norm), _, (inv, scale, k) = entry
         B = self.B
-        torch.sum(x, dim=2, keepdim=True, out=mean).mul_(self._const(1.0 / B))
-        torch.sub(x, mean, out=xhat)  # centred; normalised in place below
+        torch.sum(x, dim=2, keepdim=True, out=total)
+        torch.sub(x, total, alpha=1.0 / B, out=xc)
         # torch.var is slow along a short contiguous dimension on CPU: the norm is one pass
-        norm = torch.linalg.vector_norm(xhat, dim=2, keepdim=True, out=small[0])
-        if L.flavour == "std":
-            denom = torch.mul(norm, self._const((B - 1) ** -0.5), out=spread)
-        else:
-            torch.mul(norm, norm, out=spread).mul_(self._const(1.0 / (B - 1)))
-            denom = torch.add(spread, self._const(L.eps), out=small[1]).sqrt_()
-        xhat.div_(denom)
-        torch.mul(xhat, gamma, out=out).add_(beta)
+        torch.linalg.vector_norm(xc, dim=2, keepdim=True, out=norm)
+        if L.flavour == "std":  # 1 / std = sqrt(B - 1) / norm
+            torch.reciprocal(norm, out=inv).mul_(self._const((B - 1) ** 0.5))
+        else:  # 1 / sqrt(norm^2 / (B - 1) + eps)
+            torch.addcmul(self._const(L.eps), norm, norm, value=1.0 / (B - 1), out=inv).rsqrt_()
+        # gamma * xhat + beta with xhat = xc / spread', as xc * (gamma / spread') + beta: one pass less
+        torch.mul(gamma, inv, out=scale)
+        torch.mul(xc, scale, out=out).add_(beta)
         return out
 
     def _bn_backward(self, entry, d):
-        L, gamma, ggamma, _, gbeta, _, xhat, (_, spread), dx, small = entry
+        """dx = gamma/spread' * (d - mean(d) - xhat * sum(d * xhat) / (B - 1)), xhat = xc / spread'."""
+        L, gamma, ggamma, _, gbeta, _, xc, _, dx, (inv, scale, k) = entry
         B = self.B
-        denom = spread if L.flavour == "std" else small[1]
         torch.sum(d, dim=2, keepdim=True, out=gbeta)
-        torch.sum(torch.mul(d, xhat, out=dx), dim=2, keepdim=True, out=ggamma)
-        # dx = gamma/denom * (d - mean(d) - xhat * sum(d*xhat)/(B-1))
+        torch.sum(torch.mul(d, xc, out=dx), dim=2, keepdim=True, out=ggamma).mul_(inv)  # sum(d * xhat)
+        torch.mul(ggamma, inv, out=k)
         torch.sub(d, gbeta, alpha=1.0 / B, out=dx)
-        dx.addcmul_(xhat, ggamma, value=-1.0 / (B - 1))
-        dx.mul_(torch.div(gamma, denom, out=small[0]))
+        dx.addcmul_(xc, k, value=-1.0 / (B - 1))
+        dx.mul_(scale)
         return dx
+
+    def _finish_batch_stats(self):
+        """Sums and norms -> batch means and std (or variance), every BatchNorm layer at once."""
+        B, K = self.B, self.n_bn
+        stats = self.batch_stats.views
+        if self.flavour is not None:
+            half = self.batch_stats.flat.shape[0] // 2
+            groups = [(self.batch_stats.flat[:half], self.batch_stats.flat[half:], self.flavour)]
+        else:
+            groups = [(stats[k], stats[K + k], L.flavour) for k, L in enumerate(self.bn_layers)]
+        for means, spreads, flavour in groups:
+            means.mul_(self._const(1.0 / B))
+            if flavour == "std":
+                spreads.mul_(self._const((B - 1) ** -0.5))
+            else:
+                spreads.mul_(spreads).mul_(self._const(1.0 / (B - 1)))
 
     def _update_running(self):
         # Written as the model writes it, (1 - m) * running + m * batch: in float32 the two
@@ -432,7 +453,7 @@ class _Batch:
             self.running.flat.mul_(keep).add_(torch.mul(self.batch_stats.flat, take, out=self._running_tmp))
         else:
             for l, L in enumerate(self.bn_layers):
-                for k in (2 * l, 2 * l + 1):
+                for k in (l, self.n_bn + l):
                     self.running.views[k].mul_(self._const(1 - L.momentum)).add_(
                         self.batch_stats.views[k] * self._const(L.momentum))
 
@@ -441,6 +462,19 @@ class _Batch:
         if c is None:
             c = self._consts[value] = torch.tensor(value, dtype=torch.float32, device=self.device)
         return c
+
+    def _tanh(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self._numpy_tanh:
+            _np.tanh(self._numpy(x), out=self._numpy(out))
+        else:
+            torch.tanh(x, out=out)
+
+    def _numpy(self, t: torch.Tensor):
+        key = ("numpy", t.data_ptr(), t.shape, t.stride())
+        a = self._view_cache.get(key)
+        if a is None:
+            a = self._view_cache[key] = t.numpy()
+        return a
 
     # -- statistics: each model's slices, in the Network's layouts ----------------
     def _per_model(self, t: torch.Tensor) -> list[torch.Tensor]:
@@ -457,8 +491,9 @@ class _Batch:
         if views is None:
             params = [(self.slots[j].name, self.slots[j].to_net(self.params.views[j][i]),
                        self.slots[j].to_net(self.grads.views[j][i])) for j in self.named_order]
-            bns = [(L.name, self.batch_stats.views[2 * k][i].view(-1), self.batch_stats.views[2 * k + 1][i].view(-1),
-                    self.running.views[2 * k][i].view(-1), self.running.views[2 * k + 1][i].view(-1))
+            K = self.n_bn
+            bns = [(L.name, self.batch_stats.views[k][i].view(-1), self.batch_stats.views[K + k][i].view(-1),
+                    self.running.views[k][i].view(-1), self.running.views[K + k][i].view(-1))
                    for k, L in enumerate(self.bn_layers)]
             views = self._view_cache[i] = (params, bns)
         return views
@@ -479,14 +514,15 @@ class _Batch:
         params = dict(net.named_parameters())
         for j, s in enumerate(self.slots):
             params[s.name].copy_(s.to_net(self.params.views[j][i]))
-        for l, L in enumerate(self.bn_layers):
+        K = self.n_bn
+        for k, L in enumerate(self.bn_layers):
             bn = net.layers[L.name]
-            bn.running_mean = self.running.views[2 * l][i].reshape(bn.running_mean.shape).clone().to(
+            bn.running_mean = self.running.views[k][i].reshape(bn.running_mean.shape).clone().to(
                 bn.running_mean.device)
-            bn.running_spread = self.running.views[2 * l + 1][i].reshape(bn.running_spread.shape).clone().to(
+            bn.running_spread = self.running.views[K + k][i].reshape(bn.running_spread.shape).clone().to(
                 bn.running_spread.device)
-            bn.last_batch_mean = self.batch_stats.views[2 * l][i].reshape(1, -1).clone()
-            bn.last_batch_spread = self.batch_stats.views[2 * l + 1][i].reshape(1, -1).clone()
+            bn.last_batch_mean = self.batch_stats.views[k][i].reshape(1, -1).clone()
+            bn.last_batch_spread = self.batch_stats.views[K + k][i].reshape(1, -1).clone()
 
 
 # -- the driver ---------------------------------------------------------------------------
