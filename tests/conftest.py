@@ -63,9 +63,9 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, cor
                   timeout: float = 900, **popen) -> subprocess.CompletedProcess:
     """Run the real workflow of this repo with ``workdir`` as its working directory."""
     cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores)]
-    if configfile is not None:
-        cmd += ["--configfile", str(configfile)]
     cmd += list(args)
+    if configfile is not None:
+        cmd.append(f"--configfile={configfile}")  # `--configfile PATH target` would read target as a file
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir, **popen)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

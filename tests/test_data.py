@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import NAMES_SHA256
 
 from actgrad import data
-from conftest import NAMES_SHA256
 
 
 def test_download_from_plain_path_and_file_url(names_path, tmp_path):

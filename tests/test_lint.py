@@ -20,11 +20,6 @@ def ruff(*paths: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "every rule lacks a conda environment (lint: 'Specify a conda environment or container for each rule.'): "
-    "add `conda: \"../../environment.yml\"` to each rule in workflow/rules/*.smk; and train_* and summary pass a "
-    "hard-coded params results=\"results\" (lint: 'Param results is a prefix of input or output file but "
-    "hardcoded'): derive it from the output, e.g. results=lambda w, output: str(Path(output[0]).parents[3])"))
 def test_snakemake_lint_finds_nothing(names_path, tmp_path):
     configfile = write_config(tmp_path, tiny_config(names_path))
     proc = run_snakemake(tmp_path, "--lint", configfile=configfile, check=False)

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import LECTURE_SEED, REPO
 
 from actgrad import config as cfg
 from actgrad import lecture, train
 from actgrad.model import BatchNorm1d
-from conftest import LECTURE_SEED, REPO
 
 DEFAULT = cfg.load(REPO / "config" / "config.yaml")
 EXPECTED = -math.log(1 / 27)

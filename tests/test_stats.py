@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import LECTURE_SEED, REPO
 
 from actgrad import config as cfg
 from actgrad import lecture, train
 from actgrad.stats import NetworkHooks, StatsPlan, StatsRecorder
-from conftest import LECTURE_SEED, REPO
 
 DEFAULT = cfg.load(REPO / "config" / "config.yaml")
 

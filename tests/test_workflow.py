@@ -6,7 +6,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import LECTURE_SEED, REPO, run_snakemake, tiny_config, write_config
 
 

@@ -135,6 +135,12 @@ class StatsRecorder:
 
     def _histogram(self, step, layer, kind, t, value_range):
         t = t.float().flatten()
+        # A diverging run has NaN or inf in it: count what is finite, and nothing if that is all.
+        t = t[torch.isfinite(t)]
+        if t.numel() == 0:
+            lo, hi = value_range or (-1.0, 1.0)
+            self._hists.append((step, layer, kind, torch.zeros(self.plan.bins), lo, hi))
+            return
         if value_range is None:
             lo, hi = t.min().item(), t.max().item()
             if not (lo < hi):

@@ -13,6 +13,8 @@ rule download:
         runtime=10,
     log:
         "logs/download.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/download.py"
 
@@ -32,5 +34,7 @@ rule splits:
         runtime=10,
     log:
         "logs/splits.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/splits.py"

@@ -1,4 +1,5 @@
 # Stage 5: the runs' metrics as tables - per run, per variant over seeds, significance, references.
+from pathlib import Path
 
 
 rule summary:
@@ -11,12 +12,14 @@ rule summary:
         significance="results/significance.csv",
         references="results/reference_check.csv",
     params:
-        results="results",
+        results=lambda wildcards, input: str(Path(input.metrics[0]).parents[3]),
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     log:
         "logs/summary.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/summary.py"

@@ -1,5 +1,6 @@
 # Stage 3-4: one job per variant; its seeds (and sensitivity twins) train side by side as one
 # batched model. A variant may have its own seeds, so each variant gets its own rule.
+from pathlib import Path
 
 for _variant in VARIANTS:
 
@@ -14,7 +15,10 @@ for _variant in VARIANTS:
             variant=_variant,
             # The variant's complete settings: change one and only that variant trains again.
             spec=variant_spec(config, _variant),
-            results="results",
+            # ... and so do the study-wide settings that shape a run's outputs.
+            settings={key: config[key] for key in ("engine", "device", "samples", "stats", "block_size",
+                                                   "split_seed")},
+            results=lambda wildcards, output: str(Path(output[0]).parents[3]),
         threads: config["threads"]
         resources:
             # A cluster job that ran out of memory or time asks for twice as much when retried.
@@ -25,5 +29,7 @@ for _variant in VARIANTS:
             f"logs/train/{_variant}.log",
         benchmark:
             f"benchmarks/train/{_variant}.tsv"
+        conda:
+            "../../environment.yml"
         script:
             "../scripts/train.py"

@@ -1,5 +1,7 @@
 from actgrad.runs import train_variant
 from actgrad.steps import as_step
 
-as_step(snakemake, lambda log: train_variant(snakemake.config, snakemake.params.variant, snakemake.input.splits,
+# Torch gets the threads Snakemake granted (fewer than asked when --cores is smaller).
+config = dict(snakemake.config, threads=snakemake.threads)
+as_step(snakemake, lambda log: train_variant(config, snakemake.params.variant, snakemake.input.splits,
                                              snakemake.params.results, log=log))
