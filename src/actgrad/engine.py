@@ -260,7 +260,10 @@ class _Batch:
             self.demb_padded = torch.empty(M, B, n_pad, device=dev)
         else:
             self.emb_padded, self.demb_padded = self.emb.view(M, B, n_in), self.demb
-        # One tuple per layer after the embedding: its tensors and its workspace.
+        # One tuple per layer after the embedding. Forward: each Linear and BatchNorm writes a
+        # buffer of its own, which the next layers transform in place (BatchNorm centres its
+        # input, tanh overwrites its input), so each layer keeps exactly what its backward pass
+        # needs. Backward: gradients flow through two shared ping-pong buffers.
         self.plan = []
         width, bn_k = emb.fan_out * self.T, 0
         for L in self.arch[1:]:
@@ -268,17 +271,18 @@ class _Batch:
                 w = slot_of[f"layers.{L.name}.weight"]
                 b = slot_of.get(f"layers.{L.name}.bias")
                 self.plan.append((L, P[w], G[w], None if b is None else P[b], None if b is None else G[b],
-                                  torch.empty(M, L.fan_out, B, device=dev), torch.empty(M, L.fan_in, B, device=dev)))
+                                  torch.empty(M, L.fan_out, B, device=dev)))
                 width = L.fan_out
             elif L.kind == "batchnorm":
                 gm, bt = slot_of[f"layers.{L.name}.gamma"], slot_of[f"layers.{L.name}.beta"]
                 stats = (self.batch_stats.views[bn_k], self.batch_stats.views[self.n_bn + bn_k])
                 bn_k += 1
-                self.plan.append((L, P[gm], G[gm], P[bt], G[bt], torch.empty(M, width, B, device=dev),
-                                  torch.empty(M, width, B, device=dev), stats, torch.empty(M, width, B, device=dev),
+                self.plan.append((L, P[gm], G[gm], P[bt], G[bt], torch.empty(M, width, B, device=dev), stats,
                                   tuple(torch.empty(M, width, 1, device=dev) for _ in range(3))))
             else:
-                self.plan.append((L, torch.empty(M, width, B, device=dev), torch.empty(M, width, B, device=dev)))
+                self.plan.append((L,))
+        widest = max(max(L.fan_in, L.fan_out) for L in self.arch[1:] if L.kind == "linear")
+        self._pingpong = [torch.empty(M * widest * B, device=dev) for _ in range(2)]
         self._view_cache = {}
         self._numpy_tanh = _np is not None and torch.device(dev).type == "cpu"
         self._consts = {}
@@ -321,24 +325,27 @@ class _Batch:
             L = entry[0]
             inputs.append(x)
             if L.kind == "linear":
-                _, WT, _, bias, _, out, _ = entry
+                _, WT, _, bias, _, out = entry
                 if bias is None:
                     torch.bmm(WT, x, out=out)
                 else:
                     torch.baddbmm(bias, WT, x, out=out)
             elif L.kind == "batchnorm":
                 out = self._bn_forward(entry, x)
-            else:
-                _, out, _ = entry
+            else:  # in place: the pre-activation is not needed again (after the statistics)
+                out = x
+                if stats is not None:
+                    step, wanting = stats
+                    pre = self._per_model(x)
+                    for i, rec in wanting:
+                        rec.preactivation(step, L.name, pre[i])
                 if L.flavour == "tanh":
                     self._tanh(x, out)
                 else:
                     torch.clamp_min(x, 0, out=out)  # relu
                 if stats is not None:
-                    step, wanting = stats
-                    pre, post = self._per_model(x), self._per_model(out)
+                    post = self._per_model(out)
                     for i, rec in wanting:
-                        rec.preactivation(step, L.name, pre[i])
                         rec.activation(step, L.name, post[i])
             x = out
         if self.bn_layers:
@@ -351,12 +358,13 @@ class _Batch:
         g.zero_()
         g.scatter_(1, Y, -1.0 / B)  # d(mean NLL)/d logp
         d = torch._log_softmax_backward_data(g, logp, 1, logp.dtype, out=self.dlogits)
+        flip = 0
         for l in range(len(self.plan) - 1, -1, -1):
             entry = self.plan[l]
             L = entry[0]
             x = inputs[l]
             if L.kind == "linear":
-                _, WT, gWT, _, gb, _, dx = entry
+                _, WT, gWT, _, gb, _ = entry
                 if gb is not None:
                     torch.sum(d, dim=2, keepdim=True, out=gb)
                 if l == 0:  # into the embedding: batch-major rows (B*T, E)
@@ -367,26 +375,29 @@ class _Batch:
                     self.gC_flat.index_put_((idx,), self.demb.view(M * B * self.T, -1), accumulate=True)
                     d_next = None
                 else:
-                    d_next = torch.bmm(WT.transpose(1, 2), d, out=dx)
+                    d_next = torch.bmm(WT.transpose(1, 2), d, out=self._buffer(flip, x.shape))
+                    flip ^= 1
                 if fused:
                     WT.baddbmm_(d, x.transpose(1, 2), alpha=-lr)
                 else:
                     torch.bmm(d, x.transpose(1, 2), out=gWT)
                 d = d_next
             elif L.kind == "batchnorm":
-                d = self._bn_backward(entry, d)
+                d = self._bn_backward(entry, d, x, self._buffer(flip, x.shape))
+                flip ^= 1
             else:
-                _, out, dx = entry
                 if stats is not None:
                     step, wanting = stats
                     grads = self._per_model(d)
                     for i, rec in wanting:
                         if rec.plan.series(step):
                             rec.activation_grad(step, L.name, grads[i])
+                out = self._buffer(flip, x.shape)
+                flip ^= 1
                 if L.flavour == "tanh":
-                    d = _tanh_backward(d, out, grad_input=dx)
+                    d = _tanh_backward(d, x, grad_input=out)
                 else:
-                    d = _threshold_backward(d, out, 0, grad_input=dx)
+                    d = _threshold_backward(d, x, 0, grad_input=out)
         # update ---------------------------------------------------------------
         if fused:
             self.params.flat[:self.n_small].add_(self.grads.flat[:self.n_small], alpha=-lr)
@@ -401,10 +412,10 @@ class _Batch:
         :meth:`_finish_batch_stats` turns into mean and std/var for all layers at once.
         Kept for the backward pass: the centred input and 1 / spread'.
         """
-        L, gamma, _, beta, _, out, xc, (total, norm), _, (inv, scale, k) = entry
+        L, gamma, _, beta, _, out, (total, norm), (inv, scale, k) = entry
         B = self.B
         torch.sum(x, dim=2, keepdim=True, out=total)
-        torch.sub(x, total, alpha=1.0 / B, out=xc)
+        xc = torch.sub(x, total, alpha=1.0 / B, out=x)  # centred in place
         # torch.var is slow along a short contiguous dimension on CPU: the norm is one pass
         torch.linalg.vector_norm(xc, dim=2, keepdim=True, out=norm)
         if L.flavour == "std":  # 1 / std = sqrt(B - 1) / norm
@@ -416,9 +427,9 @@ class _Batch:
         torch.mul(xc, scale, out=out).add_(beta)
         return out
 
-    def _bn_backward(self, entry, d):
+    def _bn_backward(self, entry, d, xc, dx):
         """dx = gamma/spread' * (d - mean(d) - xhat * sum(d * xhat) / (B - 1)), xhat = xc / spread'."""
-        L, gamma, ggamma, _, gbeta, _, xc, _, dx, (inv, scale, k) = entry
+        L, gamma, ggamma, _, gbeta, _, _, (inv, scale, k) = entry
         B = self.B
         torch.sum(d, dim=2, keepdim=True, out=gbeta)
         torch.sum(torch.mul(d, xc, out=dx), dim=2, keepdim=True, out=ggamma).mul_(inv)  # sum(d * xhat)
@@ -462,6 +473,14 @@ class _Batch:
         if c is None:
             c = self._consts[value] = torch.tensor(value, dtype=torch.float32, device=self.device)
         return c
+
+    def _buffer(self, which: int, shape) -> torch.Tensor:
+        """One of the two backward ping-pong buffers, as a contiguous tensor of ``shape`` (cached)."""
+        key = ("pingpong", which, shape)
+        t = self._view_cache.get(key)
+        if t is None:
+            t = self._view_cache[key] = self._pingpong[which][:_numel(shape)].view(shape)
+        return t
 
     def _tanh(self, x: torch.Tensor, out: torch.Tensor) -> None:
         if self._numpy_tanh:
