@@ -105,15 +105,19 @@ def time_lecture(kind: str, args: dict, Xtr, Ytr, steps: int, clock=time.perf_co
     return steps / (clock() - t0)
 
 
-def time_engine(spec: dict, models: int, Xtr, Ytr, steps: int, device: torch.device, stats: bool,
+def time_engine(spec: dict, models: int, Xtr, Ytr, steps: int, device: torch.device, stats,
                 block_size: int, clock=time.perf_counter) -> float:
-    """Model-steps per second of the batched engine on ``models`` models (different seeds)."""
+    """Model-steps per second of the batched engine on ``models`` models (different seeds).
+
+    ``stats``: False, True (the default StatsPlan) or a StatsPlan.
+    """
     nets, gens = [], []
     for seed in range(models):
         g = torch.Generator().manual_seed(1000 + seed)
         nets.append(build_network(spec, g, block_size))
         gens.append(g)
-    recorders = [StatsRecorder(StatsPlan()) for _ in range(models)] if stats else None
+    plan = stats if isinstance(stats, StatsPlan) else StatsPlan()
+    recorders = [StatsRecorder(plan) for _ in range(models)] if stats else None
     _sync(device)
     t0 = clock()
     train_batched(nets, gens, Xtr, Ytr, steps=steps, batch_size=BATCH_SIZE, lr_schedule=SCHEDULE,
@@ -122,13 +126,41 @@ def time_engine(spec: dict, models: int, Xtr, Ytr, steps: int, device: torch.dev
     return models * steps / (clock() - t0)
 
 
+# Steps of each kind in a 200,000-step run at the default plan (every 1000, updates every 100,
+# histograms every 5000, snapshots at 0, 1000 and the last step): each kind includes the cheaper ones.
+DEFAULT_RUN = {"update": 1800, "series": 160, "histogram": 37, "snapshot": 3}
+NEVER = 10 ** 9
+
+
+def stats_step_costs(spec: dict, models: int, Xtr, Ytr, device: torch.device, block_size: int, clock,
+                     steps: int = 40) -> dict[str, float]:
+    """Seconds that one step of each kind of statistics adds to a plain step, for ``models`` models.
+
+    Each is measured on a run whose every step is of that kind (plans built for the purpose).
+    """
+    plans = {
+        "update": StatsPlan(every=NEVER, update_every=1, histogram_every=NEVER, snapshot_steps=()),
+        "series": StatsPlan(every=1, update_every=1, histogram_every=NEVER, snapshot_steps=()),
+        "histogram": StatsPlan(every=1, update_every=1, histogram_every=1, snapshot_steps=()),
+        "snapshot": StatsPlan(every=1, update_every=1, histogram_every=1, snapshot_steps=tuple(range(steps))),
+    }
+
+    def per_step(stats):
+        return models / time_engine(spec, models, Xtr, Ytr, steps, device, stats, block_size, clock)
+
+    plain = min(per_step(False) for _ in range(2))
+    costs = {kind: max(0.0, min(per_step(plan) for _ in range(2)) - plain) for kind, plan in plans.items()}
+    costs["plain"] = plain
+    return costs
+
+
 def default_names_path() -> str:
     return os.environ.get("ACTGRAD_NAMES") or str(Path("..") / "shared" / "data" / "names.txt")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="actgrad bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 2000; --quick: 300)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 3000; --quick: 300)")
     p.add_argument("--models", default=None, help="model counts for the engine, comma-separated (default 1,5,10,25)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: speed per core)")
     p.add_argument("--names", default=default_names_path(),
@@ -140,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto (default): process CPU time on CPU, wall time on CUDA")
     p.add_argument("--quick", action="store_true", help="a short run: 300 steps, models 1,10, one round")
     args = p.parse_args(argv)
-    args.steps = args.steps or (300 if args.quick else 2000)
+    args.steps = args.steps or (300 if args.quick else 3000)
     args.models = [int(m) for m in (args.models or ("1,10" if args.quick else "1,5,10,25")).split(",")]
     args.repeat = args.repeat or (1 if args.quick else 2)
     args.networks = [n.strip() for n in args.networks.split(",")]
@@ -230,12 +262,24 @@ def run(args: argparse.Namespace) -> list[dict]:
               f"{100 * gflops / peak:>6.1f}%")
         results.append(dict(network=net, engine=name, device=str(dev), models=m, stats=stats,
                             model_steps_per_s=rate, ratio=rate / ref, gflops=gflops, peak_fraction=gflops / peak))
+    print()
+    m = max(args.models)
+    print(f"statistics overhead, {m} models: in these {args.steps}-step runs (stats on vs off, where snapshots at "
+          "steps 0 and 1000 weigh far more than in a real run), and extrapolated to a 200,000-step run at the "
+          "default plan from the measured cost of each kind of statistics step:")
     for net in args.networks:
         for dev in args.devices:
-            m = max(args.models)
             on = best[(net, "engine", dev, m, True)]
             off = best[(net, "engine", dev, m, False)]
-            print(f"statistics overhead, {net}, {m} models on {dev.type}: {100 * (off / on - 1):+.1f}% time")
+            costs = stats_step_costs(NETWORKS[net][0], m, Xtr, Ytr, dev, block_size, clocks[dev])
+            extra = sum(n * costs[kind] for kind, n in DEFAULT_RUN.items())
+            full = 200000 * costs["plain"]
+            print(f"  {net:<11} {dev.type}: {100 * (off / on - 1):+5.1f}% here, {100 * extra / full:+5.1f}% over "
+                  f"200k steps (per step, ms: plain {1e3 * costs['plain']:.2f}, + update {1e3 * costs['update']:.2f}, "
+                  f"series {1e3 * costs['series']:.2f}, histogram {1e3 * costs['histogram']:.2f}, "
+                  f"snapshot {1e3 * costs['snapshot']:.2f})")
+            results.append(dict(network=net, device=str(dev), models=m, stats_overhead_here=off / on - 1,
+                                stats_overhead_200k=extra / full))
     return results
 
 
