@@ -196,6 +196,92 @@ _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 
+# -- the layers' forward and backward passes, on tensors bound once ------------------------
+# Each op holds views of everything it touches (parameters, gradients, its input, output and
+# gradient buffers), so that a step is a plain walk over the ops, with no lookups.
+
+class _LinearOp:
+    """out = W^T x (+ b), feature-major: out (M, fan_out, B) = WT (M, fan_out, fan_in) @ x (M, fan_in, B)."""
+
+    __slots__ = ("layer", "WT", "WT_t", "gWT", "bias", "gb", "x", "x_t", "out", "dx", "into_embedding")
+
+    def forward(self):
+        if self.bias is None:
+            torch.bmm(self.WT, self.x, out=self.out)
+        else:
+            torch.baddbmm(self.bias, self.WT, self.x, out=self.out)
+
+    def backward(self, d, lr: float, fused: bool):
+        """The input gradient (with the weight as it was), then the weight: updated in place by
+        ``W += -lr * d @ x^T`` when ``fused``, else its gradient written for the statistics."""
+        if self.gb is not None:
+            torch.sum(d, 2, True, out=self.gb)
+        if self.into_embedding is not None:
+            dx = self.into_embedding(d)
+        else:
+            dx = torch.bmm(self.WT_t, d, out=self.dx)
+        if fused:
+            self.WT.baddbmm_(d, self.x_t, alpha=-lr)
+        else:
+            torch.bmm(d, self.x_t, out=self.gWT)
+        return dx
+
+
+class _BatchNormOp:
+    """gamma * (x - mean) / spread' + beta, with spread' = std (no eps) or sqrt(var + eps).
+
+    The batch's sum and norm (of the centred input) go to the batch-statistics buffer, which
+    :meth:`_Batch._finish_batch_stats` turns into mean and std/var for all layers at once. The
+    input is centred in place and kept for the backward pass, with 1 / spread'.
+    """
+
+    __slots__ = ("layer", "gamma", "ggamma", "beta", "gbeta", "x", "out", "total", "norm", "inv", "scale", "k",
+                 "dx", "inv_B", "std", "sqrt_n1", "eps", "inv_n1", "neg_inv_n1")
+
+    def forward(self):
+        torch.sum(self.x, 2, True, out=self.total)
+        xc = torch.sub(self.x, self.total, alpha=self.inv_B, out=self.x)  # centred in place
+        # torch.var is slow along a short contiguous dimension on CPU: the norm is one pass
+        torch.linalg.vector_norm(xc, 2, 2, True, out=self.norm)
+        if self.std:  # 1 / std = sqrt(B - 1) / norm
+            torch.reciprocal(self.norm, out=self.inv).mul_(self.sqrt_n1)
+        else:  # 1 / sqrt(norm^2 / (B - 1) + eps)
+            torch.addcmul(self.eps, self.norm, self.norm, value=self.inv_n1, out=self.inv).rsqrt_()
+        # gamma * xhat + beta with xhat = xc / spread', as xc * (gamma / spread') + beta: one pass less
+        torch.mul(self.gamma, self.inv, out=self.scale)
+        torch.mul(xc, self.scale, out=self.out).add_(self.beta)
+
+    def backward(self, d, lr: float, fused: bool):
+        """dx = gamma/spread' * (d - mean(d) - xhat * sum(d * xhat) / (B - 1)), xhat = xc / spread'."""
+        xc, dx = self.x, self.dx
+        torch.sum(d, 2, True, out=self.gbeta)
+        torch.sum(torch.mul(d, xc, out=dx), 2, True, out=self.ggamma).mul_(self.inv)  # sum(d * xhat)
+        torch.mul(self.ggamma, self.inv, out=self.k)
+        torch.sub(d, self.gbeta, alpha=self.inv_B, out=dx)
+        dx.addcmul_(xc, self.k, value=self.neg_inv_n1)
+        dx.mul_(self.scale)
+        return dx
+
+
+class _ActivationOp:
+    """tanh or relu, in place: the pre-activation is not needed again (after the statistics)."""
+
+    __slots__ = ("layer", "x", "x_np", "dx", "tanh")
+
+    def forward(self):
+        if self.x_np is not None:  # numpy's float32 tanh: as accurate as torch's, several times faster
+            _np.tanh(self.x_np, out=self.x_np)
+        elif self.tanh:
+            torch.tanh(self.x, out=self.x)
+        else:
+            torch.clamp_min(self.x, 0, out=self.x)
+
+    def backward(self, d, lr: float, fused: bool):
+        if self.tanh:
+            return _tanh_backward(d, self.x, grad_input=self.dx)
+        return _threshold_backward(d, self.x, 0, grad_input=self.dx)
+
+
 class _Batch:
     """The engine proper: the batched forward, hand-written backward and update of M models.
 
@@ -213,7 +299,6 @@ class _Batch:
         slots = _slots(arch)
         self.slots = ([s for s in slots if not s.transposed] + [s for s in slots if s.transposed])
         self.named_order = [self.slots.index(s) for s in slots]
-        self.n_small = sum(M * _numel(s.shape) for s in self.slots if not s.transposed)
         self.params = _Buffers([s.shape for s in self.slots], M, device)
         with torch.no_grad():
             for j, s in enumerate(self.slots):
@@ -242,8 +327,10 @@ class _Batch:
         self._bind()
 
     def _bind(self):
-        """Handles on the flat buffers and a fresh workspace, for the current M."""
+        """Ops bound to the flat buffers and to a fresh workspace, for the current M."""
         M, B, dev = self.M, self.B, self.device
+        self._view_cache = {}
+        self._consts = {}
         self.n_small = sum(M * _numel(s.shape) for s in self.slots if not s.transposed)
         slot_of = {s.name: j for j, s in enumerate(self.slots)}
         P, G = self.params.views, self.grads.views
@@ -258,34 +345,59 @@ class _Batch:
         if n_pad != n_in:  # the first Linear's input, zero-padded
             self.emb_padded = torch.zeros(M, B, n_pad, device=dev)
             self.demb_padded = torch.empty(M, B, n_pad, device=dev)
+            self._emb_into_padded = self.emb_padded[:, :, :n_in]
         else:
             self.emb_padded, self.demb_padded = self.emb.view(M, B, n_in), self.demb
-        # One tuple per layer after the embedding. Forward: each Linear and BatchNorm writes a
-        # buffer of its own, which the next layers transform in place (BatchNorm centres its
-        # input, tanh overwrites its input), so each layer keeps exactly what its backward pass
-        # needs. Backward: gradients flow through two shared ping-pong buffers.
-        self.plan = []
-        width, bn_k = emb.fan_out * self.T, 0
+            self._emb_into_padded = None
+        numpy_tanh = _np is not None and torch.device(dev).type == "cpu"
+        c = self._const
+        # Forward: each Linear and BatchNorm writes a buffer of its own, which the next layers
+        # transform in place (BatchNorm centres its input, tanh overwrites it), so each layer
+        # keeps exactly what its backward pass needs.
+        self.ops = []
+        x = self.emb_padded.transpose(1, 2)  # feature-major (M, T*E padded, B)
+        bn_k = 0
         for L in self.arch[1:]:
             if L.kind == "linear":
+                op = _LinearOp()
                 w = slot_of[f"layers.{L.name}.weight"]
                 b = slot_of.get(f"layers.{L.name}.bias")
-                self.plan.append((L, P[w], G[w], None if b is None else P[b], None if b is None else G[b],
-                                  torch.empty(M, L.fan_out, B, device=dev)))
-                width = L.fan_out
+                op.WT, op.gWT = P[w], G[w]
+                op.WT_t = P[w].transpose(1, 2)
+                op.bias, op.gb = (None, None) if b is None else (P[b], G[b])
+                op.x, op.x_t = x, x.transpose(1, 2)
+                op.out = x = torch.empty(M, L.fan_out, B, device=dev)
+                op.into_embedding = self._embedding_backward if not self.ops else None
             elif L.kind == "batchnorm":
+                op = _BatchNormOp()
                 gm, bt = slot_of[f"layers.{L.name}.gamma"], slot_of[f"layers.{L.name}.beta"]
-                stats = (self.batch_stats.views[bn_k], self.batch_stats.views[self.n_bn + bn_k])
+                op.gamma, op.ggamma, op.beta, op.gbeta = P[gm], G[gm], P[bt], G[bt]
+                op.total, op.norm = self.batch_stats.views[bn_k], self.batch_stats.views[self.n_bn + bn_k]
                 bn_k += 1
-                self.plan.append((L, P[gm], G[gm], P[bt], G[bt], torch.empty(M, width, B, device=dev), stats,
-                                  tuple(torch.empty(M, width, 1, device=dev) for _ in range(3))))
+                op.x = x
+                op.out = x = torch.empty_like(x)
+                op.inv, op.scale, op.k = (torch.empty(M, L.fan_out, 1, device=dev) for _ in range(3))
+                op.std = L.flavour == "std"
+                op.inv_B, op.inv_n1, op.neg_inv_n1 = 1.0 / B, 1.0 / (B - 1), -1.0 / (B - 1)
+                op.sqrt_n1, op.eps = c((B - 1) ** 0.5), c(L.eps)
             else:
-                self.plan.append((L,))
+                op = _ActivationOp()
+                op.x = x
+                op.tanh = L.flavour == "tanh"
+                op.x_np = x.numpy() if numpy_tanh and op.tanh else None
+            op.layer = L
+            self.ops.append(op)
+        self.logits = x
+        # Backward: gradients flow through two shared ping-pong buffers.
         widest = max(max(L.fan_in, L.fan_out) for L in self.arch[1:] if L.kind == "linear")
-        self._pingpong = [torch.empty(M * widest * B, device=dev) for _ in range(2)]
-        self._view_cache = {}
-        self._numpy_tanh = _np is not None and torch.device(dev).type == "cpu"
-        self._consts = {}
+        pingpong = [torch.empty(M * widest * B, device=dev) for _ in range(2)]
+        flip = 0
+        for op in reversed(self.ops):
+            if isinstance(op, _LinearOp) and op.into_embedding is not None:
+                continue
+            shape = op.x.shape
+            op.dx = pingpong[flip][:_numel(shape)].view(shape)
+            flip ^= 1
         self._running_tmp = torch.empty_like(self.running.flat)
         V = self.arch[-1].fan_out
         self.logp = torch.empty(M, V, B, device=dev)
@@ -313,131 +425,66 @@ class _Batch:
         the update is one add_; on the others each Linear weight is updated inside its
         gradient matmul (``W += -lr * d @ x^T`` as one baddbmm_, after its input gradient).
         """
-        M, B = self.M, self.B
+        self._idx = idx
         fused = stats is None
         # forward --------------------------------------------------------------
         torch.index_select(self.C_flat, 0, idx, out=self.emb)
-        if self.emb_padded.data_ptr() != self.emb.data_ptr():
-            self.emb_padded[:, :, :self.demb.shape[2]] = self.emb.view(M, B, -1)
-        x = self.emb_padded.transpose(1, 2)  # feature-major view (M, T*E padded, B)
-        inputs = []
-        for entry in self.plan:
-            L = entry[0]
-            inputs.append(x)
-            if L.kind == "linear":
-                _, WT, _, bias, _, out = entry
-                if bias is None:
-                    torch.bmm(WT, x, out=out)
-                else:
-                    torch.baddbmm(bias, WT, x, out=out)
-            elif L.kind == "batchnorm":
-                out = self._bn_forward(entry, x)
-            else:  # in place: the pre-activation is not needed again (after the statistics)
-                out = x
-                if stats is not None:
-                    step, wanting = stats
-                    pre = self._per_model(x)
-                    for i, rec in wanting:
-                        rec.preactivation(step, L.name, pre[i])
-                if L.flavour == "tanh":
-                    self._tanh(x, out)
-                else:
-                    torch.clamp_min(x, 0, out=out)  # relu
-                if stats is not None:
-                    post = self._per_model(out)
-                    for i, rec in wanting:
-                        rec.activation(step, L.name, post[i])
-            x = out
+        if self._emb_into_padded is not None:
+            self._emb_into_padded.copy_(self.emb.view(self.M, self.B, -1))
+        if fused:
+            for op in self.ops:
+                op.forward()
+        else:
+            self._forward_recording(stats)
         if self.bn_layers:
             self._finish_batch_stats()
             self._update_running()
-        logp = torch._log_softmax(x, 1, False, out=self.logp)  # (M, V, B)
-        torch.sum(torch.gather(logp, 1, Y, out=self.picked), dim=(1, 2), out=loss_out)
+        logp = torch._log_softmax(self.logits, 1, False, out=self.logp)  # (M, V, B)
+        torch.sum(torch.gather(logp, 1, Y, out=self.picked), (1, 2), out=loss_out)
         # backward -------------------------------------------------------------
         g = self.g_out
         g.zero_()
-        g.scatter_(1, Y, -1.0 / B)  # d(mean NLL)/d logp
+        g.scatter_(1, Y, -1.0 / self.B)  # d(mean NLL)/d logp
         d = torch._log_softmax_backward_data(g, logp, 1, logp.dtype, out=self.dlogits)
-        flip = 0
-        for l in range(len(self.plan) - 1, -1, -1):
-            entry = self.plan[l]
-            L = entry[0]
-            x = inputs[l]
-            if L.kind == "linear":
-                _, WT, gWT, _, gb, _ = entry
-                if gb is not None:
-                    torch.sum(d, dim=2, keepdim=True, out=gb)
-                if l == 0:  # into the embedding: batch-major rows (B*T, E)
-                    torch.bmm(d.transpose(1, 2), WT, out=self.demb_padded)
-                    if self.demb_padded.data_ptr() != self.demb.data_ptr():
-                        self.demb.copy_(self.demb_padded[:, :, :self.demb.shape[2]])
-                    self.gC_flat.zero_()  # what autograd does for C[X]: index_put_ with accumulation
-                    self.gC_flat.index_put_((idx,), self.demb.view(M * B * self.T, -1), accumulate=True)
-                    d_next = None
-                else:
-                    d_next = torch.bmm(WT.transpose(1, 2), d, out=self._buffer(flip, x.shape))
-                    flip ^= 1
-                if fused:
-                    WT.baddbmm_(d, x.transpose(1, 2), alpha=-lr)
-                else:
-                    torch.bmm(d, x.transpose(1, 2), out=gWT)
-                d = d_next
-            elif L.kind == "batchnorm":
-                d = self._bn_backward(entry, d, x, self._buffer(flip, x.shape))
-                flip ^= 1
-            else:
-                if stats is not None:
-                    step, wanting = stats
+        if fused:
+            for op in reversed(self.ops):
+                d = op.backward(d, lr, True)
+            self.params.flat[:self.n_small].add_(self.grads.flat[:self.n_small], alpha=-lr)
+        else:
+            step, wanting = stats
+            for op in reversed(self.ops):
+                if isinstance(op, _ActivationOp):
                     grads = self._per_model(d)
                     for i, rec in wanting:
                         if rec.plan.series(step):
-                            rec.activation_grad(step, L.name, grads[i])
-                out = self._buffer(flip, x.shape)
-                flip ^= 1
-                if L.flavour == "tanh":
-                    d = _tanh_backward(d, x, grad_input=out)
-                else:
-                    d = _threshold_backward(d, x, 0, grad_input=out)
-        # update ---------------------------------------------------------------
-        if fused:
-            self.params.flat[:self.n_small].add_(self.grads.flat[:self.n_small], alpha=-lr)
-        else:
+                            rec.activation_grad(step, op.layer.name, grads[i])
+                d = op.backward(d, lr, False)
             self._record_parameters(stats, lr)
             self.params.flat.add_(self.grads.flat, alpha=-lr)
 
-    def _bn_forward(self, entry, x):
-        """gamma * (x - mean) / spread' + beta, with spread' = std (no eps) or sqrt(var + eps).
+    def _forward_recording(self, stats):
+        """The forward pass, calling the recorders at each activation as NetworkHooks does."""
+        step, wanting = stats
+        for op in self.ops:
+            if isinstance(op, _ActivationOp):
+                pre = self._per_model(op.x)
+                for i, rec in wanting:
+                    rec.preactivation(step, op.layer.name, pre[i])
+                op.forward()
+                for i, rec in wanting:
+                    rec.activation(step, op.layer.name, pre[i])  # the same buffer, now the output
+            else:
+                op.forward()
 
-        The batch's sum and sum-of-squares norm go to the batch-statistics buffer, which
-        :meth:`_finish_batch_stats` turns into mean and std/var for all layers at once.
-        Kept for the backward pass: the centred input and 1 / spread'.
-        """
-        L, gamma, _, beta, _, out, (total, norm), (inv, scale, k) = entry
-        B = self.B
-        torch.sum(x, dim=2, keepdim=True, out=total)
-        xc = torch.sub(x, total, alpha=1.0 / B, out=x)  # centred in place
-        # torch.var is slow along a short contiguous dimension on CPU: the norm is one pass
-        torch.linalg.vector_norm(xc, dim=2, keepdim=True, out=norm)
-        if L.flavour == "std":  # 1 / std = sqrt(B - 1) / norm
-            torch.reciprocal(norm, out=inv).mul_(self._const((B - 1) ** 0.5))
-        else:  # 1 / sqrt(norm^2 / (B - 1) + eps)
-            torch.addcmul(self._const(L.eps), norm, norm, value=1.0 / (B - 1), out=inv).rsqrt_()
-        # gamma * xhat + beta with xhat = xc / spread', as xc * (gamma / spread') + beta: one pass less
-        torch.mul(gamma, inv, out=scale)
-        torch.mul(xc, scale, out=out).add_(beta)
-        return out
-
-    def _bn_backward(self, entry, d, xc, dx):
-        """dx = gamma/spread' * (d - mean(d) - xhat * sum(d * xhat) / (B - 1)), xhat = xc / spread'."""
-        L, gamma, ggamma, _, gbeta, _, _, (inv, scale, k) = entry
-        B = self.B
-        torch.sum(d, dim=2, keepdim=True, out=gbeta)
-        torch.sum(torch.mul(d, xc, out=dx), dim=2, keepdim=True, out=ggamma).mul_(inv)  # sum(d * xhat)
-        torch.mul(ggamma, inv, out=k)
-        torch.sub(d, gbeta, alpha=1.0 / B, out=dx)
-        dx.addcmul_(xc, k, value=-1.0 / (B - 1))
-        dx.mul_(scale)
-        return dx
+    def _embedding_backward(self, d):
+        """d (M, fan_out, B) into the first Linear -> rows of C, as autograd does for C[X]."""
+        M, B = self.M, self.B
+        torch.bmm(d.transpose(1, 2), self.ops[0].WT, out=self.demb_padded)
+        if self.demb_padded.data_ptr() != self.demb.data_ptr():
+            self.demb.copy_(self.demb_padded[:, :, :self.demb.shape[2]])
+        self.gC_flat.zero_()  # index_put_ with accumulation: what autograd does for C[X]
+        self.gC_flat.index_put_((self._idx,), self.demb.view(M * B * self.T, -1), accumulate=True)
+        return None
 
     def _finish_batch_stats(self):
         """Sums and norms -> batch means and std (or variance), every BatchNorm layer at once."""
@@ -473,27 +520,6 @@ class _Batch:
         if c is None:
             c = self._consts[value] = torch.tensor(value, dtype=torch.float32, device=self.device)
         return c
-
-    def _buffer(self, which: int, shape) -> torch.Tensor:
-        """One of the two backward ping-pong buffers, as a contiguous tensor of ``shape`` (cached)."""
-        key = ("pingpong", which, shape)
-        t = self._view_cache.get(key)
-        if t is None:
-            t = self._view_cache[key] = self._pingpong[which][:_numel(shape)].view(shape)
-        return t
-
-    def _tanh(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        if self._numpy_tanh:
-            _np.tanh(self._numpy(x), out=self._numpy(out))
-        else:
-            torch.tanh(x, out=out)
-
-    def _numpy(self, t: torch.Tensor):
-        key = ("numpy", t.data_ptr(), t.shape, t.stride())
-        a = self._view_cache.get(key)
-        if a is None:
-            a = self._view_cache[key] = t.numpy()
-        return a
 
     # -- statistics: each model's slices, in the Network's layouts ----------------
     def _per_model(self, t: torch.Tensor) -> list[torch.Tensor]:
