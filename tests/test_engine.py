@@ -127,6 +127,17 @@ def test_chunking_and_check_windows_do_not_change_the_run(splits):
     assert all(torch.equal(x.get_state(), y.get_state()) for x, y in zip(ga, gb))
 
 
+def test_models_split_into_several_batches_train_as_in_one(splits):
+    """More models than fit the cache are trained as groups, one stretch of steps each in turn."""
+    Xtr, Ytr = splits["splits"]["train"]
+    members = [(NETWORKS["deep"], seed) for seed in (1, 2, 3, 4, 5)]
+    one, nets1, _ = engine(members, Xtr, Ytr, 130)
+    groups, nets2, _ = engine(members, Xtr, Ytr, 130, max_group=2, divergence_check_every=50)
+    for a, b, n1, n2 in zip(one, groups, nets1, nets2):
+        assert (a.losses - b.losses).abs().max().item() < 1e-5
+        assert max_param_diff(n1, n2) < 1e-5
+
+
 def test_divergence_is_reported_and_does_not_touch_the_others(splits):
     """A model that blows up stops where the reference engine stops; its batch-mates go on as alone."""
     Xtr, Ytr = splits["splits"]["train"]
@@ -154,7 +165,8 @@ def test_a_nan_model_is_taken_out_of_the_batch(splits):
     nets, gens = zip(*[train.init_network(NETWORKS["shallow_bn"], seed, 3) for seed in (1, 2, 3)])
     with torch.no_grad():
         nets[1].layers["linear2"].weight[0, 0] = float("nan")
-    results = train_batched(list(nets), list(gens), Xtr, Ytr, steps=120, batch_size=32, lr_schedule=SCHEDULE)
+    results = train_batched(list(nets), list(gens), Xtr, Ytr, steps=120, batch_size=32, lr_schedule=SCHEDULE,
+                            max_group=2)  # the NaN model shares a batch with model 0; model 2 is alone
     assert [r.diverged_at for r in results] == [None, 0, None]
     assert results[1].steps_done == 1 and torch.isnan(results[1].losses[0])
     [alone], _, _ = engine([(NETWORKS["shallow_bn"], 3)], Xtr, Ytr, 120)

@@ -55,6 +55,7 @@ except ImportError:  # pragma: no cover
     _np = None
 
 INDEX_CHUNK = 1000  # steps of minibatch indices drawn (and moved to the device) at a time
+GROUP_FLOATS = 3.8e6  # CPU: a batch's parameters, gradients and workspace kept to about 15 MB
 
 
 # -- architecture ------------------------------------------------------------------------
@@ -588,21 +589,100 @@ def _stat_schedule(positions, k0: int, k1: int) -> dict[int, list]:
     return schedule
 
 
+class _Group:
+    """Models trained together as one :class:`_Batch`, with their minibatches and losses of the current chunk."""
+
+    def __init__(self, members: list[int], nets, arch, batch_size, block_size, device):
+        self.members = members  # model numbers, in batch order
+        self.batch = _Batch([nets[m] for m in members], arch, batch_size, block_size, device)
+
+    def draw(self, gens, k0: int, k1: int, n_train: int, Xtr_d, Ytr_d, recorders) -> None:
+        """The minibatch indices of steps [k0, k1) from each model's generator, as the lecture draws them."""
+        K, B, Mg, dev = k1 - k0, self.batch.B, len(self.members), self.batch.device
+        self.k0 = k0
+        self.states = [gens[m].get_state() for m in self.members]
+        ix = torch.stack([torch.randint(0, n_train, (K, B), generator=gens[m]) for m in self.members],
+                         dim=1).to(dev)  # (K, Mg, B)
+        # rows of the flattened embedding tables: model p's characters + p * vocabulary
+        offsets = torch.arange(Mg, device=dev) * self.batch.vocab
+        idx = torch.index_select(Xtr_d, 0, ix.view(-1)).view(K, Mg, -1)
+        self.idx = idx.add_(offsets.view(1, Mg, 1)).view(K, -1)  # (K, Mg*B*T)
+        self.Y = torch.index_select(Ytr_d, 0, ix.view(-1)).view(K, Mg, 1, B)
+        self.loss_sums = torch.empty(K, Mg, device=dev)  # minibatch sums of log-likelihoods
+        self.flushed = k0
+        self._plan_stats(recorders, k0, k0 + K)
+
+    def _plan_stats(self, recorders, k0: int, k1: int) -> None:
+        positions = [(p, recorders[m]) for p, m in enumerate(self.members) if recorders[m] is not None]
+        self.schedule = _stat_schedule(positions, k0, k1) if positions else {}
+        self.members_t = torch.tensor(self.members, dtype=torch.long, device=self.batch.device)
+
+    def run(self, a: int, b: int, lr_schedule) -> None:
+        """Steps [a, b)."""
+        batch, k0, schedule = self.batch, self.k0, self.schedule
+        for step in range(a, b):
+            wanting = schedule.get(step)
+            batch.step(self.idx[step - k0], self.Y[step - k0], learning_rate(lr_schedule, step),
+                       self.loss_sums[step - k0], (step, wanting) if wanting else None)
+
+    def flush(self, losses: torch.Tensor, upto: int) -> None:
+        """Mean minibatch losses of the steps run since the last flush, into ``losses`` (steps, all models)."""
+        if upto > self.flushed:
+            losses[self.flushed:upto, self.members_t] = (self.loss_sums[self.flushed - self.k0:upto - self.k0]
+                                                         * (-1.0 / self.batch.B))
+            self.flushed = upto
+
+    def drop(self, keep: list[int], recorders, upto: int) -> None:
+        """Carry on with the models at positions ``keep`` (a divergence check found the others gone)."""
+        dev, K = self.batch.device, self.idx.shape[0]
+        n = len(self.members)
+        keep_t = torch.tensor(keep, dtype=torch.long, device=dev)
+        self.batch.select(keep_t)
+        # the kept models' rows, renumbered to their new places in the embedding tables
+        shift = (keep_t - torch.arange(len(keep), device=dev)) * self.batch.vocab
+        self.idx = self.idx.view(K, n, -1)[:, keep_t].sub_(shift.view(1, -1, 1)).reshape(K, -1)
+        self.Y = self.Y[:, keep_t]
+        self.loss_sums = self.loss_sums[:, keep_t]
+        self.states = [self.states[p] for p in keep]
+        self.members = [self.members[p] for p in keep]
+        self._plan_stats(recorders, upto, self.k0 + K)
+
+
+def group_size(arch, batch_size: int, block_size: int, budget: float = GROUP_FLOATS) -> int:
+    """How many models to train as one batch on CPU: beyond the cache, bigger batches are slower."""
+    V, widest, per_model = arch[-1].fan_out, 0, 0
+    for l, L in enumerate(arch):
+        if L.kind == "embedding":
+            per_model += 2 * L.fan_in * L.fan_out + 4 * block_size * L.fan_out * batch_size
+        elif L.kind == "linear":
+            fan_in = _padded(L.fan_in) if l == 1 else L.fan_in
+            per_model += 2 * fan_in * L.fan_out + (1 if L.bias else 0) * 2 * L.fan_out + L.fan_out * batch_size
+            widest = max(widest, fan_in, L.fan_out)
+        elif L.kind == "batchnorm":
+            per_model += 4 * L.fan_out + L.fan_out * batch_size
+    per_model += 2 * widest * batch_size + 4 * V * batch_size  # backward buffers, log-probabilities
+    return max(1, int(budget // per_model))
+
+
 def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.Tensor, Ytr: torch.Tensor, *,
                   steps: int, batch_size: int, lr_schedule: list[dict],
                   recorders: list[StatsRecorder | None] | None = None, device=torch.device("cpu"),
                   divergence_check_every: int = 100, divergence_loss: float = DIVERGENCE_LOSS,
-                  index_chunk: int = INDEX_CHUNK) -> list[TrainResult]:
+                  index_chunk: int = INDEX_CHUNK, max_group: int | None = None) -> list[TrainResult]:
     """Train ``nets`` (one architecture, already initialised) together; one TrainResult per model.
 
     ``gens[i]`` is the generator that drew ``nets[i]``; it draws model i's minibatch indices as
     the lecture does (``torch.randint(0, n, (batch_size,), generator=g)`` per step). Each
     model stops at its first diverged loss (non-finite or above ``divergence_loss``), checked
     every ``divergence_check_every`` steps and at the last step, exactly as
-    :func:`~actgrad.train.train_reference` does; the others
-    go on. At the end every network holds its trained parameters and BatchNorm running
-    statistics (on ``device``). ``seconds`` is the wall time of the whole batched run, the
-    same for every model; ``extra['models_in_batch']`` says how many shared it.
+    :func:`~actgrad.train.train_reference` does; the others go on. ``recorders[i]``, if given,
+    is called at the steps its plan asks for. At the end every network holds its trained
+    parameters and BatchNorm running statistics (on ``device``).
+
+    On CPU, more models than fit the cache (``max_group``, by default from the architecture's
+    size: about 20 deep or 50 shallow nets) are trained as several batches, each for a stretch
+    of steps in turn. ``seconds`` is the wall time of the whole run, the same for every model;
+    ``extra['models_in_batch']`` says how many models shared it.
     """
     device = torch.device(device)
     M = len(nets)
@@ -624,79 +704,62 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
         net.train()
 
     start = time.perf_counter()
-    batch = _Batch(nets, arch, batch_size, T, device)
-    V = batch.vocab
+    if max_group is None:
+        max_group = group_size(arch, batch_size, T) if device.type == "cpu" else M
+    n_groups = -(-M // max(1, max_group))
+    bounds = [round(i * M / n_groups) for i in range(n_groups + 1)]  # as equal as can be
+    groups = [_Group(list(range(a, b)), nets, arch, batch_size, T, device) for a, b in zip(bounds, bounds[1:])]
     Xtr_d, Ytr_d = Xtr.to(device), Ytr.to(device)
     losses = torch.full((steps, M), float("nan"), dtype=torch.float32, device=device)
-    active = list(range(M))  # model number of each position in the batch
     diverged_at: list[int | None] = [None] * M
     done_steps = [steps] * M
-    offsets = torch.arange(M, device=device) * V
+    every = divergence_check_every
 
-    k0 = 0
     with torch.no_grad():
-        while k0 < steps and active:
+        k0 = 0
+        while k0 < steps and groups:
             k1 = min(steps, k0 + index_chunk)
-            K = k1 - k0
-            states = [gens[m].get_state() for m in active]
-            ix = torch.stack([torch.randint(0, n_train, (K, batch_size), generator=gens[m]) for m in active],
-                             dim=1).to(device)  # (K, M, B)
-            # rows of the flattened embedding tables: model m's characters + m * vocabulary
-            idx = torch.index_select(Xtr_d, 0, ix.view(-1)).view(K, len(active), -1)
-            idx = idx.add_(offsets[active].view(1, len(active), 1)).view(K, -1)  # (K, M*B*T)
-            Yc = torch.index_select(Ytr_d, 0, ix.view(-1)).view(K, len(active), 1, batch_size)
-            del ix
-            chunk_losses = torch.empty(K, len(active), device=device)  # sums of log-likelihoods
-            active_t = torch.tensor(active, dtype=torch.long, device=device)
-            positions = [(p, recorders[m]) for p, m in enumerate(active) if recorders[m] is not None]
-            schedule = _stat_schedule(positions, k0, k1) if positions else {}
-            flushed = k0
+            for grp in groups:
+                grp.draw(gens, k0, k1, n_train, Xtr_d, Ytr_d, recorders)
             step = k0
-            while step < k1:
-                wanting = schedule.get(step)
-                batch.step(idx[step - k0], Yc[step - k0], learning_rate(lr_schedule, step),
-                           chunk_losses[step - k0], (step, wanting) if wanting else None)
-                step += 1
-                if step % divergence_check_every and step != steps:
+            while step < k1 and groups:
+                # each group in turn for a stretch of steps: its workspace stays in cache
+                end = min(k1, (step // every + 1) * every, steps)
+                for grp in groups:
+                    grp.run(step, end, lr_schedule)
+                step = end
+                if step % every and step != steps:
                     continue
                 # As train_reference: the last `divergence_check_every` losses, every so many steps.
-                losses[flushed:step, active_t] = chunk_losses[flushed - k0:step - k0] * (-1.0 / batch_size)
-                flushed = step
-                w0 = max(0, step - divergence_check_every)
-                bad = diverged_steps(losses[w0:step, active_t], divergence_loss)
-                if not bool(bad.any()):
-                    continue
-                first, any_bad = bad.float().argmax(0).tolist(), bad.any(0).tolist()
-                keep = []
-                for p, m in enumerate(active):
-                    if not any_bad[p]:
-                        keep.append(p)
+                w0 = max(0, step - every)
+                for grp in groups:
+                    grp.flush(losses, step)
+                    bad = diverged_steps(losses[w0:step, grp.members_t], divergence_loss)
+                    if not bool(bad.any()):
                         continue
-                    diverged_at[m] = w0 + first[p]
-                    done_steps[m] = diverged_at[m] + 1
-                    batch.write_back(nets[m], p)
-                    # leave the generator as the reference leaves it: drawn up to this step
-                    gens[m].set_state(states[p])
-                    torch.randint(0, n_train, (step - k0, batch_size), generator=gens[m])
-                active = [active[p] for p in keep]
-                if not active:
-                    break
-                keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-                batch.select(keep_t)
-                # the kept models' rows, renumbered to their new places in the embedding tables
-                shift = (keep_t - torch.arange(len(keep), device=device)) * V
-                idx = idx.view(K, len(any_bad), -1)[:, keep_t].sub_(shift.view(1, -1, 1)).reshape(K, -1)
-                Yc = Yc[:, keep_t]
-                chunk_losses = chunk_losses[:, keep_t]
-                states = [states[p] for p in keep]
-                active_t = torch.tensor(active, dtype=torch.long, device=device)
-                positions = [(p, recorders[m]) for p, m in enumerate(active) if recorders[m] is not None]
-                schedule = _stat_schedule(positions, step, k1) if positions else {}
-            if active and flushed < k1:
-                losses[flushed:k1, active_t] = chunk_losses[flushed - k0:] * (-1.0 / batch_size)
+                    first, any_bad = bad.float().argmax(0).tolist(), bad.any(0).tolist()
+                    keep = []
+                    for p, m in enumerate(grp.members):
+                        if not any_bad[p]:
+                            keep.append(p)
+                            continue
+                        diverged_at[m] = w0 + first[p]
+                        done_steps[m] = diverged_at[m] + 1
+                        grp.batch.write_back(nets[m], p)
+                        # leave the generator as the reference leaves it: drawn up to this step
+                        gens[m].set_state(grp.states[p])
+                        torch.randint(0, n_train, (step - k0, batch_size), generator=gens[m])
+                    if keep:
+                        grp.drop(keep, recorders, step)
+                    else:
+                        grp.members = []
+                groups = [grp for grp in groups if grp.members]
+            for grp in groups:
+                grp.flush(losses, k1)
             k0 = k1
-        for p, m in enumerate(active):
-            batch.write_back(nets[m], p)
+        for grp in groups:
+            for p, m in enumerate(grp.members):
+                grp.batch.write_back(nets[m], p)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
