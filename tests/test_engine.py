@@ -92,6 +92,11 @@ def test_one_model_trains_as_the_reference_engine(name, splits):
             assert not torch.equal(theirs, torch.zeros_like(theirs) if theirs is ref_bn.running_mean
                                    else torch.ones_like(theirs))
             assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5), n
+        if name == "shallow_bn":
+            # (1 - 0.001) and 0.001 do not sum to 1 in float32: the lecture's running std carries
+            # a relative bias of 1.3e-5, which the engine must reproduce (lerp would not).
+            rel = ((bn.running_spread - ref_bn.running_spread).abs() / ref_bn.running_spread.abs()).max().item()
+            assert rel < 3e-6
     # The written-back network evaluates (running statistics included) as the reference's does.
     Xdev, Ydev = splits["splits"]["dev"]
     assert dev_loss(net, Xdev, Ydev) == pytest.approx(dev_loss(ref_net, Xdev, Ydev), abs=1e-4)
@@ -169,9 +174,11 @@ def test_a_nan_model_is_taken_out_of_the_batch(splits):
                             max_group=2)  # the NaN model shares a batch with model 0; model 2 is alone
     assert [r.diverged_at for r in results] == [None, 0, None]
     assert results[1].steps_done == 1 and torch.isnan(results[1].losses[0])
-    [alone], _, _ = engine([(NETWORKS["shallow_bn"], 3)], Xtr, Ytr, 120)
-    assert (results[2].losses - alone.losses).abs().max().item() < 1e-5
-    assert torch.isfinite(nets[2].layers["linear2"].weight).all()
+    for m, seed in ((0, 1), (2, 3)):  # its batch-mate and the model in the other batch
+        [alone], [alone_net], _ = engine([(NETWORKS["shallow_bn"], seed)], Xtr, Ytr, 120)
+        assert (results[m].losses - alone.losses).abs().max().item() < 1e-5
+        assert max_param_diff(nets[m], alone_net) < 1e-5
+    assert torch.isnan(nets[1].layers["linear2"].weight).any()  # written back as it was when it stopped
 
 
 def _frames(recorder):
