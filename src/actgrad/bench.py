@@ -5,17 +5,23 @@ BatchNorm) it times
 
 * the lecture's loop as written (:mod:`actgrad.lecture`, CPU, one ``.item()`` per step): the
   reference;
-* :func:`actgrad.engine.train_batched` on one model and on several models at once, with
-  statistics on (a :class:`~actgrad.stats.StatsRecorder` per model at the default
-  :class:`~actgrad.stats.StatsPlan`), and once more without statistics at the largest
-  model count, to show what the statistics cost;
+* :func:`actgrad.engine.train_batched` on one model and on several models at once (seeds
+  1000, 1001, ...), with statistics on (a :class:`~actgrad.stats.StatsRecorder` per model at
+  the default :class:`~actgrad.stats.StatsPlan`), and once more without statistics at the
+  largest model count;
 
 and prints model-steps per second, the ratio to the reference, the achieved GFLOP/s (from
 an analytic count of the matmul work, printed with the table) and the fraction of this
 machine's dense float32 matmul rate, measured in the same run. Runs are repeated in
-interleaved rounds and the best of each is kept, which tames the noise of a shared machine.
+interleaved rounds and the best of each is kept; on CPU they are timed by process CPU time,
+which a shared machine's other processes do not inflate (``--clock wall`` for wall time).
+
+Statistics cost most at snapshots (steps 0 and 1000 by default), which weigh far more in a
+benchmark's few thousand steps than in a 200,000-step run, so the cost of each kind of
+statistics step is also measured and extrapolated to a full run at the default plan.
 
     python -m actgrad.bench --threads 1 --models 1,5,10,25
+    actgrad bench --quick
 """
 
 from __future__ import annotations
