@@ -102,6 +102,20 @@ def test_one_model_trains_as_the_reference_engine(name, splits):
     assert dev_loss(net, Xdev, Ydev) == pytest.approx(dev_loss(ref_net, Xdev, Ydev), abs=1e-4)
 
 
+@pytest.mark.parametrize("spec", [
+    dict(NETWORKS["shallow"], hidden_bias="drawn_not_added"),  # the lecture notes' `#+ b1`
+    dict(NETWORKS["shallow"], activation="relu"),
+    dict(NETWORKS["deep_bn"], activation="relu", n_layers=2, n_hidden=64),
+], ids=["b1_drawn_not_added", "relu", "deep_relu_bn"])
+def test_other_layers_and_bias_modes_train_as_the_reference(spec, splits):
+    Xtr, Ytr = splits["splits"]["train"]
+    ref, ref_net, _ = reference(spec, SEED, Xtr, Ytr, 300)
+    [res], [net], _ = engine([(spec, SEED)], Xtr, Ytr, 300)
+    assert (res.losses - ref.losses).abs().max().item() < 1e-5
+    assert max_param_diff(net, ref_net) < 1e-5
+    assert {n for n, _ in net.named_buffers()} == {n for n, _ in ref_net.named_buffers()}
+
+
 @pytest.mark.parametrize("name", ["shallow", "deep_bn"])
 def test_models_batched_together_train_as_each_alone(name, splits):
     """Different seeds and init scales in one batch: each model's run is its run alone."""
