@@ -403,6 +403,7 @@ class _Batch:
             op.dx = pingpong[flip][:_numel(shape)].view(shape)
             flip ^= 1
         self._running_tmp = torch.empty_like(self.running.flat)
+        self._small_params, self._small_grads = self.params.flat[:self.n_small], self.grads.flat[:self.n_small]
         V = self.arch[-1].fan_out
         self.logp = torch.empty(M, V, B, device=dev)
         self.picked = torch.empty(M, 1, B, device=dev)
@@ -453,7 +454,7 @@ class _Batch:
         if fused:
             for op in reversed(self.ops):
                 d = op.backward(d, lr, True)
-            self.params.flat[:self.n_small].add_(self.grads.flat[:self.n_small], alpha=-lr)
+            self._small_params.add_(self._small_grads, alpha=-lr)
         else:
             step, wanting = stats
             for op in reversed(self.ops):
