@@ -133,12 +133,12 @@ def _padded(n: int) -> int:
 
 def _slots(arch: tuple[_Layer, ...]) -> list[_Slot]:
     slots = []
-    for l, L in enumerate(arch):
+    for i, L in enumerate(arch):
         p = f"layers.{L.name}."
         if L.kind == "embedding":
             slots.append(_Slot(p + "weight", (L.fan_in, L.fan_out), (L.fan_in, L.fan_out), False))
         elif L.kind == "linear":
-            fan_in = _padded(L.fan_in) if l == 1 else L.fan_in
+            fan_in = _padded(L.fan_in) if i == 1 else L.fan_in
             slots.append(_Slot(p + "weight", (L.fan_in, L.fan_out), (L.fan_out, fan_in), True))
             if L.bias:
                 slots.append(_Slot(p + "bias", (L.fan_out,), (L.fan_out, 1), False))
@@ -515,8 +515,8 @@ class _Batch:
             keep, take = self._const(1 - self.momentum), self._const(self.momentum)
             self.running.flat.mul_(keep).add_(torch.mul(self.batch_stats.flat, take, out=self._running_tmp))
         else:
-            for l, L in enumerate(self.bn_layers):
-                for k in (l, self.n_bn + l):
+            for j, L in enumerate(self.bn_layers):
+                for k in (j, self.n_bn + j):
                     self.running.views[k].mul_(self._const(1 - L.momentum)).add_(
                         self.batch_stats.views[k] * self._const(L.momentum))
 
@@ -580,14 +580,11 @@ class _Batch:
 def _stat_schedule(positions, k0: int, k1: int) -> dict[int, list]:
     """step -> [(position, recorder)] for the steps in [k0, k1) that some recorder wants."""
     schedule: dict[int, list] = {}
-    plans: list = []  # distinct plan objects, with the steps they want
+    wanted: dict[int, list[int]] = {}  # id of a plan -> the steps it wants (recorders often share one)
     for pos, rec in positions:
-        for plan, steps in plans:
-            if plan is rec.plan:
-                break
-        else:
-            steps = [s for s in range(k0, k1) if rec.plan.any(s)]
-            plans.append((rec.plan, steps))
+        steps = wanted.get(id(rec.plan))
+        if steps is None:
+            steps = wanted[id(rec.plan)] = [s for s in range(k0, k1) if rec.plan.any(s)]
         for s in steps:
             schedule.setdefault(s, []).append((pos, rec))
     return schedule
@@ -655,11 +652,11 @@ class _Group:
 def group_size(arch, batch_size: int, block_size: int, budget: float = GROUP_FLOATS) -> int:
     """How many models to train as one batch on CPU: beyond the cache, bigger batches are slower."""
     V, widest, per_model = arch[-1].fan_out, 0, 0
-    for l, L in enumerate(arch):
+    for i, L in enumerate(arch):
         if L.kind == "embedding":
             per_model += 2 * L.fan_in * L.fan_out + 4 * block_size * L.fan_out * batch_size
         elif L.kind == "linear":
-            fan_in = _padded(L.fan_in) if l == 1 else L.fan_in
+            fan_in = _padded(L.fan_in) if i == 1 else L.fan_in
             per_model += 2 * fan_in * L.fan_out + (1 if L.bias else 0) * 2 * L.fan_out + L.fan_out * batch_size
             widest = max(widest, fan_in, L.fan_out)
         elif L.kind == "batchnorm":
