@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import REPO, run_snakemake, tiny_config, write_config
 
 RUFF = str(Path(sys.executable).with_name("ruff"))
@@ -44,11 +43,6 @@ def test_ruff_passes_on_the_files_of_this_issue():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src/actgrad/engine.py: E741 ambiguous variable name `l` (4x) and B007 unused loop variable `steps`; "
-    "tests/test_data.py, test_model.py, test_stats.py, test_workflow.py: I001 unsorted imports (ruff counts "
-    "`conftest` as third-party, so `from conftest import` belongs in the pytest/torch block; `ruff check --fix` "
-    "on those four files sorts them)"))
 def test_ruff_passes_on_the_whole_code_base():
     proc = ruff(*RUFF_PATHS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
