@@ -1,0 +1,33 @@
+"""The `actgrad` command and the config documentation."""
+
+import yaml
+from conftest import REPO, tiny_config, write_config
+
+from actgrad import cli
+from actgrad.config import load_schema
+
+
+def test_validate_accepts_the_shipped_configs(capsys):
+    for name in ("config.yaml", "smoke.yaml", "seed-notes.yaml"):
+        assert cli.main(["validate", str(REPO / "config" / name)]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_validate_names_the_bad_key(tmp_path, names_path, capsys):
+    config = tiny_config(names_path)
+    config["variants"]["fix_tanh"]["activation"] = "gelu"
+    assert cli.main(["validate", str(write_config(tmp_path, config))]) == 1
+    err = capsys.readouterr().err
+    assert "variants/fix_tanh/activation" in err and "tanh" in err and "relu" in err
+
+
+def test_every_config_key_is_documented():
+    schema = load_schema()
+    doc = (REPO / "config" / "README.md").read_text()
+    keys = set(schema["properties"]) | set(schema["definitions"]["variant"]["properties"])
+    keys |= {f"{section}.{k}" for section in ("stats", "sensitivity", "resources")
+             for k in schema["properties"][section]["properties"]}
+    missing = sorted(k for k in keys if f"`{k}`" not in doc and f"`{k}." not in doc)
+    assert not missing, f"config/README.md does not document: {missing}"
+    default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert set(default) <= set(schema["properties"])
