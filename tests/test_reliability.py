@@ -456,7 +456,7 @@ HUGE_LR = [{"from_step": 0, "lr": 1.0e6}]
 DIVERGING = {
     # the lecture's tanh MLP at lr 1e6: the loss is finite but above 1e4 from step 1 on
     "huge lr": dict(FIX_TANH, lr_schedule=HUGE_LR),
-    # a ReLU net at lr 1e6: the loss becomes NaN at step 2
+    # a ReLU net at lr 1e6: the loss is huge at step 1 and NaN at step 2
     "NaN loss": {"activation": "relu", "lr_schedule": HUGE_LR},
     # a deep tanh net whose output layer is scaled by 1e38: the logits overflow at step 0
     "infinite loss": {"model": "deep", "batchnorm": False, "n_layers": 2, "n_hidden": 16,
@@ -567,7 +567,9 @@ def test_nan_loss_does_not_stop_the_workflow(names_path, tmp_path):
     assert proc.returncode == 0, output_of(proc)[-3000:]
     for seed in config["seeds"]:
         metrics = json.loads((tmp_path / "results" / "runs" / "blowup" / f"seed{seed}" / "metrics.json").read_text())
-        assert metrics["status"] == "diverged" and metrics["diverged_at"] == 2
+        # Step 1's loss is already huge (above the 1e4 limit on some seeds); by step 2 it is NaN.
+        assert metrics["status"] == "diverged" and metrics["diverged_at"] in (1, 2)
+        assert metrics["steps_done"] == metrics["diverged_at"] + 1 and metrics["val_loss"] is None
 
 
 # ---------------------------------------------------------------------------------------------
