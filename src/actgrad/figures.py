@@ -96,6 +96,19 @@ class Run:
         return [s for s in p.read_text().splitlines() if s.strip()] if p.exists() else []
 
 
+def _step_axis(ax) -> None:
+    ax.set_xlabel("step")
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+
+
+def _finish_grid(axes, used: int, ylabel: str) -> None:
+    """Blank the panels of a grid that hold nothing, and label the first column's y axes."""
+    for ax in axes.flat[used:]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+
+
 def run_dirs_of(paths) -> list[Path]:
     """The distinct run directories of a list of run files (or directories)."""
     out = []
@@ -393,12 +406,8 @@ def heatmap_figure(hists: pd.DataFrame, title: str = ""):
         ax.set_facecolor("black")
         ax.grid(False)
         ax.set_title(layer)
-        ax.set_xlabel("step")
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
-    for ax in axes.flat[len(layers):]:
-        ax.axis("off")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("tanh output")
+        _step_axis(ax)
+    _finish_grid(axes, len(layers), "tanh output")
     fig.colorbar(mesh, ax=axes, label="log10 fraction", shrink=0.9, pad=0.01, extend="min")
     if title:
         fig.suptitle(title, fontsize=11, x=0.01, ha="left")
@@ -491,9 +500,8 @@ def loss_curves_figure(curves: dict[str, list[np.ndarray]], models: dict[str, st
             if diverged.get(v) and len(c):
                 ax.plot([c[-1]], [min(m[-1], top)], marker="X", ms=9, color=palette[v], clip_on=False, zorder=5)
         ax.set_title({"mlp": "one hidden layer (mlp)", "deep": "deep tanh network"}[model])
-        ax.set_xlabel("step")
+        _step_axis(ax)
         ax.set_ylabel("log10 loss (window mean)")
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
         if drawn:
             ax.legend(loc="upper right", ncol=1 if len(variants) < 5 else 2)
         else:
@@ -597,12 +605,8 @@ def sensitivity_figure(deltas: dict[str, list[tuple[int, np.ndarray]]]):
         ax.axhline(SENSITIVITY_FLOOR, color="0.6", lw=0.8, ls=":")
         ax.set_yscale("log")
         ax.set_title(v, fontsize=9.5)
-        ax.set_xlabel("step")
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
-    for ax in axes.flat[len(variants):]:
-        ax.axis("off")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("|Δ loss| vs twin")
+        _step_axis(ax)
+    _finish_grid(axes, len(variants), "|Δ loss| vs twin")
     if variants:
         axes.flat[0].legend(fontsize=7, loc="upper left")
     fig.suptitle("how far each run drifts from its twin (W1 x (1 + 1e-7)); rolling max; dotted floor: identical",
