@@ -1,5 +1,6 @@
 """The `actgrad` command and the config documentation."""
 
+import pytest
 import yaml
 from conftest import REPO, tiny_config, write_config
 
@@ -31,3 +32,18 @@ def test_every_config_key_is_documented():
     assert not missing, f"config/README.md does not document: {missing}"
     default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     assert set(default) <= set(schema["properties"])
+
+
+def test_base_is_found_beside_the_file_that_names_it(tmp_path, names_path, monkeypatch):
+    from actgrad.config import load
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    write_config(folder, tiny_config(names_path), name="base.yaml")
+    (folder / "quick.yaml").write_text("base: base.yaml\nmax_steps: 7\n")
+    monkeypatch.chdir(tmp_path)  # not the folder of the files
+    config = load("studies/quick.yaml")
+    assert config["max_steps"] == 7 and set(config["variants"]) == {"fix_tanh", "deep_bn"}
+    (folder / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="includes itself"):
+        load("studies/loop.yaml")

@@ -148,20 +148,27 @@ def read_yaml(path: str | Path) -> dict:
     return config
 
 
-def resolve_base(config: dict, seen: tuple = ()) -> dict:
-    """A config with ``base: other.yaml`` is that file with this one's keys merged on top."""
+def resolve_base(config: dict, origin: str | Path | None = None, seen: tuple = ()) -> dict:
+    """A config with ``base: other.yaml`` is that file with this one's keys merged on top.
+
+    ``base`` is looked up beside the file that names it (``origin``, its folder), then
+    from the working directory.
+    """
     if "base" not in config:
         return config
-    base_path = config["base"]
-    if base_path in seen:
-        raise ConfigError(f"base: {base_path} includes itself")
-    base = resolve_base(read_yaml(base_path), seen + (base_path,))
+    base_path = Path(config["base"])
+    if origin is not None and not base_path.is_absolute() and (Path(origin) / base_path).exists():
+        base_path = Path(origin) / base_path
+    key = str(base_path.resolve())
+    if key in seen:
+        raise ConfigError(f"base: {config['base']} includes itself")
+    base = resolve_base(read_yaml(base_path), base_path.parent, seen + (key,))
     return merge(base, {k: v for k, v in config.items() if k != "base"})
 
 
 def load(path: str | Path, overrides: dict | None = None) -> dict:
     """Read, validate and complete a config file."""
-    config = resolve_base(read_yaml(path))
+    config = resolve_base(read_yaml(path), Path(path).parent)
     if overrides:
         config = merge(config, overrides)
     schema = load_schema()

@@ -1,4 +1,6 @@
 # Config validation and the small functions the other rule files share.
+from pathlib import Path
+
 from snakemake.exceptions import WorkflowError
 
 from actgrad.config import ConfigError, apply_defaults, resolve_base, validate, variant_spec
@@ -6,7 +8,9 @@ from actgrad.config import ConfigError, apply_defaults, resolve_base, validate, 
 # The schema is workflow/schemas/config.schema.yaml; errors name the key and what is allowed,
 # and stop the workflow before any job runs.
 try:
-    _resolved = resolve_base(dict(config))
+    # `base:` is looked up beside the --configfile that names it.
+    _origin = Path(workflow.overwrite_configfiles[-1]).parent if workflow.overwrite_configfiles else None
+    _resolved = resolve_base(dict(config), _origin)
     config.clear()
     config.update(_resolved)
     validate(config)
