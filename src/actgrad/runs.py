@@ -42,9 +42,6 @@ from .train import (
     train_reference,
 )
 
-RUN_FILES = ("metrics.json", "losses.parquet", "stats.parquet", "histograms.parquet", "saturation.npz",
-             "params.pt", "samples.txt")
-
 
 def run_dir(results: str | os.PathLike, variant: str, seed: int) -> Path:
     return Path(results) / "runs" / variant / f"seed{seed}"

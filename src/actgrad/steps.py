@@ -37,7 +37,7 @@ def as_step(snakemake, fn) -> None:
     if log_path:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(log_path, "w")
-    out = _Tee(sys.stderr, *( [log_file] if log_file else [] ))
+    out = _Tee(sys.stderr, *([log_file] if log_file else []))
 
     def log(message: str) -> None:
         out.write(message + "\n")

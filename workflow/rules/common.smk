@@ -19,6 +19,7 @@ except ConfigError as e:
 apply_defaults(config)
 
 VARIANTS = list(config["variants"])
+# What one run writes (the docstring of actgrad.runs says what each file is).
 RUN_FILES = ["metrics.json", "losses.parquet", "stats.parquet", "histograms.parquet", "saturation.npz",
              "params.pt", "samples.txt"]
 
