@@ -101,6 +101,7 @@ def train_variant(config: dict, name: str, splits_path: str | os.PathLike, resul
     members = [(seed, 0.0) for seed in spec["seeds"]]
     if spec["sensitivity_twin"]:
         members += [(seed, spec["w1_perturbation"]) for seed in spec["seeds"]]
+    Xtr_d, Ytr_d = Xtr.to(device), Ytr.to(device)
     nets, gens, recorders, before = [], [], [], []
     for seed, perturbation in members:
         net, g = init_network(spec, seed, block_size, w1_perturbation=perturbation)
@@ -115,7 +116,7 @@ def train_variant(config: dict, name: str, splits_path: str | os.PathLike, resul
         # At init the running statistics are still 0 and 1, so a BatchNorm net is evaluated
         # with the training split's own statistics.
         with kept_running_stats(net):
-            init_loss, sat = evaluate(net, Xtr.to(device), Ytr.to(device), calibrate=bool(net.batchnorm_layers()),
+            init_loss, sat = evaluate(net, Xtr_d, Ytr_d, calibrate=bool(net.batchnorm_layers()),
                                       saturation=(SATURATION, DEAD))
         before.append({"init_loss": init_loss, "sat97_init": sat[SATURATION], "sat99_init": sat[DEAD]})
 
@@ -184,11 +185,14 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
     else:
         metrics.update(_final_evaluation(net, splits, device))
         samples = sample_names(net, splits["itos"], int(splits["block_size"]), int(config.get("samples", 20)), seed)
+    twin_losses = None
     if twin is not None:
+        # The twin's losses on the run's steps (NaN where it stopped earlier).
         n = min(len(losses), len(twin.losses))
-        delta = np.abs(losses[:n] - twin.losses.numpy()[:n])
+        twin_losses = np.full(len(losses), np.nan, dtype=np.float32)
+        twin_losses[:n] = twin.losses.numpy()[:n]
         metrics["twin_w1_perturbation"] = spec["w1_perturbation"]
-        metrics["twin_final_abs_delta"] = float(delta[-1]) if n else float("nan")
+        metrics["twin_final_abs_delta"] = float(abs(losses[n - 1] - twin_losses[n - 1])) if n else float("nan")
     metrics.update({
         "engine": config.get("engine", "batched"),
         "device": str(device),
@@ -199,10 +203,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
     })
 
     loss_frame = pd.DataFrame({"step": np.arange(len(losses), dtype=np.int32), "loss": losses.astype(np.float32)})
-    if twin is not None:
-        twin_losses = np.full(len(losses), np.nan, dtype=np.float32)
-        n = min(len(losses), len(twin.losses))
-        twin_losses[:n] = twin.losses.numpy()[:n]
+    if twin_losses is not None:
         loss_frame["twin_loss"] = twin_losses
     maps = {layer: m.numpy() for layer, m in rec.saturation_maps.items()}
     buf = io.BytesIO()
