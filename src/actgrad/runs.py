@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 
 from . import __version__
 from .config import variant_spec
+from .cpus import cpu_slot
 from .data import atomic_write_bytes, load_splits
 from .stats import DEAD, SATURATION, NetworkHooks, StatsPlan, StatsRecorder
 from .train import (
@@ -87,11 +89,22 @@ def _torch_bytes(obj) -> bytes:
 
 def train_variant(config: dict, name: str, splits_path: str | os.PathLike, results: str | os.PathLike,
                   log=print) -> list[dict]:
-    """Train every seed of variant ``name`` (and their twins), write each run, return the metrics."""
-    spec = variant_spec(config, name)
+    """Train every seed of variant ``name`` (and their twins), write each run, return the metrics.
+
+    On CPU the job first claims a CPU of its own (:func:`~actgrad.cpus.cpu_slot`), so that
+    training jobs never time-share one.
+    """
     device = resolve_device(config.get("device", "auto"))
+    threads = int(config.get("threads", 1))
+    slot = cpu_slot(threads, log=lambda m: log(f"[{name}] {m}")) if device.type == "cpu" else nullcontext()
+    with slot:
+        return _train_variant(config, name, splits_path, results, device, threads, log)
+
+
+def _train_variant(config, name, splits_path, results, device, threads, log) -> list[dict]:
+    spec = variant_spec(config, name)
     engine = config.get("engine", "batched")
-    torch.set_num_threads(int(config.get("threads", 1)))
+    torch.set_num_threads(threads)
     splits = load_splits(splits_path)
     block_size = int(splits["block_size"])
     Xtr, Ytr = splits["Xtrain"], splits["Ytrain"]
