@@ -128,6 +128,19 @@ def test_calibration_matches_the_lectures_pass_over_the_training_split(splits):
     assert torch.equal(bn.running_spread, hpreact.std(0, keepdim=True))
 
 
+@pytest.mark.parametrize("variant", ["batchnorm", "deep_bn_gain1"])
+def test_calibration_in_chunks_gives_the_same_statistics_and_logits(variant, splits):
+    Xtr, _ = splits["splits"]["train"]
+    X = Xtr[:20000]
+    whole, _ = train.init_network(spec(variant), LECTURE_SEED, 3)
+    chunked, _ = train.init_network(spec(variant), LECTURE_SEED, 3)
+    logits = whole.calibrate_batchnorm(X)
+    logits_chunked = chunked.calibrate_batchnorm(X, chunk=3000)  # not a divisor of the rows
+    assert torch.equal(logits, logits_chunked)
+    for (_, a), (_, b) in zip(whole.batchnorm_layers(), chunked.batchnorm_layers()):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_spread, b.running_spread)
+
+
 def test_learning_rate_schedule():
     schedule = [{"from_step": 0, "lr": 0.1}, {"from_step": 100000, "lr": 0.01}]
     assert train.learning_rate(schedule, 99999) == 0.1

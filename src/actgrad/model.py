@@ -151,18 +151,35 @@ class Network(nn.Module):
         return [(n, m) for n, m in self.layers.items() if isinstance(m, tuple(ACTIVATIONS.values()))]
 
     @torch.no_grad()
-    def calibrate_batchnorm(self, x: torch.Tensor) -> torch.Tensor:
+    def calibrate_batchnorm(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Set every BatchNorm's running statistics to those of the whole of ``x``, layer by layer.
 
         One pass in evaluation mode: each BatchNorm is calibrated on what reaches it from the
         layers before, which are already calibrated. Returns the output (the logits).
+
+        The statistics are taken over the whole of each layer's input, as the lecture takes
+        them; with ``chunk``, each layer then runs on ``chunk`` rows at a time, which gives
+        the same values (no layer mixes rows in evaluation mode) from cache-sized pieces.
         """
         was_training = self.training
         self.eval()
-        for layer in self.layers.values():
-            if isinstance(layer, BatchNorm1d):
-                layer.calibrate(x)
-            x = layer(x)
+        layers = list(self.layers.values())
+        # Only a BatchNorm's input is needed whole: the layers from one BatchNorm to the next run as one stretch.
+        starts = [0] + [i for i, layer in enumerate(layers) if isinstance(layer, BatchNorm1d) and i > 0]
+        for a, b in zip(starts, starts[1:] + [len(layers)]):
+            if isinstance(layers[a], BatchNorm1d):
+                layers[a].calibrate(x)
+            stretch = layers[a:b]
+
+            def run(rows, stretch=stretch):
+                for layer in stretch:
+                    rows = layer(rows)
+                return rows
+
+            if chunk is None or x.shape[0] <= chunk:
+                x = run(x)
+            else:
+                x = torch.cat([run(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
         self.train(was_training)
         return x
 

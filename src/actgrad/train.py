@@ -139,15 +139,16 @@ def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool 
 
     def count(module, inputs, output):
         total[0] += output.numel()
+        magnitude = output.abs()
         for t in saturation:
-            above[t] += (output.abs() > t).sum().item()
+            above[t] += int(torch.count_nonzero(magnitude > t))
 
     handles = [layer.register_forward_hook(count) for _, layer in net.activation_layers()] if saturation else []
     was_training = net.training
     try:
         net.eval()
         if calibrate:
-            logits = net.calibrate_batchnorm(X)
+            logits = net.calibrate_batchnorm(X, chunk=EVAL_CHUNK)
         else:
             logits = torch.cat([net(X[i:i + EVAL_CHUNK]) for i in range(0, X.shape[0], EVAL_CHUNK)])
         loss = F.cross_entropy(logits, Y).item()
