@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from . import data, lecture
+from .config import matmul_flops_per_step
 from .engine import train_batched
 from .model import build_network
 from .stats import StatsPlan, StatsRecorder
@@ -61,19 +62,6 @@ NETWORKS = {
              last_layer_scale=0.1),
         "deep", dict(batchnorm=True, gain=5 / 3, last_layer_scale=0.1)),
 }
-
-
-def matmul_flops_per_step(spec: dict, block_size: int, batch_size: int = BATCH_SIZE) -> int:
-    """Forward + backward matmul FLOPs of one model-step: 3 x (2 * batch * sum of fan_in * fan_out).
-
-    The backward pass does two matmuls per forward one (input gradient, weight gradient);
-    elementwise work, the embedding lookup and BatchNorm are left out.
-    """
-    if spec["model"] == "mlp":
-        dims = [spec["n_embd"] * block_size, spec["n_hidden"], 27]
-    else:
-        dims = [spec["n_embd"] * block_size] + [spec["n_hidden"]] * spec["n_layers"] + [27]
-    return 3 * 2 * batch_size * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
 
 
 def sgemm_peak(device: torch.device, clock=time.perf_counter, n: int | None = None, reps: int = 5) -> float:

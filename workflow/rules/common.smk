@@ -3,7 +3,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from actgrad.config import ConfigError, apply_defaults, resolve_base, validate, variant_spec
+from actgrad.config import ConfigError, apply_defaults, resolve_base, training_cost, validate, variant_spec
 
 # The schema is workflow/schemas/config.schema.yaml; errors name the key and what is allowed,
 # and stop the workflow before any job runs.

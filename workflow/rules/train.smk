@@ -20,6 +20,8 @@ for _variant in VARIANTS:
                                                    "split_seed")},
             results=lambda wildcards, output: str(Path(output[0]).parents[3]),
         threads: config["threads"]
+        # The most work first: a long job left to run alone at the end would leave CPUs idle.
+        priority: round(training_cost(variant_spec(config, _variant), config["block_size"]))
         resources:
             # A cluster job that ran out of memory or time asks for twice as much when retried.
             mem_mb=lambda wildcards, attempt: config["resources"]["train_mem_mb"] * attempt,
