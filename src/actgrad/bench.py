@@ -64,6 +64,10 @@ NETWORKS = {
 }
 
 
+# The engine's goals, in model-steps per second per core against the lecture's loop (issue 8).
+SPEED_GOALS = {"shallow": 5, "shallow+BN": 8, "deep": 5, "deep+BN": 10}
+
+
 def sgemm_peak(device: torch.device, clock=time.perf_counter, n: int | None = None, reps: int = 5) -> float:
     """Best GFLOP/s of a large square float32 matmul on ``device``."""
     n = n or (8192 if device.type == "cuda" else 2048)
@@ -240,7 +244,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print()
 
     header = (f"{'network':<11} {'engine':<22} {'device':<7} {'models':>6} {'model-steps/s':>14} "
-              f"{'x lecture':>9} {'GFLOP/s':>8} {'% peak':>7}")
+              f"{'x lecture':>9} {'GFLOP/s':>8} {'% peak':>7}  {'goal':<9}")
     print(header)
     print("-" * len(header))
     results = []
@@ -252,8 +256,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         gflops = rate * matmul_flops_per_step(spec, block_size) / 1e9
         peak = peaks[dev]
         name = label if label == "lecture loop" else f"engine{'' if stats else ' (no stats)'}"
+        goal = "" if label == "lecture loop" else (
+            f"{SPEED_GOALS[net]:g}x {'met' if rate / ref >= SPEED_GOALS[net] else 'short'}")
         print(f"{net:<11} {name:<22} {dev.type:<7} {m:>6} {rate:>14,.0f} {rate / ref:>9.2f} {gflops:>8.1f} "
-              f"{100 * gflops / peak:>6.1f}%")
+              f"{100 * gflops / peak:>6.1f}%  {goal}")
         results.append(dict(network=net, engine=name, device=str(dev), models=m, stats=stats,
                             model_steps_per_s=rate, ratio=rate / ref, gflops=gflops, peak_fraction=gflops / peak))
     print()
