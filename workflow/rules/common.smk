@@ -30,6 +30,16 @@ def run_outputs(variant, files=RUN_FILES):
             for f in files]
 
 
+# The package module a light step runs, as one of its inputs: editing it reruns the step (Snakemake's
+# code trigger sees only the two-line scripts). Training leaves its modules out on purpose: a
+# refactor of the engine should not silently retrain a quarter of an hour of runs.
+PACKAGE_DIR = Path(workflow.basedir) / "src" / "actgrad"
+
+
+def package_code(module):
+    return str(PACKAGE_DIR / f"{module}.py")
+
+
 def all_run_outputs(files=RUN_FILES):
     return [path for v in VARIANTS for path in run_outputs(v, files)]
 

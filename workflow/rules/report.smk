@@ -24,7 +24,8 @@ report: "../report/workflow.rst"
 
 rule figures_variant:
     input:
-        lambda wc: run_outputs(wc.variant, VARIANT_FIGURE_FILES),
+        runs=lambda wc: run_outputs(wc.variant, VARIANT_FIGURE_FILES),
+        code=package_code("figures"),
     output:
         **{
             name: report(f"results/figures/{{variant}}/{name}.png", caption=f"../report/{name}.rst",
@@ -51,6 +52,7 @@ rule figures_global:
         runs=all_run_outputs(["metrics.json", "losses.parquet", "stats.parquet"]),
         summary="results/summary.csv",
         references="results/reference_check.csv",
+        code=package_code("figures"),
     output:
         **{
             name: report(f"results/figures/{name}.png", caption=f"../report/{name}.rst",
@@ -83,6 +85,7 @@ rule report:
         + [f"results/figures/{v}/{name}.png" for v in VARIANTS for name in VARIANT_FIGURES],
         template=str(REPORT_TEMPLATE),
         captions=[str(CAPTIONS / f"{name}.rst") for name in GLOBAL_FIGURES + VARIANT_FIGURES],
+        code=package_code("report"),
     output:
         "report/report.html",
     params:

@@ -6,6 +6,7 @@ rule summary:
     input:
         metrics=all_run_outputs(["metrics.json"]),
         losses=all_run_outputs(["losses.parquet"]),
+        code=package_code("summary"),
     output:
         summary="results/summary.csv",
         variants="results/variants.csv",

@@ -6,4 +6,4 @@ if snakemake.rule == "figures_global":
     as_step(snakemake, lambda log: global_figures(snakemake.params.order, snakemake.input.runs, snakemake.input.summary,
                                                   snakemake.input.references, outputs, log=log))
 else:
-    as_step(snakemake, lambda log: variant_figures(snakemake.input, outputs, log=log))
+    as_step(snakemake, lambda log: variant_figures(snakemake.input.runs, outputs, log=log))
