@@ -632,6 +632,19 @@ def test_adding_a_variant_trains_only_it(reference_run):
 
 
 @pytest.mark.slow
+def test_a_light_step_lists_the_package_module_it_runs_as_input(reference_run):
+    """So that editing that module reruns the step (Snakemake's code trigger sees only the scripts);
+    training does not list its modules, so that a refactor does not retrain."""
+    workdir, _, configfile = reference_run
+    proc = snakemake(workdir, configfile, "--dry-run", "--forcerun", "summary", "train_long", SUMMARY)
+    inputs = {head: re.search(r"^\s{4}input: (.*)$", block, re.M).group(1).split(", ")
+              for block in re.split(r"\n(?=\s*(?:local)?rule \S+:\n)", output_of(proc))
+              if (head := (re.match(r"\s*(?:local)?rule (\S+):\n", block) or [None, None])[1])}
+    assert str(REPO / "src" / "actgrad" / "summary.py") in inputs["summary"]
+    assert not any("src/actgrad" in path for path in inputs["train_long"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("key", "value"), [
     ("samples", 5),
     ("stats", {"every": 100, "update_every": 50, "histogram_every": 1000, "snapshot_steps": [0, 500], "bins": 20}),
