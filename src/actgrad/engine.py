@@ -713,14 +713,16 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
         max_group = group_size(arch, batch_size, T) if device.type == "cpu" else M
     n_groups = -(-M // max(1, max_group))
     bounds = [round(i * M / n_groups) for i in range(n_groups + 1)]  # as equal as can be
-    groups = [_Group(list(range(a, b)), nets, arch, batch_size, T, device) for a, b in zip(bounds, bounds[1:])]
-    Xtr_d, Ytr_d = Xtr.to(device), Ytr.to(device)
-    losses = torch.full((steps, M), float("nan"), dtype=torch.float32, device=device)
     diverged_at: list[int | None] = [None] * M
     done_steps = [steps] * M
     every = divergence_check_every
 
-    with torch.no_grad():
+    # Inference mode, not just no_grad: its tensors skip the version counters and view tracking
+    # that every operation pays for otherwise (measured: 5-10 % more model-steps/s at 5 models).
+    with torch.inference_mode():
+        groups = [_Group(list(range(a, b)), nets, arch, batch_size, T, device) for a, b in zip(bounds, bounds[1:])]
+        Xtr_d, Ytr_d = Xtr.to(device), Ytr.to(device)
+        losses = torch.full((steps, M), float("nan"), dtype=torch.float32, device=device)
         k0 = 0
         while k0 < steps and groups:
             k1 = min(steps, k0 + index_chunk)
