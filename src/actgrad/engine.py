@@ -18,6 +18,8 @@ architecture (different seeds, init scales, gains, ...) as one batched model:
 * on CPU, more models than fit the cache (about 26 deep BatchNorm nets, 70 shallow ones)
   are split into batches that take turns, a stretch of up to ``divergence_check_every``
   steps each;
+* it runs in ``torch.inference_mode()``: no operation pays for autograd's version counters
+  and view tracking;
 * no host synchronisation per step: losses stay on the device and are checked every
   ``divergence_check_every`` steps with :func:`~actgrad.train.diverged_steps`, as
   :func:`~actgrad.train.train_reference` checks them. A model that diverged is written
