@@ -56,15 +56,17 @@ def files_under(directory: Path) -> list[Path]:
 
 
 def job_blocks(output: str) -> list[dict]:
-    """Each job of a dry run's printout: its rule and its output, log and benchmark files."""
+    """Each job of a dry run's printout: its rule, its input files, and its output, log and benchmark files."""
     jobs = []
     for block in re.split(r"\n(?=\s*(?:local)?rule \S+:\n)", output):
         head = re.match(r"\s*(?:local)?rule (\S+):\n", block)
         if not head:
             continue
-        job = {"rule": head.group(1), "files": []}
+        job = {"rule": head.group(1), "files": [], "inputs": []}
         for value in re.findall(r"^\s{4}(?:output|log|benchmark): (.*)$", block, re.M):
             job["files"] += value.split(", ")
+        for value in re.findall(r"^\s{4}input: (.*)$", block, re.M):
+            job["inputs"] += value.split(", ")
         jobs.append(job)
     return jobs
 
@@ -637,9 +639,7 @@ def test_a_light_step_lists_the_package_module_it_runs_as_input(reference_run):
     training does not list its modules, so that a refactor does not retrain."""
     workdir, _, configfile = reference_run
     proc = snakemake(workdir, configfile, "--dry-run", "--forcerun", "summary", "train_long", SUMMARY)
-    inputs = {head: re.search(r"^\s{4}input: (.*)$", block, re.M).group(1).split(", ")
-              for block in re.split(r"\n(?=\s*(?:local)?rule \S+:\n)", output_of(proc))
-              if (head := (re.match(r"\s*(?:local)?rule (\S+):\n", block) or [None, None])[1])}
+    inputs = {job["rule"]: job["inputs"] for job in job_blocks(output_of(proc))}
     assert str(REPO / "src" / "actgrad" / "summary.py") in inputs["summary"]
     assert not any("src/actgrad" in path for path in inputs["train_long"])
 

@@ -169,19 +169,22 @@ class Network(nn.Module):
         for a, b in zip(starts, starts[1:] + [len(layers)]):
             if isinstance(layers[a], BatchNorm1d):
                 layers[a].calibrate(x)
-            stretch = layers[a:b]
-
-            def run(rows, stretch=stretch):
-                for layer in stretch:
-                    rows = layer(rows)
-                return rows
-
-            if chunk is None or x.shape[0] <= chunk:
-                x = run(x)
-            else:
-                x = torch.cat([run(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
+            x = apply_in_chunks(layers[a:b], x, chunk)
         self.train(was_training)
         return x
+
+
+def apply_in_chunks(layers, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """``layers`` applied in turn to ``chunk`` rows of ``x`` at a time (all at once without ``chunk``)
+    and joined: the same values as one pass when no layer mixes rows, from cache-sized pieces."""
+    def run(rows):
+        for layer in layers:
+            rows = layer(rows)
+        return rows
+
+    if chunk is None or x.shape[0] <= chunk:
+        return run(x)
+    return torch.cat([run(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
 
 
 def _scaled(t: torch.Tensor, scale, gain: float, fan_in: int) -> torch.Tensor:

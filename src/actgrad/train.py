@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .model import Network, build_network
+from .model import Network, apply_in_chunks, build_network
 
 EXPECTED_INIT_LOSS = -math.log(1 / 27)  # 3.2958: a uniform guess over 27 characters
 # A tanh net's loss stays finite however badly it blows up (tanh bounds the activations), so a
@@ -150,7 +150,7 @@ def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool 
         if calibrate:
             logits = net.calibrate_batchnorm(X, chunk=EVAL_CHUNK)
         else:
-            logits = torch.cat([net(X[i:i + EVAL_CHUNK]) for i in range(0, X.shape[0], EVAL_CHUNK)])
+            logits = apply_in_chunks(list(net.layers.values()), X, EVAL_CHUNK)
         loss = F.cross_entropy(logits, Y).item()
     finally:
         for h in handles:

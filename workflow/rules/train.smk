@@ -3,6 +3,7 @@
 from pathlib import Path
 
 for _variant in VARIANTS:
+    _spec = variant_spec(config, _variant)
 
     rule:
         name:
@@ -14,14 +15,14 @@ for _variant in VARIANTS:
         params:
             variant=_variant,
             # The variant's complete settings: change one and only that variant trains again.
-            spec=variant_spec(config, _variant),
+            spec=_spec,
             # ... and so do the study-wide settings that shape a run's outputs.
             settings={key: config[key] for key in ("engine", "device", "samples", "stats", "block_size",
                                                    "split_seed")},
             results=lambda wildcards, output: str(Path(output[0]).parents[3]),
         threads: config["threads"]
         # The most work first: a long job left to run alone at the end would leave CPUs idle.
-        priority: round(training_cost(variant_spec(config, _variant), config["block_size"]))
+        priority: round(training_cost(_spec, config["block_size"]))
         resources:
             # A cluster job that ran out of memory or time asks for twice as much when retried.
             mem_mb=lambda wildcards, attempt: config["resources"]["train_mem_mb"] * attempt,
