@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, lecture
+from . import data, kernels, lecture
 from .config import matmul_flops_per_step
 from .engine import train_batched
 from .model import build_network
@@ -104,10 +104,11 @@ def time_lecture(kind: str, args: dict, Xtr, Ytr, steps: int, clock=time.perf_co
 
 
 def time_engine(spec: dict, models: int, Xtr, Ytr, steps: int, device: torch.device, stats,
-                block_size: int, clock=time.perf_counter) -> float:
+                block_size: int, clock=time.perf_counter, kernels: bool | None = None) -> float:
     """Model-steps per second of the batched engine on ``models`` models (different seeds).
 
-    ``stats``: False, True (the default StatsPlan) or a StatsPlan.
+    ``stats``: False, True (the default StatsPlan) or a StatsPlan. ``kernels``: as
+    :func:`~actgrad.engine.train_batched` takes it (None: the C kernels where they build).
     """
     nets, gens = [], []
     for seed in range(models):
@@ -119,7 +120,7 @@ def time_engine(spec: dict, models: int, Xtr, Ytr, steps: int, device: torch.dev
     _sync(device)
     t0 = clock()
     train_batched(nets, gens, Xtr, Ytr, steps=steps, batch_size=BATCH_SIZE, lr_schedule=SCHEDULE,
-                  recorders=recorders, device=device)
+                  recorders=recorders, device=device, kernels=kernels)
     _sync(device)
     return models * steps / (clock() - t0)
 
@@ -212,15 +213,22 @@ def run(args: argparse.Namespace) -> list[dict]:
           + ", ".join(f"{n} {matmul_flops_per_step(NETWORKS[n][0], block_size) / 1e6:.2f} M" for n in args.networks))
     print("engine: M models of one network (seeds 1000..) trained together; statistics on (a StatsRecorder "
           "per model, default StatsPlan) unless marked 'no stats'; reference: the lecture's loop on CPU")
+    compiled = any(dev.type == "cpu" for dev in args.devices) and kernels.load() is not None
+    print(f"C kernels on CPU: {kernels.status()}"
+          + ("; 'PyTorch ops': the same engine without them" if compiled else ""))
 
-    # Rows: (network, label, device, models, stats); the reference is the lecture loop on CPU.
+    # Rows: (network, label, device, models, stats, kernels); the reference is the lecture loop on CPU.
+    # Without the C kernels, once, at the smallest batch of several models (the pipeline trains 5).
+    several = min([m for m in args.models if m > 1] or args.models)
     rows = []
     for net in args.networks:
-        rows.append((net, "lecture loop", torch.device("cpu"), 1, False))
+        rows.append((net, "lecture loop", torch.device("cpu"), 1, False, None))
         for dev in args.devices:
             for m in args.models:
-                rows.append((net, "engine", dev, m, True))
-            rows.append((net, "engine", dev, max(args.models), False))
+                rows.append((net, "engine", dev, m, True, None))
+                if m == several and dev.type == "cpu" and compiled:
+                    rows.append((net, "engine (PyTorch ops)", dev, m, True, False))
+            rows.append((net, "engine", dev, max(args.models), False, None))
     best = {r: 0.0 for r in rows}
     peaks = {dev: 0.0 for dev in args.devices}
     warm = 20
@@ -228,14 +236,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         for dev in args.devices:
             peaks[dev] = max(peaks[dev], sgemm_peak(dev, clocks[dev]))
         for row in rows:
-            net, label, dev, m, stats = row
+            net, label, dev, m, stats, use_kernels = row
             spec, kind, lecture_args = NETWORKS[net]
             if label == "lecture loop":
                 time_lecture(kind, lecture_args, Xtr, Ytr, warm)
                 rate = time_lecture(kind, lecture_args, Xtr, Ytr, args.steps, cpu_clock)
             else:
-                time_engine(spec, m, Xtr, Ytr, warm, dev, stats, block_size)
-                rate = time_engine(spec, m, Xtr, Ytr, args.steps, dev, stats, block_size, clocks[dev])
+                time_engine(spec, m, Xtr, Ytr, warm, dev, stats, block_size, kernels=use_kernels)
+                rate = time_engine(spec, m, Xtr, Ytr, args.steps, dev, stats, block_size, clocks[dev],
+                                   kernels=use_kernels)
             best[row] = max(best[row], rate)
     for dev in args.devices:
         label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} thread(s)"
@@ -249,13 +258,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     print("-" * len(header))
     results = []
     for row in rows:
-        net, label, dev, m, stats = row
+        net, label, dev, m, stats, _ = row
         spec = NETWORKS[net][0]
-        ref = best[(net, "lecture loop", torch.device("cpu"), 1, False)]
+        ref = best[(net, "lecture loop", torch.device("cpu"), 1, False, None)]
         rate = best[row]
         gflops = rate * matmul_flops_per_step(spec, block_size) / 1e9
         peak = peaks[dev]
-        name = label if label == "lecture loop" else f"engine{'' if stats else ' (no stats)'}"
+        name = label if label != "engine" else f"engine{'' if stats else ' (no stats)'}"
         goal = "" if label == "lecture loop" else (
             f"{SPEED_GOALS[net]:g}x {'met' if rate / ref >= SPEED_GOALS[net] else 'short'}")
         print(f"{net:<11} {name:<22} {dev.type:<7} {m:>6} {rate:>14,.0f} {rate / ref:>9.2f} {gflops:>8.1f} "
@@ -269,8 +278,8 @@ def run(args: argparse.Namespace) -> list[dict]:
           "default plan from the measured cost of each kind of statistics step:")
     for net in args.networks:
         for dev in args.devices:
-            on = best[(net, "engine", dev, m, True)]
-            off = best[(net, "engine", dev, m, False)]
+            on = best[(net, "engine", dev, m, True, None)]
+            off = best[(net, "engine", dev, m, False, None)]
             costs = stats_step_costs(NETWORKS[net][0], m, Xtr, Ytr, dev, block_size, clocks[dev])
             extra = sum(n * costs[kind] for kind, n in DEFAULT_RUN.items())
             full = 200000 * costs["plain"]

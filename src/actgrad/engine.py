@@ -20,6 +20,12 @@ architecture (different seeds, init scales, gains, ...) as one batched model:
   steps each;
 * it runs in ``torch.inference_mode()``: no operation pays for autograd's version counters
   and view tracking;
+* on CPU, small C kernels (:mod:`actgrad.kernels`, compiled on first use) do in one pass what
+  takes 3 to 10 PyTorch operations: each BatchNorm's forward pass with its batch statistics and
+  running update, its backward pass through the tanh above it, the tanh backward with the bias
+  gradient below it, and the embedding's gradient. Measured at 5 models: 1.35x the model-steps/s
+  of the same engine on PyTorch operations for the deep BatchNorm net, 1.26x for the shallow one,
+  1.09x shallow, 1.03x deep. Without a C compiler the engine uses the PyTorch operations;
 * no host synchronisation per step: losses stay on the device and are checked every
   ``divergence_check_every`` steps with :func:`~actgrad.train.diverged_steps`, as
   :func:`~actgrad.train.train_reference` checks them. A model that diverged is written
@@ -49,6 +55,7 @@ choices above; inductor's vectorised tanh is as slow as torch's, and its guards 
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass
 
@@ -213,7 +220,7 @@ _threshold_backward = torch.ops.aten.threshold_backward.grad_input
 class _LinearOp:
     """out = W^T x (+ b), feature-major: out (M, fan_out, B) = WT (M, fan_out, fan_in) @ x (M, fan_in, B)."""
 
-    __slots__ = ("layer", "WT", "WT_t", "gWT", "bias", "gb", "x", "x_t", "out", "dx", "into_embedding")
+    __slots__ = ("layer", "WT", "WT_t", "gWT", "bias", "gb", "x", "x_t", "out", "dx", "into_embedding", "sum_bias")
 
     def forward(self):
         if self.bias is None:
@@ -224,7 +231,7 @@ class _LinearOp:
     def backward(self, d, lr: float, fused: bool):
         """The input gradient (with the weight as it was), then the weight: updated in place by
         ``W += -lr * d @ x^T`` when ``fused``, else its gradient written for the statistics."""
-        if self.gb is not None:
+        if self.sum_bias:
             torch.sum(d, 2, True, out=self.gb)
         if self.into_embedding is not None:
             dx = self.into_embedding(d)
@@ -246,9 +253,12 @@ class _BatchNormOp:
     """
 
     __slots__ = ("layer", "gamma", "ggamma", "beta", "gbeta", "x", "out", "total", "norm", "inv", "scale", "k",
-                 "dx", "inv_B", "std", "sqrt_n1", "eps", "inv_n1", "neg_inv_n1")
+                 "dx", "inv_B", "std", "sqrt_n1", "eps", "inv_n1", "neg_inv_n1", "kernels", "args", "tanh_out")
 
     def forward(self):
+        if self.kernels is not None:  # all of the below, the batch statistics and the running update
+            self.kernels.bn_forward(self.args)
+            return
         torch.sum(self.x, 2, True, out=self.total)
         xc = torch.sub(self.x, self.total, alpha=self.inv_B, out=self.x)  # centred in place
         # torch.var is slow along a short contiguous dimension on CPU: the norm is one pass
@@ -262,8 +272,14 @@ class _BatchNormOp:
         torch.mul(xc, self.scale, out=self.out).add_(self.beta)
 
     def backward(self, d, lr: float, fused: bool):
-        """dx = gamma/spread' * (d - mean(d) - xhat * sum(d * xhat) / (B - 1)), xhat = xc / spread'."""
+        """dx = gamma/spread' * (d - mean(d) - xhat * sum(d * xhat) / (B - 1)), xhat = xc / spread'.
+
+        With the kernels, d may still be the gradient of the tanh above (``tanh_out``), which
+        the kernel takes through the tanh first."""
         xc, dx = self.x, self.dx
+        if self.kernels is not None:
+            self.kernels.bn_backward(self.args, d.data_ptr(), self.tanh_out, dx.data_ptr())
+            return dx
         torch.sum(d, 2, True, out=self.gbeta)
         torch.sum(torch.mul(d, xc, out=dx), 2, True, out=self.ggamma).mul_(self.inv)  # sum(d * xhat)
         torch.mul(self.ggamma, self.inv, out=self.k)
@@ -276,7 +292,7 @@ class _BatchNormOp:
 class _ActivationOp:
     """tanh or relu, in place: the pre-activation is not needed again (after the statistics)."""
 
-    __slots__ = ("layer", "x", "x_np", "dx", "tanh")
+    __slots__ = ("layer", "x", "x_np", "dx", "tanh", "kernels", "into_batchnorm", "bias_grad", "rows")
 
     def forward(self):
         if self.x_np is not None:  # numpy's float32 tanh: as accurate as torch's, several times faster
@@ -287,6 +303,12 @@ class _ActivationOp:
             torch.clamp_min(self.x, 0, out=self.x)
 
     def backward(self, d, lr: float, fused: bool):
+        if self.into_batchnorm:  # the BatchNorm kernel below takes d through the tanh
+            return d
+        if self.kernels is not None:  # and the bias gradient of the Linear below, in the same pass
+            self.kernels.tanh_backward_bias(d.data_ptr(), self.x.data_ptr(), self.dx.data_ptr(), self.bias_grad,
+                                            self.rows, self.x.shape[-1])
+            return self.dx
         if self.tanh:
             return _tanh_backward(d, self.x, grad_input=self.dx)
         return _threshold_backward(d, self.x, 0, grad_input=self.dx)
@@ -300,8 +322,9 @@ class _Batch:
     than the arithmetic.
     """
 
-    def __init__(self, nets: list[Network], arch, batch_size: int, block_size: int, device):
+    def __init__(self, nets: list[Network], arch, batch_size: int, block_size: int, device, kernels=None):
         self.arch, self.B, self.T, self.device = arch, batch_size, block_size, device
+        self.kernels = kernels  # the compiled CPU kernels (actgrad.kernels), or None
         self.M = M = len(nets)
         # The flat buffers hold the small parameters (embedding, biases, BatchNorm) first and
         # the Linear weights last: on most steps the weights are updated inside their
@@ -378,6 +401,7 @@ class _Batch:
                 op.x, op.x_t = x, x.transpose(1, 2)
                 op.out = x = torch.empty(M, L.fan_out, B, device=dev)
                 op.into_embedding = self._embedding_backward if not self.ops else None
+                op.sum_bias = op.gb is not None
             elif L.kind == "batchnorm":
                 op = _BatchNormOp()
                 gm, bt = slot_of[f"layers.{L.name}.gamma"], slot_of[f"layers.{L.name}.beta"]
@@ -390,11 +414,23 @@ class _Batch:
                 op.std = L.flavour == "std"
                 op.inv_B, op.inv_n1, op.neg_inv_n1 = 1.0 / B, 1.0 / (B - 1), -1.0 / (B - 1)
                 op.sqrt_n1, op.eps = c((B - 1) ** 0.5), c(L.eps)
+                op.kernels, op.tanh_out = self.kernels, None
+                if self.kernels is not None:
+                    op.args = self._batchnorm_args(op, bn_k - 1, L)
             else:
                 op = _ActivationOp()
                 op.x = x
                 op.tanh = L.flavour == "tanh"
                 op.x_np = x.numpy() if numpy_tanh and op.tanh else None
+                op.kernels, op.into_batchnorm, op.bias_grad = None, False, None
+                below = self.ops[-1] if self.ops else None
+                if self.kernels is not None and op.tanh:
+                    if isinstance(below, _BatchNormOp):
+                        op.into_batchnorm, below.tanh_out = True, x.data_ptr()
+                    else:
+                        op.kernels, op.rows = self.kernels, M * x.shape[1]
+                        if isinstance(below, _LinearOp) and below.sum_bias:
+                            op.bias_grad, below.sum_bias = below.gb.data_ptr(), False
             op.layer = L
             self.ops.append(op)
         self.logits = x
@@ -415,6 +451,21 @@ class _Batch:
         self.picked = torch.empty(M, 1, B, device=dev)
         self.g_out = torch.zeros(M, V, B, device=dev)
         self.dlogits = torch.empty(M, V, B, device=dev)
+
+    def _batchnorm_args(self, op: _BatchNormOp, k: int, L: _Layer):
+        """The kernel's view of BatchNorm op ``op``, the ``k``-th: its buffers, sizes and constants."""
+        from .kernels import BatchNormArgs
+
+        K, stats, running = self.n_bn, self.batch_stats.views, self.running.views
+        ptrs = dict(x=op.x, out=op.out, gamma=op.gamma, beta=op.beta, inv=op.inv, scale=op.scale, mean=stats[k],
+                    spread=stats[K + k], run_mean=running[k], run_spread=running[K + k], ggamma=op.ggamma,
+                    gbeta=op.gbeta)
+        for name, t in ptrs.items():
+            if not t.is_contiguous():  # pragma: no cover - every workspace tensor is made contiguous
+                raise RuntimeError(f"BatchNorm kernel needs a contiguous {name}")
+        args = BatchNormArgs(**{n: t.data_ptr() for n, t in ptrs.items()}, rows=self.M * L.fan_out, B=self.B,
+                             std_flavour=int(L.flavour == "std"), eps=L.eps, keep=1 - L.momentum, take=L.momentum)
+        return ctypes.pointer(args)
 
     def select(self, keep: torch.Tensor) -> None:
         """Carry on with the models at positions ``keep`` only."""
@@ -447,7 +498,7 @@ class _Batch:
                 op.forward()
         else:
             self._forward_recording(stats)
-        if self.bn_layers:
+        if self.bn_layers and self.kernels is None:  # the kernels do both in the forward pass
             self._finish_batch_stats()
             self._update_running()
         logp = torch._log_softmax(self.logits, 1, False, out=self.logp)  # (M, V, B)
@@ -491,6 +542,11 @@ class _Batch:
         """d (M, fan_out, B) into the first Linear -> rows of C, as autograd does for C[X]."""
         M, B = self.M, self.B
         torch.bmm(d.transpose(1, 2), self.ops[0].WT, out=self.demb_padded)
+        if self.kernels is not None:  # zero, then add each lookup's rows, padding skipped: one pass
+            self.kernels.embedding_backward(self.gC_flat.data_ptr(), self.gC_flat.shape[0], self.gC_flat.shape[1],
+                                            self._idx.data_ptr(), self._idx.numel(), self.demb_padded.data_ptr(),
+                                            self.T, self.demb_padded.shape[2])
+            return None
         if self.demb_padded.data_ptr() != self.demb.data_ptr():
             self.demb.copy_(self.demb_padded[:, :, :self.demb.shape[2]])
         self.gC_flat.zero_()  # index_put_ with accumulation: what autograd does for C[X]
@@ -599,9 +655,9 @@ def _stat_schedule(positions, k0: int, k1: int) -> dict[int, list]:
 class _Group:
     """Models trained together as one :class:`_Batch`, with their minibatches and losses of the current chunk."""
 
-    def __init__(self, members: list[int], nets, arch, batch_size, block_size, device):
+    def __init__(self, members: list[int], nets, arch, batch_size, block_size, device, kernels=None):
         self.members = members  # model numbers, in batch order
-        self.batch = _Batch([nets[m] for m in members], arch, batch_size, block_size, device)
+        self.batch = _Batch([nets[m] for m in members], arch, batch_size, block_size, device, kernels)
 
     def draw(self, gens, k0: int, k1: int, n_train: int, Xtr_d, Ytr_d, recorders) -> None:
         """The minibatch indices of steps [k0, k1) from each model's generator, as the lecture draws them."""
@@ -675,7 +731,8 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
                   steps: int, batch_size: int, lr_schedule: list[dict],
                   recorders: list[StatsRecorder | None] | None = None, device=torch.device("cpu"),
                   divergence_check_every: int = 100, divergence_loss: float = DIVERGENCE_LOSS,
-                  index_chunk: int = INDEX_CHUNK, max_group: int | None = None) -> list[TrainResult]:
+                  index_chunk: int = INDEX_CHUNK, max_group: int | None = None,
+                  kernels: bool | None = None) -> list[TrainResult]:
     """Train ``nets`` (one architecture, already initialised) together; one TrainResult per model.
 
     ``gens[i]`` is the generator that drew ``nets[i]``; it draws model i's minibatch indices as
@@ -710,6 +767,14 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
         net.to(device)
         net.train()
 
+    compiled = None
+    if device.type == "cpu" and kernels is not False:
+        from . import kernels as _kernels
+
+        compiled = _kernels.load()
+        if compiled is None and kernels:
+            raise RuntimeError(f"the C kernels were asked for but are {_kernels.status()}")
+
     start = time.perf_counter()
     if max_group is None:
         max_group = group_size(arch, batch_size, T) if device.type == "cpu" else M
@@ -722,7 +787,8 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
     # Inference mode, not just no_grad: its tensors skip the version counters and view tracking
     # that every operation pays for otherwise (measured: 5-10 % more model-steps/s at 5 models).
     with torch.inference_mode():
-        groups = [_Group(list(range(a, b)), nets, arch, batch_size, T, device) for a, b in zip(bounds, bounds[1:])]
+        groups = [_Group(list(range(a, b)), nets, arch, batch_size, T, device, compiled)
+                  for a, b in zip(bounds, bounds[1:])]
         Xtr_d, Ytr_d = Xtr.to(device), Ytr.to(device)
         losses = torch.full((steps, M), float("nan"), dtype=torch.float32, device=device)
         k0 = 0
