@@ -8,9 +8,12 @@ twins, and reference values of every kind (matched, missed, chaotic, not reached
 from __future__ import annotations
 
 import base64
+import io
 import math
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +275,53 @@ def test_loss_curves_with_a_diverged_variant_and_an_empty_panel():
     top = axes[0].get_ylim()[1]
     assert top < math.log10(20), "a diverged curve must not set the scale"
     assert png_bytes(fig)[:8] == PNG_MAGIC
+
+
+def test_a_png_is_drawn_at_the_figure_size_unless_something_runs_off_it():
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from actgrad.figures import png_bytes
+
+    fig, ax = plt.subplots(figsize=(4, 3), layout="constrained")
+    ax.plot([0, 1], [0, 1], label="a line")
+    ax.set(title="title", xlabel="x", ylabel="y")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside the axes: constrained layout makes room
+    assert Image.open(io.BytesIO(png_bytes(fig))).size == (400, 300)
+    # Constrained layout does not place a figure's own text: this one would be cut off at the right edge.
+    fig, ax = plt.subplots(figsize=(4, 3), layout="constrained")
+    ax.plot([0, 1], [0, 1])
+    fig.text(0.9, 0.5, "runs past the right edge")
+    width, height = Image.open(io.BytesIO(png_bytes(fig))).size
+    assert width > 450, "the figure was not widened to what it holds"
+
+
+def test_a_deep_nets_activation_legends_fit_side_by_side():
+    """Five layers' labels (mean, std, saturation) in two columns were wider than half the figure:
+    the two panels' legends ran into each other and past the figure's edges."""
+    from actgrad.figures import distribution_figure, style
+
+    style()  # the workflow's fonts
+    stats, hists = synthetic_stats(layers=tuple(f"tanh{i}" for i in range(1, 6)))
+    fig = distribution_figure(hists, stats, "activation", [0, 100])
+    fig.canvas.draw()
+    left, right = (ax.get_legend().get_window_extent() for ax in fig.axes)
+    assert 0 <= left.x0 and left.x1 < right.x0 and right.x1 <= fig.bbox.width, (left, right)
+
+
+@pytest.mark.parametrize(("module", "unwanted"), [
+    ("actgrad.figures", ["torch"]),
+    ("actgrad.summary", ["torch", "matplotlib", "scipy.stats"]),
+    ("actgrad.report", ["torch", "matplotlib", "scipy.stats"]),
+    ("actgrad.steps", ["torch"]),
+])
+def test_the_light_steps_import_nothing_they_do_not_use(module, unwanted):
+    """Every figure, summary and report job is a fresh Python: torch would cost each 1.4 s of CPU to
+    import, and matplotlib with seaborn and scipy.stats another second to the report, which draws nothing."""
+    code = f"import sys, {module}; print(*[m for m in {unwanted!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [], f"importing {module} imports {proc.stdout.strip()}"
 
 
 def test_formatting_never_shows_nan():

@@ -14,8 +14,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+# torch is imported where tensors are made: the download, the figures, the summary and the
+# report use only the torch-free helpers here, and importing torch costs them 1.4 s of CPU each.
+if TYPE_CHECKING:
+    import torch
 
 BLOCK_SIZE = 3
 SPLIT_SEED = 42
@@ -192,6 +196,8 @@ def vocabulary(words: list[str]) -> tuple[dict[str, int], dict[int, str]]:
 
 def build_dataset(words: list[str], stoi: dict[str, int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every (context of ``block_size`` characters, next character) pair of every word."""
+    import torch
+
     X, Y = [], []
     for w in words:
         context = [0] * block_size
@@ -228,6 +234,8 @@ def make_splits(words: list[str], block_size: int = BLOCK_SIZE, seed: int = SPLI
 
 def save_splits(names_path: str | os.PathLike, out_tensors: str | os.PathLike, out_summary: str | os.PathLike,
                 block_size: int = BLOCK_SIZE, seed: int = SPLIT_SEED) -> dict:
+    import torch
+
     names_path = Path(names_path)
     data = names_path.read_bytes()
     words = validate_names(data, str(names_path))
@@ -257,4 +265,6 @@ def save_splits(names_path: str | os.PathLike, out_tensors: str | os.PathLike, o
 
 
 def load_splits(path: str | os.PathLike) -> dict:
+    import torch
+
     return torch.load(path, weights_only=True)

@@ -37,17 +37,21 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
+# EXPECTED_INIT_LOSS and LECTURE_SNAPSHOT are not used here; they were defined here once and stay importable.
+from .conventions import (  # noqa: E402, F401
+    EXPECTED_INIT_LOSS,
+    GLOBAL_FIGURES,
+    LECTURE_SNAPSHOT,
+    VARIANT_FIGURES,
+    natural_key,
+    pick_snapshot,
+)
 from .data import atomic_write_bytes  # noqa: E402
 from .summary import lecture_seed_of  # noqa: E402
 
 DPI = 100
-LECTURE_SNAPSHOT = 1000  # the step the lecture's diagnostic plots show
 UPDATE_GUIDE = -3.0  # the lecture's rule of thumb: updates about 1/1000 of the data
 HEATMAP_VMIN = -4.0  # log10 fraction: the heat-map's colour scale runs from 1/10,000 to everything
-EXPECTED_INIT_LOSS = -math.log(1 / 27)
-
-VARIANT_FIGURES = ("init", "activations", "activation_grads", "weight_grads", "updates", "heatmap")
-GLOBAL_FIGURES = ("loss_curves", "final_losses", "deep_layers", "sensitivity")
 
 
 # -- reading runs -------------------------------------------------------------------------
@@ -126,10 +130,6 @@ def lecture_run(runs: list[Run]) -> Run:
 
 
 # -- small helpers --------------------------------------------------------------------------
-def natural_key(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name))]
-
-
 def param_label(name: str) -> str:
     """'layers.linear2.weight' -> 'W2', 'layers.embedding.weight' -> 'C' (the lecture's names)."""
     m = re.search(r"linear(\d+)\.weight$", name)
@@ -152,17 +152,6 @@ def layer_colors(n: int) -> list:
 def variant_palette(variants: list[str]) -> dict[str, tuple]:
     pal = sns.color_palette("tab10") + sns.color_palette("Set2") + sns.color_palette("Dark2")
     return {v: pal[i % len(pal)] for i, v in enumerate(variants)}
-
-
-def pick_snapshot(steps, last_step=None, target: int = LECTURE_SNAPSHOT):
-    """The lecture's step 1,000 if recorded, else the configured snapshot nearest to it, else the last."""
-    steps = sorted({int(s) for s in steps if int(s) > 0})
-    if not steps:
-        return None
-    if target in steps:
-        return target
-    middle = [s for s in steps if s != last_step] or steps
-    return min(middle, key=lambda s: abs(s - target))
 
 
 def stat_at(stats: pd.DataFrame, kind: str, layer: str, stat: str, step: int) -> float:
@@ -219,19 +208,37 @@ def style() -> None:
 
 
 def png_bytes(fig) -> bytes:
-    """The figure as a PNG, reduced to a 256-colour palette (a quarter of the size, no visible change)."""
+    """The figure as a PNG, reduced to a 256-colour palette (a quarter of the size, no visible change).
+
+    Drawn once, at the figure's own size: constrained layout has already made room for the titles,
+    labels and outside legends, and ``bbox_inches="tight"`` would draw it a second time only to
+    measure it. Constrained layout's two passes do not always settle, though (a y axis whose tick
+    labels widen as the panel grows pushes its label a few pixels past the edge); a figure with
+    anything on its outermost pixels is drawn again, cropped to what it holds, as before.
+    """
     from PIL import Image
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08, facecolor="white",
-                metadata={"Software": None})
+    fig.set_dpi(DPI)
+    fig.patch.set_facecolor("white")
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    if _reaches_edge(rgb):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08, facecolor="white")
+        buf.seek(0)
+        with Image.open(buf) as im:
+            rgb = np.asarray(im.convert("RGB"))
     plt.close(fig)
-    buf.seek(0)
-    with Image.open(buf) as im:
-        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    small = Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     out = io.BytesIO()
     small.save(out, format="PNG", optimize=True)
     return out.getvalue()
+
+
+def _reaches_edge(rgb: np.ndarray) -> bool:
+    """Whether anything but white lies on the image's border (constrained layout leaves a margin)."""
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    return bool((border < 250).any())
 
 
 def save(fig, path: str | os.PathLike) -> None:
@@ -308,7 +315,12 @@ def distribution_figure(hists: pd.DataFrame, stats: pd.DataFrame, kind: str, ste
     """Histogram lines per layer (density), one panel per step, with the lecture's legend."""
     layers = _layers(hists, kind)
     steps = [s for s in steps if s is not None]
-    legend_rows = math.ceil(len(layers) / 2) if len(layers) > 4 else max(1, len(layers))
+    # Two columns keep a long legend short, but the activation labels (mean, std, saturation) are
+    # too wide for two under half the figure: side by side they ran into each other and off the page.
+    ncol = 2 if len(layers) > 4 and kind != "activation" else 1
+    legend_rows = max(1, math.ceil(len(layers) / ncol))
+    # The legends look up a few numbers per layer: among these steps' rows, not among every step's.
+    stats = stats[stats.step.isin(steps)] if not stats.empty else stats
     fig, axes = plt.subplots(1, max(1, len(steps)), figsize=(10, 2.9 + 0.16 * legend_rows), layout="constrained",
                              squeeze=False)
     colors = layer_colors(len(layers))
@@ -334,7 +346,7 @@ def distribution_figure(hists: pd.DataFrame, stats: pd.DataFrame, kind: str, ste
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
         # below the panel, so that it never hides a curve
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), handlelength=1.5, frameon=False,
-                  ncol=2 if len(layers) > 4 else 1, columnspacing=1.0)
+                  ncol=ncol, columnspacing=1.0)
     if title:
         fig.suptitle(title, fontsize=11, x=0.01, ha="left")
     return fig
@@ -627,8 +639,8 @@ def global_figures(order: list[str], run_paths, summary_csv, references_csv, out
     order = [v for v in order if v in runs]
     models = {v: runs[v][0].metrics.get("model", "mlp") for v in order}
     if "loss_curves" in outputs:
-        curves = {v: [r.losses().loss.to_numpy() if "loss" in r.losses() else np.array([]) for r in runs[v]]
-                  for v in order}
+        curves = {v: [lf.loss.to_numpy() if "loss" in lf else np.array([]) for lf in map(Run.losses, runs[v])]
+                  for v in order}  # each file read once: a full run's losses are 200,000 rows
         diverged = {v: [r.diverged_at for r in runs[v] if r.diverged_at is not None] for v in order}
         steps = {v: max(int(r.metrics.get("steps") or 0) for r in runs[v]) for v in order}
         save(loss_curves_figure(curves, models, diverged, steps), outputs["loss_curves"])

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .conventions import EXPECTED_INIT_LOSS, GLOBAL_FIGURES, LECTURE_SNAPSHOT, natural_key, pick_snapshot
 from .data import atomic_write_bytes
-from .figures import EXPECTED_INIT_LOSS, GLOBAL_FIGURES, LECTURE_SNAPSHOT, natural_key, pick_snapshot
 from .summary import ALPHA, lecture_seed_of
 
 FIGURE_TITLES = {

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats as scipy_stats
 
 from .config import variant_spec
 
@@ -71,6 +70,10 @@ def default_comparisons(config: dict) -> list[tuple[str, str]]:
 
 def significance_table(runs: pd.DataFrame, pairs: list[tuple[str, str]], metric: str = "val_loss") -> pd.DataFrame:
     """Welch's t-test over seeds: is the difference in ``metric`` larger than the seed-to-seed noise?"""
+    # Imported here, not with the module: the report uses this module's helpers and tests nothing,
+    # and scipy.stats takes half a second of CPU to import.
+    from scipy import stats as scipy_stats
+
     rows = []
     for before, after in pairs:
         a = runs[(runs.variant == before) & (runs.status == "ok")][metric].astype(float).to_numpy()

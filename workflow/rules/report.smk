@@ -25,7 +25,7 @@ report: "../report/workflow.rst"
 rule figures_variant:
     input:
         runs=lambda wc: run_outputs(wc.variant, VARIANT_FIGURE_FILES),
-        code=package_code("figures"),
+        code=[package_code("figures"), package_code("conventions")],
     output:
         **{
             name: report(f"results/figures/{{variant}}/{name}.png", caption=f"../report/{name}.rst",
@@ -52,7 +52,7 @@ rule figures_global:
         runs=all_run_outputs(["metrics.json", "losses.parquet", "stats.parquet"]),
         summary="results/summary.csv",
         references="results/reference_check.csv",
-        code=package_code("figures"),
+        code=[package_code("figures"), package_code("conventions")],
     output:
         **{
             name: report(f"results/figures/{name}.png", caption=f"../report/{name}.rst",
@@ -85,7 +85,7 @@ rule report:
         + [f"results/figures/{v}/{name}.png" for v in VARIANTS for name in VARIANT_FIGURES],
         template=str(REPORT_TEMPLATE),
         captions=[str(CAPTIONS / f"{name}.rst") for name in GLOBAL_FIGURES + VARIANT_FIGURES],
-        code=package_code("report"),
+        code=[package_code("report"), package_code("conventions")],
     output:
         "report/report.html",
     params:
