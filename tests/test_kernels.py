@@ -118,3 +118,23 @@ def test_a_built_library_is_reused_without_the_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert kernels.load() is not None
     assert kernels.status() == f"on ({built})"
+
+
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_a_training_job_says_and_records_whether_it_used_the_kernels(switch, names_path, tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    from actgrad import data, runs
+    from actgrad.config import apply_defaults
+
+    if switch == "on" and kernels.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("ACTGRAD_KERNELS", switch)
+    data.save_splits(names_path, tmp_path / "splits.pt", tmp_path / "splits.json")
+    config = apply_defaults(tiny_config(names_path, engine="batched", max_steps=20, seeds=[1],
+                                        stats={"every": 10, "update_every": 10, "histogram_every": 10,
+                                               "snapshot_steps": [0], "bins": 10}))
+    lines = []
+    [metrics] = runs.train_variant(config, "deep_bn", tmp_path / "splits.pt", tmp_path / "results", log=lines.append)
+    assert metrics["kernels"] == ("C" if switch == "on" else "PyTorch")
+    assert any(line.startswith(f"[deep_bn] C kernels: {switch} (") for line in lines), lines

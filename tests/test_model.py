@@ -8,7 +8,7 @@ from conftest import LECTURE_SEED, REPO
 
 from actgrad import config as cfg
 from actgrad import lecture, train
-from actgrad.model import BatchNorm1d
+from actgrad.model import BatchNorm1d, Scratch
 
 DEFAULT = cfg.load(REPO / "config" / "config.yaml")
 EXPECTED = -math.log(1 / 27)
@@ -139,6 +139,44 @@ def test_calibration_in_chunks_gives_the_same_statistics_and_logits(variant, spl
     assert torch.equal(logits, logits_chunked)
     for (_, a), (_, b) in zip(whole.batchnorm_layers(), chunked.batchnorm_layers()):
         assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_spread, b.running_spread)
+
+
+def test_evaluations_sharing_a_scratch_give_what_fresh_ones_give(splits):
+    Xtr, Ytr = splits["splits"]["train"]
+    X, Y = Xtr[:20000], Ytr[:20000]  # more rows than one chunk
+    scratch = Scratch()
+    for seed in (LECTURE_SEED, 1):
+        fresh, _ = train.init_network(spec("deep_bn_gain1"), seed, 3)
+        shared, _ = train.init_network(spec("deep_bn_gain1"), seed, 3)
+        assert train.evaluate(fresh, X, Y, calibrate=True) == train.evaluate(shared, X, Y, calibrate=True,
+                                                                             scratch=scratch)
+        assert train.evaluate(fresh, X[:9000], Y[:9000]) == train.evaluate(shared, X[:9000], Y[:9000],
+                                                                           scratch=scratch)
+        for (_, a), (_, b) in zip(fresh.batchnorm_layers(), shared.batchnorm_layers()):
+            assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_spread, b.running_spread)
+        assert torch.equal(fresh.calibrate_batchnorm(X, chunk=3000),
+                           shared.calibrate_batchnorm(X, chunk=3000, scratch=scratch))
+
+
+def test_saturation_is_the_share_of_activations_above_each_threshold(splits):
+    Xtr, Ytr = splits["splits"]["train"]
+    X, Y = Xtr[:20000], Ytr[:20000]
+    net, _ = train.init_network(spec("deep_gain3"), LECTURE_SEED, 3)
+    with torch.no_grad():
+        net.layers["embedding"].weight[5, 3] = float("nan")  # NaN is above no threshold
+    _, sat = train.evaluate(net, X, Y, saturation=(0.97, 0.99))
+    acts = []
+    handles = [layer.register_forward_hook(lambda m, i, o: acts.append(o)) for _, layer in net.activation_layers()]
+    with torch.no_grad():
+        net.eval()(X)
+    for h in handles:
+        h.remove()
+    magnitude = torch.cat([a.flatten() for a in acts]).abs()
+    assert magnitude.isnan().any()
+    assert sat == {t: 100.0 * int((magnitude > t).sum()) / magnitude.numel() for t in (0.97, 0.99)}
+    # At the threshold itself (as a float32) and around it
+    edge = torch.tensor([0.97, 0.9700001, 0.96999997, float("inf"), float("nan"), -1.0])
+    assert train._count_above(edge, 0.97, torch.empty_like(edge)) == int((edge > 0.97).sum()) == 2
 
 
 def test_learning_rate_schedule():

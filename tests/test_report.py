@@ -204,7 +204,7 @@ def test_windowed_log10_matches_the_lecture_and_handles_divergence():
 
 
 def test_pick_snapshot_prefers_the_lecture_step():
-    from actgrad.figures import pick_snapshot
+    from actgrad.conventions import pick_snapshot
 
     assert pick_snapshot([0, 1000, 199999], last_step=199999) == 1000
     assert pick_snapshot([0, 100, 299], last_step=299) == 100

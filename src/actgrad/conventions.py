@@ -1,4 +1,4 @@
-"""What the figures and the report agree on: which figures there are, which snapshot they show,
+"""What the figures, the report and the runs agree on: which figures there are, which snapshot they show,
 the order of the layers, the loss a network should start at.
 
 It lives apart from :mod:`actgrad.figures` so that the report can use it without importing

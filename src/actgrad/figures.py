@@ -37,15 +37,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-# EXPECTED_INIT_LOSS and LECTURE_SNAPSHOT are not used here; they were defined here once and stay importable.
-from .conventions import (  # noqa: E402, F401
-    EXPECTED_INIT_LOSS,
-    GLOBAL_FIGURES,
-    LECTURE_SNAPSHOT,
-    VARIANT_FIGURES,
-    natural_key,
-    pick_snapshot,
-)
+from .conventions import GLOBAL_FIGURES, VARIANT_FIGURES, natural_key, pick_snapshot  # noqa: E402
 from .data import atomic_write_bytes  # noqa: E402
 from .summary import lecture_seed_of  # noqa: E402
 

@@ -31,11 +31,12 @@ import torch
 
 from . import __version__
 from .config import variant_spec
+from .conventions import EXPECTED_INIT_LOSS
 from .cpus import cpu_slot
 from .data import atomic_write_bytes, load_splits
+from .model import Scratch
 from .stats import DEAD, SATURATION, NetworkHooks, StatsPlan, StatsRecorder
 from .train import (
-    EXPECTED_INIT_LOSS,
     evaluate,
     init_network,
     kept_running_stats,
@@ -57,20 +58,21 @@ def stats_plan(config: dict, steps: int) -> StatsPlan:
                      bins=s.get("bins", 50), last_step=steps - 1)
 
 
-def _final_evaluation(net, splits, device) -> dict:
+def _final_evaluation(net, splits, device, scratch: Scratch | None = None) -> dict:
     """Train/val/test losses with the running statistics, and for BatchNorm nets also with
     statistics calibrated over the whole training split (the lecture's two evaluations)."""
     data = {key: (splits[f"X{split}"].to(device), splits[f"Y{split}"].to(device))
             for split, key in (("train", "train"), ("dev", "val"), ("test", "test"))}
+    scratch = scratch if scratch is not None else Scratch()
     out = {}
-    out["train_loss"], sat = evaluate(net, *data["train"], saturation=(SATURATION, DEAD))
-    out["val_loss"], _ = evaluate(net, *data["val"])
-    out["test_loss"], _ = evaluate(net, *data["test"])
+    out["train_loss"], sat = evaluate(net, *data["train"], saturation=(SATURATION, DEAD), scratch=scratch)
+    out["val_loss"], _ = evaluate(net, *data["val"], scratch=scratch)
+    out["test_loss"], _ = evaluate(net, *data["test"], scratch=scratch)
     if net.batchnorm_layers():
         with kept_running_stats(net):
-            out["train_loss_calibrated"], _ = evaluate(net, *data["train"], calibrate=True)
-            out["val_loss_calibrated"], _ = evaluate(net, *data["val"])
-            out["test_loss_calibrated"], _ = evaluate(net, *data["test"])
+            out["train_loss_calibrated"], _ = evaluate(net, *data["train"], calibrate=True, scratch=scratch)
+            out["val_loss_calibrated"], _ = evaluate(net, *data["val"], scratch=scratch)
+            out["test_loss_calibrated"], _ = evaluate(net, *data["test"], scratch=scratch)
     out["sat97_final"], out["sat99_final"] = sat[SATURATION], sat[DEAD]
     return out
 
@@ -115,6 +117,7 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
     if spec["sensitivity_twin"]:
         members += [(seed, spec["w1_perturbation"]) for seed in spec["seeds"]]
     Xtr_d, Ytr_d = Xtr.to(device), Ytr.to(device)
+    scratch = Scratch()  # every evaluation of the job writes the same few whole-split tensors
     nets, gens, recorders, before = [], [], [], []
     for seed, perturbation in members:
         net, g = init_network(spec, seed, block_size, w1_perturbation=perturbation)
@@ -130,10 +133,16 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
         # with the training split's own statistics.
         with kept_running_stats(net):
             init_loss, sat = evaluate(net, Xtr_d, Ytr_d, calibrate=bool(net.batchnorm_layers()),
-                                      saturation=(SATURATION, DEAD))
+                                      saturation=(SATURATION, DEAD), scratch=scratch)
         before.append({"init_loss": init_loss, "sat97_init": sat[SATURATION], "sat99_init": sat[DEAD]})
 
     log(f"[{name}] training {len(members)} run(s) of {steps} steps with the {engine} engine on {device}")
+    kernels_used = None  # the batched engine's C kernels, on CPU: "C", or "PyTorch" operations
+    if engine == "batched" and device.type == "cpu":
+        from . import kernels
+
+        kernels_used = "C" if kernels.load() is not None else "PyTorch"
+        log(f"[{name}] C kernels: {kernels.status()}")
     start = time.perf_counter()
     if engine == "batched":
         from .engine import train_batched
@@ -158,7 +167,7 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
             continue
         res, net, rec = results_list[i], nets[i], recorders[i]
         metrics = _write_run(config, spec, name, seed, res, twins.get(seed), net, rec, before[i], splits, device,
-                             results, wall / len(members))
+                             results, wall / len(members), scratch, kernels_used)
         all_metrics.append(metrics)
         status = metrics["status"] + (f" at step {metrics['diverged_at']}" if metrics["diverged_at"] is not None
                                       else "")
@@ -167,7 +176,8 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
     return all_metrics
 
 
-def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, device, results, seconds) -> dict:
+def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, device, results, seconds,
+               scratch=None, kernels_used=None) -> dict:
     out = run_dir(results, name, seed)
     out.mkdir(parents=True, exist_ok=True)
     diverged = res.diverged_at is not None
@@ -196,7 +206,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
             metrics.update(train_loss_calibrated=nan, val_loss_calibrated=nan, test_loss_calibrated=nan)
         samples = []
     else:
-        metrics.update(_final_evaluation(net, splits, device))
+        metrics.update(_final_evaluation(net, splits, device, scratch))
         samples = sample_names(net, splits["itos"], int(splits["block_size"]), int(config.get("samples", 20)), seed)
     twin_losses = None
     if twin is not None:
@@ -208,6 +218,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
         metrics["twin_final_abs_delta"] = float(abs(losses[n - 1] - twin_losses[n - 1])) if n else float("nan")
     metrics.update({
         "engine": config.get("engine", "batched"),
+        "kernels": kernels_used,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

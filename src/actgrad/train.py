@@ -8,7 +8,6 @@ Statistics and anything else that watches the run are callbacks (see
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,9 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .model import Network, apply_in_chunks, build_network
+from .model import Network, Scratch, apply_in_chunks, build_network
 
-EXPECTED_INIT_LOSS = -math.log(1 / 27)  # 3.2958: a uniform guess over 27 characters
 # A tanh net's loss stays finite however badly it blows up (tanh bounds the activations), so a
 # loss this large counts as diverged too: the right character's probability is below e^-10000.
 DIVERGENCE_LOSS = 1e4
@@ -125,7 +123,7 @@ EVAL_CHUNK = 8192  # rows per forward pass: small enough to stay in cache, 5x fa
 
 @torch.no_grad()
 def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool = False,
-             saturation: tuple[float, ...] = ()) -> tuple[float, dict[float, float]]:
+             saturation: tuple[float, ...] = (), scratch: Scratch | None = None) -> tuple[float, dict[float, float]]:
     """Cross-entropy over a whole split in evaluation mode, and optionally tanh saturation.
 
     With ``calibrate`` every BatchNorm first takes the statistics of ``X`` as its running
@@ -133,6 +131,7 @@ def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool 
     that needs the whole split at once. Otherwise the logits are computed in chunks and
     joined, which gives the same logits as one pass. ``saturation`` lists thresholds: the
     share (in %) of all activation values, every layer together, with |t| above each.
+    Pass one ``scratch`` to a series of evaluations to spare each its own large tensors.
     """
     above = {t: 0 for t in saturation}
     total = [0]
@@ -140,23 +139,37 @@ def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool 
     def count(module, inputs, output):
         total[0] += output.numel()
         magnitude = output.abs()
+        flags = torch.empty_like(magnitude)
         for t in saturation:
-            above[t] += int(torch.count_nonzero(magnitude > t))
+            above[t] += _count_above(magnitude, t, flags)
 
     handles = [layer.register_forward_hook(count) for _, layer in net.activation_layers()] if saturation else []
     was_training = net.training
+    scratch = scratch if scratch is not None else Scratch()
     try:
         net.eval()
         if calibrate:
-            logits = net.calibrate_batchnorm(X, chunk=EVAL_CHUNK)
+            logits = net.calibrate_batchnorm(X, chunk=EVAL_CHUNK, scratch=scratch)
         else:
-            logits = apply_in_chunks(list(net.layers.values()), X, EVAL_CHUNK)
+            logits = apply_in_chunks(list(net.layers.values()), X, EVAL_CHUNK, scratch)
         loss = F.cross_entropy(logits, Y).item()
     finally:
         for h in handles:
             h.remove()
         net.train(was_training)
     return loss, ({t: 100.0 * n / total[0] for t, n in above.items()} if total[0] else {})
+
+
+def _count_above(x: torch.Tensor, threshold: float, flags: torch.Tensor) -> int:
+    """How many values of ``x`` are above ``threshold`` (NaN is not), with ``flags`` (like ``x``) as room.
+
+    The same comparison as ``x > threshold``, but into a float 0/1 mask, which PyTorch
+    vectorises and a bool mask it does not: 4x faster. Summing the mask in its own dtype
+    is exact while every partial sum is a whole number that the dtype holds exactly.
+    """
+    torch.gt(x, threshold, out=flags)
+    exact = flags.numel() <= 2 / torch.finfo(flags.dtype).eps  # 2**24 in float32
+    return int(flags.sum()) if exact else int(torch.count_nonzero(flags))
 
 
 @torch.no_grad()
