@@ -23,9 +23,9 @@ architecture (different seeds, init scales, gains, ...) as one batched model:
 * on CPU, small C kernels (:mod:`actgrad.kernels`, compiled on first use) do in one pass what
   takes 3 to 10 PyTorch operations: each BatchNorm's forward pass with its batch statistics and
   running update, its backward pass through the tanh above it, the tanh backward with the bias
-  gradient below it, and the embedding's gradient. Measured at 5 models: 1.35x the model-steps/s
-  of the same engine on PyTorch operations for the deep BatchNorm net, 1.26x for the shallow one,
-  1.09x shallow, 1.03x deep. Without a C compiler the engine uses the PyTorch operations;
+  gradient below it, and the embedding's gradient. Measured at 5 models (``actgrad bench``):
+  1.30x the model-steps/s of the same engine on PyTorch operations for both BatchNorm nets,
+  1.09x shallow, 1.05x deep. Without a C compiler the engine uses the PyTorch operations;
 * no host synchronisation per step: losses stay on the device and are checked every
   ``divergence_check_every`` steps with :func:`~actgrad.train.diverged_steps`, as
   :func:`~actgrad.train.train_reference` checks them. A model that diverged is written
@@ -34,9 +34,9 @@ architecture (different seeds, init scales, gains, ...) as one batched model:
 
 Each model starts from its :class:`~actgrad.model.Network`'s parameters and draws its
 minibatches from its own generator exactly as the lecture does, so its losses are the
-reference engine's up to float rounding (summation order in the matmuls, numpy's tanh):
-measured, at most 3e-6 apart over 5,000 steps and 1.2e-5 over 200,000 (the lecture's
-fix_tanh run, whose final train and val losses agree to 3e-7). At the end the trained
+reference engine's up to float rounding (summation order in the matmuls and in the kernels'
+sums, numpy's tanh): measured with the kernels, at most 3.1e-6 apart over 5,000 steps, and the
+lecture's fix_tanh run's final train and val losses 2e-7 apart after 200,000. At the end the trained
 parameters and BatchNorm running statistics are written back into each ``Network``.
 
 Statistics: a :class:`~actgrad.stats.StatsRecorder` per model is called, at the steps its
