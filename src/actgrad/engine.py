@@ -746,7 +746,8 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
     On CPU, more models than fit the cache (``max_group``, by default from the architecture's
     size: about 20 deep or 50 shallow nets) are trained as several batches, each for a stretch
     of steps in turn. ``seconds`` is the wall time of the whole run, the same for every model;
-    ``extra['models_in_batch']`` says how many models shared it.
+    ``extra['models_in_batch']`` says how many models shared it, ``extra['kernels']`` what did
+    the elementwise work on CPU: ``"C"`` (:mod:`actgrad.kernels`) or ``"PyTorch"`` (None on a GPU).
     """
     device = torch.device(device)
     M = len(nets)
@@ -774,6 +775,8 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
         compiled = _kernels.load()
         if compiled is None and kernels:
             raise RuntimeError(f"the C kernels were asked for but are {_kernels.status()}")
+
+    used = None if device.type != "cpu" else "C" if compiled is not None else "PyTorch"
 
     start = time.perf_counter()
     if max_group is None:
@@ -840,5 +843,5 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
     seconds = time.perf_counter() - start
     losses = losses.cpu()
     return [TrainResult(losses=losses[:done_steps[m], m].clone(), steps_done=done_steps[m],
-                        diverged_at=diverged_at[m], seconds=seconds, extra={"models_in_batch": M})
+                        diverged_at=diverged_at[m], seconds=seconds, extra={"models_in_batch": M, "kernels": used})
             for m in range(M)]

@@ -96,10 +96,10 @@ def _load():
     if os.environ.get("ACTGRAD_KERNELS", "on").lower() in ("off", "0", "false", "no"):
         return None, "off (ACTGRAD_KERNELS=off): PyTorch operations"
     cc = compiler()
-    source = SOURCE.read_bytes()
-    errors = []
+    identity = [SOURCE.read_bytes(), _cpu_signature().encode()]
+    error = ""
     for flags in (FLAGS + NATIVE, FLAGS):
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), _cpu_signature().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(b"\0".join([*identity, " ".join(flags).encode()])).hexdigest()[:16]
         path = cache_dir() / f"kernels-{key}.so"
         try:
             if not path.exists():
@@ -108,10 +108,10 @@ def _load():
                 _build(cc, flags, path)
             return _open(path), f"on ({path})"
         except subprocess.CalledProcessError as e:
-            errors.append((e.stderr or "").strip().splitlines()[-1:] or [str(e)])
+            error = ((e.stderr or "").strip().splitlines() or [str(e)])[-1]  # the compiler's last word
         except (OSError, subprocess.SubprocessError, AttributeError) as e:
-            errors.append([str(e)])
-    return None, f"off (the C kernels did not build: {errors[-1][0] if errors[-1] else '?'}): PyTorch operations"
+            error = str(e)
+    return None, f"off (the C kernels did not build: {error}): PyTorch operations"
 
 
 def load():

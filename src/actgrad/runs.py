@@ -137,11 +137,9 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
         before.append({"init_loss": init_loss, "sat97_init": sat[SATURATION], "sat99_init": sat[DEAD]})
 
     log(f"[{name}] training {len(members)} run(s) of {steps} steps with the {engine} engine on {device}")
-    kernels_used = None  # the batched engine's C kernels, on CPU: "C", or "PyTorch" operations
     if engine == "batched" and device.type == "cpu":
         from . import kernels
 
-        kernels_used = "C" if kernels.load() is not None else "PyTorch"
         log(f"[{name}] C kernels: {kernels.status()}")
     start = time.perf_counter()
     if engine == "batched":
@@ -167,7 +165,7 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
             continue
         res, net, rec = results_list[i], nets[i], recorders[i]
         metrics = _write_run(config, spec, name, seed, res, twins.get(seed), net, rec, before[i], splits, device,
-                             results, wall / len(members), scratch, kernels_used)
+                             results, wall / len(members), scratch)
         all_metrics.append(metrics)
         status = metrics["status"] + (f" at step {metrics['diverged_at']}" if metrics["diverged_at"] is not None
                                       else "")
@@ -177,7 +175,7 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
 
 
 def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, device, results, seconds,
-               scratch=None, kernels_used=None) -> dict:
+               scratch=None) -> dict:
     out = run_dir(results, name, seed)
     out.mkdir(parents=True, exist_ok=True)
     diverged = res.diverged_at is not None
@@ -218,7 +216,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
         metrics["twin_final_abs_delta"] = float(abs(losses[n - 1] - twin_losses[n - 1])) if n else float("nan")
     metrics.update({
         "engine": config.get("engine", "batched"),
-        "kernels": kernels_used,
+        "kernels": res.extra.get("kernels"),  # the batched engine's, on CPU: "C" or "PyTorch"
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
