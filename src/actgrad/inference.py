@@ -535,8 +535,8 @@ def chaos_verdict(twin_gaps: Sequence[float] = (), seed_values: Sequence[float] 
     trace decides: chaotic when the distance grew by at least 1 / ``perturbation`` (lambda_end * t_end >=
     ln(1 / perturbation)). A relative change of W1 by ``perturbation`` starts the twins
     ``perturbation * ||W1||`` apart, so this is a separation as large as the perturbed weights themselves:
-    the twins no longer share their initial W1 in any sense. Linear error growth over a normal run stays
-    orders of magnitude below it; only sustained exponential growth reaches it.
+    the twins no longer share their initial W1 in any sense. Both thresholds are choices, not fits: no
+    twin trace had been measured when they were set, so check them against the first one.
     """
     out = {"decorrelation": twin_decorrelation(twin_gaps, seed_values), "lyapunov_end": np.nan,
            "growth": np.nan, "chaotic": None, "basis": "no twins"}
