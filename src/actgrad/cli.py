@@ -7,18 +7,37 @@ import sys
 
 
 def _validate(args) -> int:
-    from .config import ConfigError, load, variant_spec
+    from pathlib import Path
+
+    from .config import ConfigError, apply_defaults, load_schema, read_yaml, resolve_base, validate, variant_spec
+    from .sweeps import expand_sweeps, format_value, sweep_groups
 
     try:
-        config = load(args.configfile)
+        # config.load's steps, with the sweeps expanded before the check (idempotent, so this stays
+        # right once load expands them itself).
+        config = expand_sweeps(resolve_base(read_yaml(args.configfile), Path(args.configfile).parent))
+        schema = load_schema()
+        validate(config, schema)
+        apply_defaults(config, schema)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for name in config["variants"]:
-        spec = variant_spec(config, name)
-        print(f"{name}: {spec['model']}, batchnorm={spec['batchnorm']}, {spec['max_steps']} steps, "
-              f"seeds {spec['seeds']}")
-    print(f"{args.configfile}: valid")
+    runs = twins = 0
+    for sweep, names in sweep_groups(config).items():
+        sweep_keys = list(config["sweeps"][sweep]["grid"]) if sweep else []
+        print(f"sweep {sweep} ({len(names)} points over {' x '.join(sweep_keys)}):" if sweep
+              else f"variants ({len(names)}):")
+        for name in names:
+            spec = variant_spec(config, name)
+            runs += len(spec["seeds"])
+            twins += len(spec["seeds"]) if spec["sensitivity_twin"] else 0
+            point = config["variants"][name].get("sweep", {}).get("point", {})
+            settings = ", ".join(f"{key}={format_value(value)}" for key, value in
+                                 {"batchnorm": spec["batchnorm"], **point}.items())
+            print(f"  {name}: {spec['model']}, {settings}, {spec['max_steps']} steps, "
+                  f"seeds {spec['seeds']}{', with twins' if spec['sensitivity_twin'] else ''}")
+    counted = f"{runs + twins} runs ({runs} + {twins} sensitivity twins)" if twins else f"{runs} runs"
+    print(f"{args.configfile}: valid; {len(config['variants'])} variants, {counted}")
     return 0
 
 
