@@ -1,5 +1,7 @@
 """The `actgrad` command and the config documentation."""
 
+import re
+
 import pytest
 import yaml
 from conftest import REPO, tiny_config, write_config
@@ -65,3 +67,39 @@ def test_bench_prints_every_row_with_its_ratio_and_goal(names_path, capsys):
     engine_lines = [line for line in out.splitlines() if line.startswith("shallow ") and " engine" in line]
     assert len(engine_lines) == 3 + len(without)
     assert all(line.rstrip().endswith(("5x met", "5x short")) for line in engine_lines)
+
+
+HELP_COMMANDS = [[], ["validate"], ["export-tensorboard"], ["bench"]]
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(["actgrad", *c]))
+def test_help_is_plain_text_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    # No reStructuredText (``literal``, :func:`role`, `link`_) and no Markdown backticks: a terminal shows them raw.
+    assert "`" not in text and not re.search(r":\w+:`", text), text
+    examples = text[text.lower().rindex("example"):] if "example" in text.lower() else ""
+    assert re.search(rf"^\s+{' '.join(['actgrad', *command])}\b", examples, re.M), f"no example in:\n{text}"
+
+
+# What a user's checkout has: everything but the tests, which may point at this team's local copy of the data.
+PRODUCT = ["src", "config", "workflow", "report", "profiles", "README.md", "Snakefile", "environment.yml",
+           "pyproject.toml"]
+TEXT_SUFFIXES = {".py", ".smk", ".yaml", ".yml", ".md", ".rst", ".j2", ".html", ".c", ".toml", ".txt", ".json", ""}
+
+
+def test_no_product_file_points_outside_the_project():
+    offenders = []
+    for name in PRODUCT:
+        top = REPO / name
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.exists() else []
+        for path in files:
+            if path.suffix not in TEXT_SUFFIXES or any(part.endswith(".egg-info") or part == "__pycache__"
+                                                       for part in path.relative_to(REPO).parts):
+                continue
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if "../shared" in line or "/work/" in line:
+                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "paths that exist only in this team's workspace:\n" + "\n".join(offenders)

@@ -1,4 +1,7 @@
-"""``actgrad``: small commands beside the workflow (the workflow itself is ``snakemake``)."""
+"""The actgrad command: small tools beside the workflow (the workflow itself runs with snakemake).
+
+Its help texts are printed as written (RawDescriptionHelpFormatter), so they are plain text.
+"""
 
 from __future__ import annotations
 
@@ -41,12 +44,77 @@ def _validate(args) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Small tools beside the workflow. The pipeline itself runs with snakemake:
+  snakemake --cores 4                        runs the default study and writes report/report.html"""
+
+EXAMPLES = """\
+examples:
+  actgrad validate config/smoke.yaml         check a study's config before running it
+  actgrad export-tensorboard results tb      then: tensorboard --logdir tb
+  actgrad bench --quick                      a short benchmark of the training engines
+
+Each command has its own help: actgrad COMMAND --help"""
+
+VALIDATE_EXAMPLE = """\
+example:
+  actgrad validate config/smoke.yaml
+An invalid file prints 'invalid config:' and one line per problem ('key: what is wrong'),
+and the exit status is 1."""
+
+EXPORT_DESCRIPTION = """\
+Write every run's statistics, histograms and minibatch losses as TensorBoard events,
+one TensorBoard run per variant and seed: LOGDIR/<variant>/seed<seed>.
+  scalars     <kind>/<layer>/<stat>, from runs/<variant>/seed<seed>/stats.parquet
+  histograms  <kind>/<layer>, from histograms.parquet (the recorded bins, fractions)
+  losses      loss/minibatch (and loss/twin), from losses.parquet
+Exporting again replaces those run folders. Needs the optional tensorboard package:
+  pip install -e ".[tensorboard]"
+"""
+
+EXPORT_EXAMPLE = """\
+example:
+  actgrad export-tensorboard results runs/actgrad && tensorboard --logdir runs"""
+
+
+def _export_tensorboard(args) -> int:
+    from .tensorboard import ExportError, export
+
+    def progress(run, target, counts):
+        print(f"{run.variant}/seed{run.seed}: {counts['scalars']} scalars, {counts['histograms']} histograms, "
+              f"{counts['losses']} losses -> {target}")
+
+    try:
+        runs = export(args.results, args.logdir, loss_every=args.loss_every, progress=progress)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(runs)} runs written; view them with: tensorboard --logdir {args.logdir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="actgrad", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = sub.add_parser("validate", help="check a config file against the schema and list its variants",
+                           description="Check a config file against the schema and list its variants and runs.",
+                           epilog=VALIDATE_EXAMPLE, formatter_class=raw)
+    check.add_argument("configfile", nargs="?", default="config/config.yaml",
+                       help="the config to check (default: config/config.yaml)")
+    export = sub.add_parser("export-tensorboard", help="write the results as TensorBoard event files",
+                            description=EXPORT_DESCRIPTION, epilog=EXPORT_EXAMPLE, formatter_class=raw)
+    export.add_argument("results", metavar="RESULTS", help="the workflow's results folder (holding runs/)")
+    export.add_argument("logdir", metavar="LOGDIR", help="where to write the TensorBoard runs")
+    export.add_argument("--loss-every", type=int, default=100, metavar="N",
+                        help="write the minibatch loss of every N-th step (default 100; 1 for every step)")
+    # bench parses its own options (actgrad bench --help prints them).
+    sub.add_parser("bench", help="benchmark the training engines against the lecture's loop", add_help=False)
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="actgrad", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("validate", help="check a config file against the schema and list its variants")
-    check.add_argument("configfile", nargs="?", default="config/config.yaml")
-    sub.add_parser("bench", help="benchmark the training engines (see `actgrad bench --help`)", add_help=False)
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from .bench import main as bench_main
@@ -54,6 +122,8 @@ def main(argv=None) -> int:
         return bench_main(rest) or 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "export-tensorboard":
+        return _export_tensorboard(args)
     return _validate(args)
 
 
