@@ -60,11 +60,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def fetch(source: str, retries: int = 3, backoff: float = 1.0, timeout: float = 30.0) -> bytes:
+OFFLINE_HINT = "to use a local copy instead: --config names_url=/path/to/names.txt"
+
+
+def fetch(source: str, retries: int = 3, backoff: float = 1.0, timeout: float = 10.0,
+          deadline: float = 30.0) -> bytes:
     """Read ``source``: an http(s) URL, a ``file://`` URL or a plain local path.
 
     Transient network failures (no connection, time-outs, 5xx and 429) are retried
-    ``retries`` times; everything else fails at once with a :class:`DataError`.
+    ``retries`` times; everything else fails at once with a :class:`DataError`. Each try
+    waits at most ``timeout`` seconds for the server, and all tries together, back-off
+    included, end within ``deadline`` seconds: a server that accepts the connection and never
+    answers cannot hold the pipeline for minutes.
     """
     try:
         parsed = urllib.parse.urlparse(source)
@@ -87,21 +94,25 @@ def fetch(source: str, retries: int = 3, backoff: float = 1.0, timeout: float = 
     if parsed.scheme not in ("http", "https"):
         raise DataError(f"{source}: unsupported URL scheme {parsed.scheme!r} (use http, https, file or a path)")
 
+    give_up_at = time.monotonic() + deadline
     last_problem = ""
-    attempt = 0
+    offline = False  # whether the last problem is one a local copy gets around
+    tries = 0
     for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
+        wait = backoff * 2 ** (attempt - 1) if attempt else 0.0
+        left = give_up_at - time.monotonic() - wait
+        if attempt and left < min(1.0, timeout):  # too little time left for another try to be worth it
+            break
+        if wait:
+            time.sleep(wait)
+        tries += 1
         try:
-            with urllib.request.urlopen(source, timeout=timeout) as response:
-                data = response.read()
-                expected = response.headers.get("Content-Length")
-                if expected is not None and expected.isdigit() and len(data) != int(expected):
-                    last_problem = f"truncated download ({len(data)} of {expected} bytes)"
-                    continue
-                return data
+            data = _http_get(source, min(timeout, left), give_up_at)
+            return data
+        except _Truncated as e:
+            last_problem, offline = str(e), False
         except urllib.error.HTTPError as e:
-            last_problem = f"HTTP {e.code} {e.reason}"
+            last_problem, offline = f"HTTP {e.code} {e.reason}", False
             if e.code not in RETRYABLE_HTTP:
                 break
         except http.client.IncompleteRead as e:
@@ -109,13 +120,56 @@ def fetch(source: str, retries: int = 3, backoff: float = 1.0, timeout: float = 
             got = len(e.partial)
             last_problem = (f"truncated download ({got} of {got + e.expected} bytes)" if e.expected is not None
                             else f"truncated download ({got} bytes, then the connection closed)")
+            offline = False
         except (ValueError, http.client.InvalidURL) as e:  # a malformed URL: no point in trying again
             raise DataError(f"{source}: not a valid URL ({e})") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, http.client.HTTPException) as e:
+        except (TimeoutError, _DeadlinePassed):
+            last_problem, offline = "no answer from the server (timed out)", True
+        except (urllib.error.URLError, ConnectionError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", None) or e
-            last_problem = f"unreachable (offline or host down: {reason})"
-    tries = attempt + 1
-    raise DataError(f"{source}: {last_problem}" + (f" after {tries} tries" if tries > 1 else ""))
+            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                last_problem = "no answer from the server (timed out)"
+            else:
+                last_problem = f"unreachable (offline or host down: {reason})"
+            offline = True
+    message = f"{source}: {last_problem}" + (f" after {tries} tries" if tries > 1 else "")
+    if "timed out" in last_problem:
+        message += f" ({deadline - max(0.0, give_up_at - time.monotonic()):.0f} s)"
+    raise DataError(message + (f"; {OFFLINE_HINT}" if offline else ""))
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _DeadlinePassed(Exception):
+    pass
+
+
+def _http_get(source: str, timeout: float, give_up_at: float) -> bytes:
+    """One GET of ``source``; every wait on the server ends by ``give_up_at``.
+
+    The socket's timeout bounds each wait, so the body is read in chunks and the timeout
+    shortened before each: a server that sends a byte now and then cannot stretch the read.
+    """
+    with urllib.request.urlopen(source, timeout=timeout) as response:
+        sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+        chunks = []
+        while True:
+            left = give_up_at - time.monotonic()
+            if left <= 0:
+                raise _DeadlinePassed()
+            if sock is not None:
+                sock.settimeout(min(timeout, left))
+            chunk = response.read1(1 << 16)  # what has come: read() would wait for the whole chunk
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        expected = response.headers.get("Content-Length")
+        if expected is not None and expected.isdigit() and len(data) != int(expected):
+            raise _Truncated(f"truncated download ({len(data)} of {expected} bytes)")
+        return data
 
 
 def _line_problem(line: str) -> str:
@@ -163,14 +217,14 @@ def validate_names(data: bytes, source: str = "names file") -> list[str]:
 
 
 def download_names(source: str, expected_sha256: str | None, dest: str | os.PathLike, *, retries: int = 3,
-                   backoff: float = 1.0, timeout: float = 30.0) -> dict:
+                   backoff: float = 1.0, timeout: float = 10.0, deadline: float = 30.0) -> dict:
     """Fetch, validate and verify the names, then write them to ``dest`` atomically.
 
     Nothing is written unless every check passes. The content is checked before the
     checksum, so an empty file, an HTML error page or a hand-edited list is reported as
     what it is rather than only as a checksum mismatch.
     """
-    data = fetch(source, retries=retries, backoff=backoff, timeout=timeout)
+    data = fetch(source, retries=retries, backoff=backoff, timeout=timeout, deadline=deadline)
     words = validate_names(data, source)
     actual = sha256_of(data)
     if expected_sha256 and actual != expected_sha256.lower():
