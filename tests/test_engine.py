@@ -7,20 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from actgrad import train
-from actgrad.engine import architecture, train_batched
+from actgrad.engine import architecture, group_size, train_batched
+from actgrad.networks import LECTURE_NETWORKS
 from actgrad.stats import NetworkHooks, StatsPlan, StatsRecorder
 
 SCHEDULE = [{"from_step": 0, "lr": 0.1}, {"from_step": 100000, "lr": 0.01}]
-# The lecture's four networks: fix_tanh, the shallow BatchNorm net, and the deep net with and without BatchNorm.
+# The lecture's four networks; the deep BatchNorm net at gain 1, the lecture's final run.
 NETWORKS = {
-    "shallow": dict(model="mlp", n_embd=10, n_hidden=200, activation="tanh", batchnorm=False, hidden_bias="added",
-                    init=dict(C=1, W1=0.2, b1=0.01, W2=0.01, b2=0), gain=5 / 3),
-    "shallow_bn": dict(model="mlp", n_embd=10, n_hidden=200, activation="tanh", batchnorm=True,
-                       hidden_bias="not_drawn", init=dict(C=1, W1="kaiming", b1=0.01, W2=0.01, b2=0), gain=5 / 3),
-    "deep": dict(model="deep", n_embd=10, n_hidden=100, n_layers=5, activation="tanh", batchnorm=False, gain=5 / 3,
-                 last_layer_scale=0.1),
-    "deep_bn": dict(model="deep", n_embd=10, n_hidden=100, n_layers=5, activation="tanh", batchnorm=True, gain=1.0,
-                    last_layer_scale=0.1),
+    "shallow": LECTURE_NETWORKS["shallow"],
+    "shallow_bn": LECTURE_NETWORKS["shallow+BN"],
+    "deep": LECTURE_NETWORKS["deep"],
+    "deep_bn": dict(LECTURE_NETWORKS["deep+BN"], gain=1.0),
 }
 SEED = 2147483647
 
@@ -162,21 +159,21 @@ def test_divergence_is_reported_and_does_not_touch_the_others(splits):
     Xtr, Ytr = splits["splits"]["train"]
     base = dict(model="deep", n_embd=10, n_hidden=32, n_layers=2, activation="relu", batchnorm=False,
                 last_layer_scale=0.1)
-    members = [(dict(base, gain=1.0), 1), (dict(base, gain=30.0), 1), (dict(base, gain=2.0), 2),
-               (dict(base, gain=100.0), 3)]
+    members = [(dict(base, gain=1.0), 1), (dict(base, gain=100.0), 3), (dict(base, gain=2.0), 2),
+               (dict(base, gain=100.0), 5)]
     steps = 250
     results, nets, gens = engine(members, Xtr, Ytr, steps)
     outcomes = []
     for (spec, seed), res, net, g in zip(members, results, nets, gens):
         ref, ref_net, ref_g = reference(spec, seed, Xtr, Ytr, steps)
-        assert res.diverged_at == ref.diverged_at
+        assert (res.diverged_at, res.diverged_rule) == (ref.diverged_at, ref.diverged_rule)
         assert res.steps_done == ref.steps_done == len(res.losses)
         assert torch.equal(g.get_state(), ref_g.get_state())  # drawn up to where it stopped
         if ref.diverged_at is None:
             assert (res.losses - ref.losses).abs().max().item() < 1e-4
             assert max_param_diff(net, ref_net) < 1e-4
-        outcomes.append(res.diverged_at)
-    assert outcomes == [None, 1, None, 1]
+        outcomes.append(res.diverged_rule)
+    assert outcomes == [None, "non-finite loss", None, "non-finite loss"]
 
 
 def test_a_nan_model_is_taken_out_of_the_batch(splits):
@@ -187,6 +184,7 @@ def test_a_nan_model_is_taken_out_of_the_batch(splits):
     results = train_batched(list(nets), list(gens), Xtr, Ytr, steps=120, batch_size=32, lr_schedule=SCHEDULE,
                             max_group=2)  # the NaN model shares a batch with model 0; model 2 is alone
     assert [r.diverged_at for r in results] == [None, 0, None]
+    assert [r.diverged_rule for r in results] == [None, "non-finite loss", None]
     assert results[1].steps_done == 1 and torch.isnan(results[1].losses[0])
     for m, seed in ((0, 1), (2, 3)):  # its batch-mate and the model in the other batch
         [alone], [alone_net], _ = engine([(NETWORKS["shallow_bn"], seed)], Xtr, Ytr, 120)
@@ -246,3 +244,65 @@ def test_one_model_on_cuda_trains_as_on_cpu(splits):
     [gpu], [net], _ = engine([(NETWORKS["deep_bn"], SEED)], Xtr, Ytr, 200, device=torch.device("cuda"))
     assert gpu.losses.device.type == "cpu" and next(net.parameters()).device.type == "cuda"
     assert (gpu.losses - cpu.losses).abs().max().item() < 1e-3
+
+
+def test_group_size_is_the_cache_budget_over_what_the_engine_allocates(splits):
+    """The lecture's nets fit the pipeline's 5 seeds and their 5 twins in one batch; the deep ones fewer than
+    the shallow ones."""
+    sizes = {}
+    for name, spec in NETWORKS.items():
+        net, _ = train.init_network(spec, 1, 3)
+        sizes[name] = group_size(architecture(net), 32, 3)
+    assert min(sizes.values()) >= 10
+    assert sizes["deep_bn"] < sizes["deep"] < sizes["shallow_bn"] <= sizes["shallow"]
+
+
+# -- sensitivity twins: the parameter distance between a base run and its perturbed twin ----------------
+
+def _twin_runs(trainer, spec, perturbation, Xtr, Ytr, steps=200, every=50):
+    """Seeds 1 and 2 with their twins (models 2 and 3), statistics every ``every`` steps on the bases."""
+    members = [(1, 0.0), (2, 0.0), (1, perturbation), (2, perturbation)]
+    nets, gens = zip(*[train.init_network(spec, seed, 3, w1_perturbation=p) for seed, p in members])
+    plan = StatsPlan(every=every, update_every=every, histogram_every=steps, snapshot_steps=(), bins=5,
+                     last_step=steps - 1)
+    recorders = [StatsRecorder(plan), StatsRecorder(plan), None, None]
+    return trainer(list(nets), list(gens), Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE,
+                   recorders=recorders, twins={2: 0, 3: 1})
+
+
+@pytest.mark.parametrize("trainer", [train_batched, train.train_reference_runs], ids=["batched", "reference"])
+def test_a_twin_without_perturbation_stays_at_distance_zero(trainer, splits):
+    Xtr, Ytr = splits["splits"]["train"]
+    results = _twin_runs(trainer, NETWORKS["shallow_bn"], 0.0, Xtr, Ytr)
+    for base in (0, 1):
+        steps, distances = results[base].extra["param_distance"]
+        assert steps.tolist() == [0, 50, 100, 150, 199] and (distances == 0).all()
+    assert all("param_distance" not in results[twin].extra for twin in (2, 3))
+
+
+def test_a_real_twin_drifts_away_and_both_engines_measure_the_same_drift(splits):
+    Xtr, Ytr = splits["splits"]["train"]
+    spec = NETWORKS["deep_bn"]
+    batched = _twin_runs(train_batched, spec, 1e-3, Xtr, Ytr)
+    reference_ = _twin_runs(train.train_reference_runs, spec, 1e-3, Xtr, Ytr)
+    for base in (0, 1):
+        steps, distances = batched[base].extra["param_distance"]
+        ref_steps, ref_distances = reference_[base].extra["param_distance"]
+        assert steps.tolist() == ref_steps.tolist() == [0, 50, 100, 150, 199]
+        assert np.isfinite(distances).all() and (distances > 0).all() and distances[-1] > distances[0]
+        # step 0 is the perturbation itself: 1e-3 x |W1|, to the float32 rounding of W1 x 1.001 (6e-8 / 1e-3)
+        net, _ = train.init_network(spec, base + 1, 3)
+        assert distances[0] == pytest.approx(1e-3 * net.layers["linear1"].weight.norm().item(), rel=1e-4)
+        assert distances == pytest.approx(ref_distances, rel=1e-3)
+
+
+def test_twins_in_different_groups_are_measured_as_in_one(splits):
+    Xtr, Ytr = splits["splits"]["train"]
+
+    def split_in_two(*args, **kwargs):
+        return train_batched(*args, **kwargs, max_group=2, divergence_check_every=30)
+
+    one = _twin_runs(train_batched, NETWORKS["shallow"], 1e-3, Xtr, Ytr)
+    two = _twin_runs(split_in_two, NETWORKS["shallow"], 1e-3, Xtr, Ytr)
+    for base in (0, 1):
+        assert one[base].extra["param_distance"][1] == pytest.approx(two[base].extra["param_distance"][1], rel=1e-4)

@@ -8,6 +8,7 @@ from conftest import LECTURE_SEED, REPO
 
 from actgrad import config as cfg
 from actgrad import lecture, train
+from actgrad.divergence import DivergenceRule
 from actgrad.model import BatchNorm1d, Scratch
 
 DEFAULT = cfg.load(REPO / "config" / "config.yaml")
@@ -185,17 +186,14 @@ def test_learning_rate_schedule():
     assert train.learning_rate(schedule, 100000) == 0.01
 
 
-def test_divergence_stops_the_run_and_names_the_step(splits):
+def test_divergence_stops_the_run_and_names_the_step_and_the_rule(splits):
     Xtr, Ytr = splits["splits"]["train"]
     s = spec("fix_tanh", lr_schedule=[{"from_step": 0, "lr": 1e4}])
     net, g = train.init_network(s, LECTURE_SEED, 3)
+    rule = DivergenceRule(loss_multiple=10, window=20)
     res = train.train_reference(net, g, Xtr, Ytr, steps=1000, batch_size=32, lr_schedule=s["lr_schedule"],
-                                divergence_check_every=10)
+                                divergence_check_every=10, divergence=rule)
     assert res.diverged_at is not None and res.diverged_at < 1000
-    assert res.steps_done == res.diverged_at + 1
-    assert res.losses[-1] > train.DIVERGENCE_LOSS and (res.losses[: res.diverged_at] <= train.DIVERGENCE_LOSS).all()
-
-
-def test_nan_loss_counts_as_diverged():
-    assert train.diverged_steps(torch.tensor([3.0, float("nan"), float("inf"), 2e4])).tolist() == [
-        False, True, True, True]
+    assert res.steps_done == res.diverged_at + 1 == len(res.losses)
+    assert res.diverged_rule == rule.window_rule
+    assert (res.losses[-rule.window:] > rule.loss_limit).all() and torch.isfinite(res.losses).all()

@@ -7,7 +7,7 @@ BatchNorm) it times
   reference;
 * :func:`actgrad.engine.train_batched` on one model and on several models at once (seeds
   1000, 1001, ...), with statistics on (a :class:`~actgrad.stats.StatsRecorder` per model at
-  the default :class:`~actgrad.stats.StatsPlan`), and once more without statistics at the
+  the pipeline's default statistics plan), and once more without statistics at the
   largest model count;
 
 and prints model-steps per second, the ratio to the reference, the achieved GFLOP/s (from
@@ -27,41 +27,34 @@ statistics step is also measured and extrapolated to a full run at the default p
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import data, kernels, lecture
-from .config import matmul_flops_per_step
+from .config import matmul_flops_per_step, study_defaults
 from .engine import train_batched
 from .model import build_network
+from .networks import LECTURE_NETWORKS
+from .progress import ProgressLog
+from .runs import stats_plan
 from .stats import StatsPlan, StatsRecorder
 
 SCHEDULE = [{"from_step": 0, "lr": 0.1}, {"from_step": 100000, "lr": 0.01}]
 BATCH_SIZE = 32
 
-# The lecture's four networks: the spec the engine trains and the lecture loop's arguments for the same net.
-NETWORKS = {
-    "shallow": (
-        dict(model="mlp", n_embd=10, n_hidden=200, activation="tanh", batchnorm=False, hidden_bias="added",
-             init=dict(C=1, W1=0.2, b1=0.01, W2=0.01, b2=0), gain=5 / 3),
-        "mlp", dict(W1_scale=0.2, b1_scale=0.01, W2_scale=0.01, b2_scale=0.0)),
-    "shallow+BN": (
-        dict(model="mlp", n_embd=10, n_hidden=200, activation="tanh", batchnorm=True, hidden_bias="not_drawn",
-             init=dict(C=1, W1="kaiming", b1=0.01, W2=0.01, b2=0), gain=5 / 3),
-        "mlp", dict(batchnorm=True, hidden_bias="not_drawn", kaiming_gain=5 / 3, W2_scale=0.01, b2_scale=0.0)),
-    "deep": (
-        dict(model="deep", n_embd=10, n_hidden=100, n_layers=5, activation="tanh", batchnorm=False, gain=5 / 3,
-             last_layer_scale=0.1),
-        "deep", dict(batchnorm=False, gain=5 / 3, last_layer_scale=0.1)),
-    "deep+BN": (
-        dict(model="deep", n_embd=10, n_hidden=100, n_layers=5, activation="tanh", batchnorm=True, gain=5 / 3,
-             last_layer_scale=0.1),
-        "deep", dict(batchnorm=True, gain=5 / 3, last_layer_scale=0.1)),
+# The lecture's four networks: the spec the engine trains, and the lecture loop's arguments for the same net.
+LECTURE_LOOP_ARGS = {
+    "shallow": ("mlp", dict(W1_scale=0.2, b1_scale=0.01, W2_scale=0.01, b2_scale=0.0)),
+    "shallow+BN": ("mlp", dict(batchnorm=True, hidden_bias="not_drawn", kaiming_gain=5 / 3, W2_scale=0.01,
+                               b2_scale=0.0)),
+    "deep": ("deep", dict(batchnorm=False, gain=5 / 3, last_layer_scale=0.1)),
+    "deep+BN": ("deep", dict(batchnorm=True, gain=5 / 3, last_layer_scale=0.1)),
 }
+NETWORKS = {name: (spec, *LECTURE_LOOP_ARGS[name]) for name, spec in LECTURE_NETWORKS.items()}
 
 
 # The engine's goals, in model-steps per second per core against the lecture's loop (issue 8).
@@ -103,24 +96,32 @@ def time_lecture(kind: str, args: dict, Xtr, Ytr, steps: int, clock=time.perf_co
     return steps / (clock() - t0)
 
 
+def default_plan() -> StatsPlan:
+    """The pipeline's default statistics plan (the schema's ``stats`` defaults), without a last-step snapshot."""
+    return replace(stats_plan(study_defaults()["stats"], NEVER), last_step=-1)
+
+
 def time_engine(spec: dict, models: int, Xtr, Ytr, steps: int, device: torch.device, stats,
-                block_size: int, clock=time.perf_counter, kernels: bool | None = None) -> float:
+                block_size: int, clock=time.perf_counter, kernels: bool | None = None,
+                progress_every: int | None = None) -> float:
     """Model-steps per second of the batched engine on ``models`` models (different seeds).
 
-    ``stats``: False, True (the default StatsPlan) or a StatsPlan. ``kernels``: as
+    ``stats``: False, True (:func:`default_plan`) or a StatsPlan. ``kernels``: as
     :func:`~actgrad.engine.train_batched` takes it (None: the C kernels where they build).
+    ``progress_every``: progress lines that often (formatted, then dropped), or none.
     """
     nets, gens = [], []
     for seed in range(models):
         g = torch.Generator().manual_seed(1000 + seed)
         nets.append(build_network(spec, g, block_size))
         gens.append(g)
-    plan = stats if isinstance(stats, StatsPlan) else StatsPlan()
+    plan = stats if isinstance(stats, StatsPlan) else default_plan()
     recorders = [StatsRecorder(plan) for _ in range(models)] if stats else None
+    progress = ProgressLog(lambda line: None, steps, models, every=progress_every) if progress_every else None
     _sync(device)
     t0 = clock()
     train_batched(nets, gens, Xtr, Ytr, steps=steps, batch_size=BATCH_SIZE, lr_schedule=SCHEDULE,
-                  recorders=recorders, device=device, kernels=kernels)
+                  recorders=recorders, device=device, kernels=kernels, progress=progress)
     _sync(device)
     return models * steps / (clock() - t0)
 
@@ -137,11 +138,13 @@ def stats_step_costs(spec: dict, models: int, Xtr, Ytr, device: torch.device, bl
 
     Each is measured on a run whose every step is of that kind (plans built for the purpose).
     """
+    bins = default_plan().bins
     plans = {
-        "update": StatsPlan(every=NEVER, update_every=1, histogram_every=NEVER, snapshot_steps=()),
-        "series": StatsPlan(every=1, update_every=1, histogram_every=NEVER, snapshot_steps=()),
-        "histogram": StatsPlan(every=1, update_every=1, histogram_every=1, snapshot_steps=()),
-        "snapshot": StatsPlan(every=1, update_every=1, histogram_every=1, snapshot_steps=tuple(range(steps))),
+        "update": StatsPlan(every=NEVER, update_every=1, histogram_every=NEVER, snapshot_steps=(), bins=bins),
+        "series": StatsPlan(every=1, update_every=1, histogram_every=NEVER, snapshot_steps=(), bins=bins),
+        "histogram": StatsPlan(every=1, update_every=1, histogram_every=1, snapshot_steps=(), bins=bins),
+        "snapshot": StatsPlan(every=1, update_every=1, histogram_every=1, snapshot_steps=tuple(range(steps)),
+                              bins=bins),
     }
 
     def per_step(stats):
@@ -153,8 +156,7 @@ def stats_step_costs(spec: dict, models: int, Xtr, Ytr, device: torch.device, bl
     return costs
 
 
-def default_names_path() -> str:
-    return os.environ.get("ACTGRAD_NAMES") or str(Path("..") / "shared" / "data" / "names.txt")
+DEFAULT_NAMES = "data/names.txt"  # where the pipeline downloads them
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -162,8 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 3000; --quick: 300)")
     p.add_argument("--models", default=None, help="model counts for the engine, comma-separated (default 1,5,10,25)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: speed per core)")
-    p.add_argument("--names", default=default_names_path(),
-                   help="names file (default: $ACTGRAD_NAMES or ../shared/data/names.txt)")
+    p.add_argument("--names", default=DEFAULT_NAMES,
+                   help=f"names file (default: {DEFAULT_NAMES}, the pipeline's download)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto, or a comma-separated list (default cpu)")
     p.add_argument("--networks", default=",".join(NETWORKS), help=f"which networks (default {','.join(NETWORKS)})")
     p.add_argument("--repeat", type=int, default=None, help="interleaved rounds, best kept (default 2; --quick: 1)")
@@ -197,6 +199,9 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Time every row, print the table, return the rows as dicts."""
+    if not Path(args.names).is_file():
+        raise SystemExit(f"actgrad bench: no names file at {args.names}; get it with `snakemake --cores 1 "
+                         f"{DEFAULT_NAMES}` in the project, or point --names PATH at a copy of makemore's names.txt")
     torch.set_num_threads(args.threads)
     words = data.read_names(args.names)
     built = data.make_splits(words)
@@ -212,7 +217,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print("FLOPs per model-step (3 x forward matmul FLOPs, batch 32): "
           + ", ".join(f"{n} {matmul_flops_per_step(NETWORKS[n][0], block_size) / 1e6:.2f} M" for n in args.networks))
     print("engine: M models of one network (seeds 1000..) trained together; statistics on (a StatsRecorder "
-          "per model, default StatsPlan) unless marked 'no stats'; reference: the lecture's loop on CPU")
+          "per model, the default plan) unless marked 'no stats'; reference: the lecture's loop on CPU")
     compiled = any(dev.type == "cpu" for dev in args.devices) and kernels.load() is not None
     print(f"C kernels on CPU: {kernels.status()}"
           + ("; 'PyTorch ops': the same engine without them" if compiled else ""))
@@ -289,7 +294,38 @@ def run(args: argparse.Namespace) -> list[dict]:
                   f"snapshot {1e3 * costs['snapshot']:.2f})")
             results.append(dict(network=net, device=str(dev), models=m, stats_overhead_here=off / on - 1,
                                 stats_overhead_200k=extra / full))
+    print()
+    every = max(1, args.steps // 10)
+    print(f"progress lines, {m} models, statistics on: the time of a {args.steps}-step run with a line every {every} "
+          f"steps against none (best of {args.repeat} interleaved), and scaled to the pipeline's line every "
+          f"{PIPELINE_PROGRESS:,} steps:")
+    for net in args.networks:
+        for dev in args.devices:
+            without, with_lines = progress_cost(NETWORKS[net][0], m, Xtr, Ytr, args.steps, dev, block_size,
+                                                clocks[dev], args.repeat, every)
+            here = without / with_lines - 1
+            print(f"  {net:<11} {dev.type}: {without:,.0f} vs {with_lines:,.0f} model-steps/s, {100 * here:+5.2f}% "
+                  f"time here, {100 * here * every / PIPELINE_PROGRESS:+6.3f}% at one line per "
+                  f"{PIPELINE_PROGRESS:,} steps")
+            results.append(dict(network=net, device=str(dev), models=m, progress_every=every,
+                                progress_overhead_here=here,
+                                progress_overhead_pipeline=here * every / PIPELINE_PROGRESS))
     return results
+
+
+PIPELINE_PROGRESS = 10000  # the pipeline's default steps between progress lines (the lecture's print interval)
+
+
+def progress_cost(spec: dict, models: int, Xtr, Ytr, steps: int, device, block_size: int, clock, repeat: int,
+                  every: int) -> tuple[float, float]:
+    """Model-steps/s of the engine (statistics on) without and with progress lines every ``every`` steps."""
+    best = {None: 0.0, every: 0.0}
+    for _ in range(repeat):
+        for progress_every in best:
+            rate = time_engine(spec, models, Xtr, Ytr, steps, device, True, block_size, clock,
+                               progress_every=progress_every)
+            best[progress_every] = max(best[progress_every], rate)
+    return best[None], best[every]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""The ops that the C kernels (:mod:`actgrad.kernels`) do in one pass where PyTorch takes 3 to 10 operations.
+
+Same arithmetic as :mod:`.ops`, up to the order of the sums within a row. Which op gets which
+kernel, and which neighbours share a pass, is decided in :func:`.build.build_ops`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ..kernels import BatchNormArgs
+from .ops import Embedding, Tanh
+
+
+class EmbeddingC(Embedding):
+    def __init__(self, kernels, block_size: int, *buffers):
+        super().__init__(*buffers)
+        self.kernels, self.block_size = kernels, block_size
+
+    def backward(self, d, weight_t):
+        """Zero, then add each lookup's rows (padding skipped): one pass."""
+        torch.bmm(d.transpose(1, 2), weight_t, out=self.grad_padded)
+        g = self.table_grad
+        self.kernels.embedding_backward(g.data_ptr(), g.shape[0], g.shape[1], self.rows.data_ptr(), self.rows.numel(),
+                                        self.grad_padded.data_ptr(), self.block_size, self.grad_padded.shape[2])
+
+
+class BatchNormC:
+    """The forward pass with the batch statistics and the running update in one kernel; the backward
+    pass in another, which first takes the gradient through the tanh above when ``through_tanh``."""
+
+    def __init__(self, kernels, layer, gamma, gamma_grad, beta, beta_grad, x, out, dx, mean, spread, running_mean,
+                 running_spread, inv, scale, through_tanh: bool):
+        self.kernels, self.layer = kernels, layer
+        self.gamma_grad, self.beta_grad = gamma_grad, beta_grad
+        self.x, self.out, self.dx = x, out, dx
+        buffers = dict(x=x, out=out, gamma=gamma, beta=beta, inv=inv, scale=scale, mean=mean, spread=spread,
+                       run_mean=running_mean, run_spread=running_spread, ggamma=gamma_grad, gbeta=beta_grad)
+        for name, t in buffers.items():
+            if not t.is_contiguous():  # pragma: no cover - every buffer the engine allocates is contiguous
+                raise RuntimeError(f"BatchNorm kernel needs a contiguous {name}")
+        M, F, B = x.shape
+        self.args = ctypes.pointer(BatchNormArgs(
+            **{n: t.data_ptr() for n, t in buffers.items()}, rows=M * F, B=B, std_flavour=int(layer.flavour == "std"),
+            eps=layer.eps, keep=1 - layer.momentum, take=layer.momentum))
+        self.tanh_out = out.data_ptr() if through_tanh else None  # the tanh above works in place on our output
+
+    def forward(self):
+        self.kernels.bn_forward(self.args)
+
+    def backward(self, d, lr):
+        self.kernels.bn_backward(self.args, d.data_ptr(), self.tanh_out, self.dx.data_ptr())
+        return self.dx
+
+
+class TanhC(Tanh):
+    """The tanh backward, and the sum of each row, the bias gradient of the Linear below, in the same pass."""
+
+    def __init__(self, kernels, layer, x, dx, bias_grad=None):
+        super().__init__(layer, x, dx)
+        self.kernels = kernels
+        self.bias_grad = bias_grad.data_ptr() if bias_grad is not None else None
+        self.rows = x.shape[0] * x.shape[1]
+
+    def backward(self, d, lr):
+        self.kernels.tanh_backward_bias(d.data_ptr(), self.x.data_ptr(), self.dx.data_ptr(), self.bias_grad,
+                                        self.rows, self.x.shape[-1])
+        return self.dx
+
+
+class TanhIntoBatchNormC(Tanh):
+    """A tanh right above a BatchNorm: the BatchNorm's backward kernel takes the gradient through it."""
+
+    def backward(self, d, lr):
+        return d
