@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 from pathlib import Path
 
 import jsonschema
@@ -39,9 +38,6 @@ MODEL_DEFAULTS = {
         "lr_schedule": [{"from_step": 0, "lr": 0.1}, {"from_step": 150000, "lr": 0.01}],
     },
 }
-
-# Keys of a variant that are about the run rather than the network.
-RUN_KEYS = ("max_steps", "batch_size", "seeds", "sensitivity_twin")
 
 
 class ConfigError(ValueError):
@@ -119,21 +115,39 @@ def validate(config: dict, schema: dict | None = None) -> None:
 
 
 def apply_defaults(config: dict, schema: dict | None = None) -> dict:
-    """Fill in, in place, every key the schema gives a default for (nested sections too)."""
+    """Fill in, in place, every key the schema gives a default for: the study's keys and sections, each
+    variant's keys and each of its references' keys.
+
+    This is the one place the schema's defaults are applied; everything downstream reads the completed
+    config. A variant's network settings default per model, in :data:`MODEL_DEFAULTS` (see :func:`variant_spec`).
+    Sweeps, where a config has them, are expanded into variants before this, so that their points are completed too.
+    """
     schema = schema or load_schema()
-
-    def fill(node: dict, sub: dict) -> None:
-        for key, prop in sub.get("properties", {}).items():
-            if key not in node:
-                if "default" in prop:
-                    node[key] = copy.deepcopy(prop["default"])
-                elif prop.get("type") == "object" and "properties" in prop:
-                    node[key] = {}
-            if isinstance(node.get(key), dict) and "properties" in prop:
-                fill(node[key], prop)
-
-    fill(config, schema)
+    _fill(config, schema, sections=True)
+    for variant in config["variants"].values():
+        _fill(variant, schema["definitions"]["variant"])
+        for reference in variant.get("references") or []:
+            _fill(reference, schema["definitions"]["reference"])
     return config
+
+
+def study_defaults() -> dict:
+    """The schema's defaults of the study-wide keys and sections, for code that runs without a config
+    (the benchmark's statistics plan)."""
+    return apply_defaults({"variants": {}})
+
+
+def _fill(node: dict, schema: dict, sections: bool = False) -> None:
+    """The defaults of ``schema``'s properties into ``node``; with ``sections``, an absent section of the study
+    (stats, sensitivity, resources) is created and completed too."""
+    for key, prop in schema.get("properties", {}).items():
+        if key not in node:
+            if "default" in prop:
+                node[key] = copy.deepcopy(prop["default"])
+            elif sections and prop.get("type") == "object" and "properties" in prop:
+                node[key] = {}
+        if sections and isinstance(node.get(key), dict) and "properties" in prop:
+            _fill(node[key], prop, sections=True)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -188,19 +202,18 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def variant_spec(config: dict, name: str) -> dict:
-    """The complete settings of one variant: its model's defaults, overlaid by what it says."""
+    """The complete settings of one variant: its model's defaults, overlaid by what it says, and the
+    study-wide settings it does not override. ``config`` is a completed one (:func:`apply_defaults`)."""
     variant = config["variants"][name]
-    model = variant.get("model", "mlp")
+    model = variant["model"]
     spec = merge(MODEL_DEFAULTS[model], {k: v for k, v in variant.items() if k not in ("references",
                                                                                         "description")})
-    spec["model"] = model
     spec["name"] = name
-    spec["max_steps"] = int(variant.get("max_steps", config.get("max_steps", 200000)))
-    spec["batch_size"] = int(variant.get("batch_size", config.get("batch_size", 32)))
-    spec["seeds"] = [int(s) for s in variant.get("seeds", config.get("seeds", [2147483647]))]
-    twin = config.get("sensitivity", {}).get("enabled", False)
-    spec["sensitivity_twin"] = bool(variant.get("sensitivity_twin", twin))
-    spec["w1_perturbation"] = float(config.get("sensitivity", {}).get("w1_perturbation", 1e-7))
+    spec["max_steps"] = int(variant.get("max_steps", config["max_steps"]))
+    spec["batch_size"] = int(variant.get("batch_size", config["batch_size"]))
+    spec["seeds"] = [int(s) for s in variant.get("seeds", config["seeds"])]
+    spec["sensitivity_twin"] = bool(variant.get("sensitivity_twin", config["sensitivity"]["enabled"]))
+    spec["w1_perturbation"] = float(config["sensitivity"]["w1_perturbation"])
     return spec
 
 
@@ -226,17 +239,3 @@ def training_cost(spec: dict, block_size: int) -> float:
     models = len(spec["seeds"]) * (2 if spec["sensitivity_twin"] else 1)
     flops = matmul_flops_per_step(spec, block_size, spec["batch_size"]) * spec["max_steps"] * models
     return flops * (1.5 if spec["batchnorm"] else 1.0) / 1e9
-
-
-def architecture_key(spec: dict) -> str:
-    """Specs with equal keys can be trained side by side as one batched model."""
-    arch = {k: v for k, v in spec.items()
-            if k not in ("name", "init", "gain", "last_layer_scale", "hidden_bias", "seeds", "sensitivity_twin",
-                         "w1_perturbation")}
-    # Whether b1 is trained changes the parameter list, so it belongs to the architecture.
-    arch["trains_b1"] = spec.get("hidden_bias") == "added"
-    return json.dumps(arch, sort_keys=True)
-
-
-def seeds_of(config: dict, name: str) -> list[int]:
-    return variant_spec(config, name)["seeds"]
