@@ -19,9 +19,12 @@ include: "workflow/rules/summary.smk"
 include: "workflow/rules/report.smk"
 
 
+# Every run's files are asked for too: Snakemake does not rebuild a missing intermediate file whose
+# consumers are up to date, so a deleted or lost run would otherwise never be trained again.
 rule all:
     default_target: True
     input:
+        all_run_outputs(),
         "results/summary.csv",
         "report/report.html",
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,29 @@ def ruff(*paths: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+# The one lint the workflow keeps on purpose: its rules run in the environment Snakemake runs in (a shared
+# virtual environment on a cluster, as tests/test_slurm.py does), not in per-rule conda environments, whose
+# spec could not install this package from the workflow's tree (issue 15, item 3).
+ACCEPTED_LINTS = {"Specify a conda environment or container for each rule."}
+
+
+def lints_of(output: str) -> list[tuple[str, str]]:
+    """Each lint Snakemake printed: (what it is about, the lint's message)."""
+    found = []
+    for block in re.split(r"\n(?=Lints for )", output):
+        head = re.match(r"Lints for (.+?) \(", block)
+        if head:
+            found += [(head.group(1), m.rstrip(":")) for m in re.findall(r"^\s+\* (.+)$", block, re.M)]
+    return found
+
+
 def test_snakemake_lint_finds_nothing(names_path, tmp_path):
     configfile = write_config(tmp_path, tiny_config(names_path))
     proc = run_snakemake(tmp_path, "--lint", configfile=configfile, check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "Lints for" not in out, out[-6000:]
+    unexpected = [(where, lint) for where, lint in lints_of(out) if lint not in ACCEPTED_LINTS]
+    assert unexpected == [], out[-6000:]
+    assert proc.returncode == 0 or lints_of(out), out[-6000:]
     # --lint only reads the workflow: it runs nothing.
     assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
 

@@ -373,8 +373,8 @@ def test_report_renders_from_tables_without_figures_or_runs(tmp_path):
     pd.DataFrame([dict(variant="a", model="mlp", seeds=1, diverged=0, val_loss_mean=2.5, val_loss_std=np.nan),
                   dict(variant="b", model="mlp", seeds=1, diverged=1, val_loss_mean=np.nan)]).to_csv(
         results / "variants.csv", index=False)
-    (results / "significance.csv").write_text("")
-    (results / "reference_check.csv").write_text("")
+    for table in ("significance.csv", "reference_check.csv", "deep_layers.csv", "deep_variants.csv", "samples.csv"):
+        (results / table).write_text("")  # a table with no rows and no columns
     out = tmp_path / "report" / "report.html"
     template = Path(__file__).resolve().parents[1] / "report" / "report.html.j2"
     write_report(config, results, tmp_path / "figures", template, out, log=lambda m: None)
@@ -385,3 +385,39 @@ def test_report_renders_from_tables_without_figures_or_runs(tmp_path):
     assert not re.search(r"\bnan\b", text, re.I) and not re.search(r"\bNone\b", text), "a NaN or None on the page"
     assert "<img" not in html
     assert list(out.parent.glob(".*.part")) == []
+
+
+def test_the_report_names_a_missing_summary_table(tmp_path):
+    from actgrad.data import DataError
+    from actgrad.report import write_report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for table in ("summary.csv", "variants.csv", "significance.csv", "reference_check.csv", "deep_layers.csv",
+                  "samples.csv"):
+        (results / table).write_text("")
+    out = tmp_path / "report.html"
+    template = Path(__file__).resolve().parents[1] / "report" / "report.html.j2"
+    with pytest.raises(DataError, match=r"deep_variants\.csv: missing; the summary step writes it"):
+        write_report({"variants": {"a": {}}}, results, tmp_path, template, out, log=lambda m: None)
+    assert not out.exists()
+
+
+def test_the_figures_show_the_snapshot_step_the_run_recorded(tmp_path, monkeypatch):
+    """The report's deep table and the figures read the same recorded step; the figures pick none of their own."""
+    import json
+
+    from actgrad import figures
+
+    stats, hists = synthetic_stats()
+    run = tmp_path / "runs" / "v" / f"seed{LECTURE_SEED}"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"variant": "v", "seed": LECTURE_SEED, "steps": 200,
+                                                  "steps_done": 200, "diverged_at": None, "snapshot_step": 199}))
+    stats.to_parquet(run / "stats.parquet")
+    hists.to_parquet(run / "histograms.parquet")
+    shown = []
+    monkeypatch.setattr(figures, "save", lambda fig, path: None)
+    monkeypatch.setattr(figures, "distribution_figure", lambda hists, stats, kind, steps, title="": shown.append(steps))
+    figures.variant_figures([run / "metrics.json"], {"activations": tmp_path / "a.png"}, log=lambda m: None)
+    assert shown == [[0, 199]]  # 100 would be nearer the lecture's 1,000, but the run recorded 199

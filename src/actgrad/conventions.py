@@ -13,8 +13,36 @@ import re
 LECTURE_SNAPSHOT = 1000  # the step the lecture's diagnostic plots show
 EXPECTED_INIT_LOSS = -math.log(1 / 27)
 
-VARIANT_FIGURES = ("init", "activations", "activation_grads", "weight_grads", "updates", "heatmap")
-GLOBAL_FIGURES = ("loss_curves", "final_losses", "deep_layers", "sensitivity")
+# Every figure the pipeline draws, by file name, with its title in the report; each has a caption
+# workflow/report/<name>.rst. The rules, the figures and the report all read these two tables.
+GLOBAL_FIGURES = {
+    "loss_curves": "Loss curves",
+    "final_losses": "Final validation loss",
+    "deep_layers": "Deep networks, layer by layer",
+    "sensitivity": "Sensitivity to a 1e-7 nudge",
+}
+VARIANT_FIGURES = {
+    "init": "At initialisation",
+    "activations": "Activation distribution",
+    "activation_grads": "Gradient distribution",
+    "weight_grads": "Weight-gradient distribution",
+    "updates": "Update:data ratio",
+    "heatmap": "Activations over training",
+}
+
+
+def study_figures(specs) -> list[str]:
+    """The cross-variant figures a study has, from its variants' complete settings: the deep comparison
+    only with a deep variant, the sensitivity figure only when some run has a twin."""
+    specs = list(specs)
+    return [name for name in GLOBAL_FIGURES
+            if (name != "deep_layers" or any(s["model"] == "deep" for s in specs))
+            and (name != "sensitivity" or any(s["sensitivity_twin"] for s in specs))]
+
+
+def figure_path(figures_dir, name: str, variant: str | None = None) -> str:
+    """Where a figure's PNG is: ``figures_dir/name.png``, or ``figures_dir/variant/name.png``."""
+    return f"{figures_dir}/{variant}/{name}.png" if variant else f"{figures_dir}/{name}.png"
 
 
 def natural_key(name: str):

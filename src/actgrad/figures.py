@@ -19,12 +19,10 @@ Across variants: ``loss_curves``, ``final_losses``, ``deep_layers`` and ``sensit
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -37,59 +35,14 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-from .conventions import GLOBAL_FIGURES, VARIANT_FIGURES, natural_key, pick_snapshot  # noqa: E402
+from .conventions import GLOBAL_FIGURES, VARIANT_FIGURES, natural_key  # noqa: E402
 from .data import atomic_write_bytes  # noqa: E402
-from .summary import lecture_seed_of  # noqa: E402
+from .rundir import Run, read_runs  # noqa: E402
+from .summary import lecture_run  # noqa: E402
 
 DPI = 100
 UPDATE_GUIDE = -3.0  # the lecture's rule of thumb: updates about 1/1000 of the data
 HEATMAP_VMIN = -4.0  # log10 fraction: the heat-map's colour scale runs from 1/10,000 to everything
-
-
-# -- reading runs -------------------------------------------------------------------------
-@dataclass
-class Run:
-    """One run directory's files, read on demand."""
-
-    path: Path
-    metrics: dict = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> Run:
-        path = Path(path)
-        return cls(path, json.loads((path / "metrics.json").read_text()))
-
-    @property
-    def seed(self) -> int:
-        return int(self.metrics.get("seed", -1))
-
-    @property
-    def diverged_at(self):
-        return self.metrics.get("diverged_at")
-
-    def _parquet(self, name: str) -> pd.DataFrame:
-        p = self.path / name
-        return pd.read_parquet(p) if p.exists() else pd.DataFrame()
-
-    def losses(self) -> pd.DataFrame:
-        return self._parquet("losses.parquet")
-
-    def stats(self) -> pd.DataFrame:
-        return self._parquet("stats.parquet")
-
-    def histograms(self) -> pd.DataFrame:
-        return self._parquet("histograms.parquet")
-
-    def saturation(self) -> dict[str, np.ndarray]:
-        p = self.path / "saturation.npz"
-        if not p.exists():
-            return {}
-        with np.load(p) as z:
-            return {k: z[k] for k in sorted(z.files, key=natural_key)}
-
-    def samples(self) -> list[str]:
-        p = self.path / "samples.txt"
-        return [s for s in p.read_text().splitlines() if s.strip()] if p.exists() else []
 
 
 def _step_axis(ax) -> None:
@@ -103,22 +56,6 @@ def _finish_grid(axes, used: int, ylabel: str) -> None:
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel)
-
-
-def run_dirs_of(paths) -> list[Path]:
-    """The distinct run directories of a list of run files (or directories)."""
-    out = []
-    for p in paths:
-        p = Path(p)
-        d = p if p.is_dir() else p.parent
-        if d not in out:
-            out.append(d)
-    return out
-
-
-def lecture_run(runs: list[Run]) -> Run:
-    seed = lecture_seed_of([r.seed for r in runs])
-    return next(r for r in runs if r.seed == seed)
 
 
 # -- small helpers --------------------------------------------------------------------------
@@ -422,15 +359,12 @@ def variant_figures(run_paths, outputs: dict[str, str | os.PathLike], log=print)
     """Write the requested per-variant figures (``outputs``: name -> PNG path) from a variant's runs."""
     unknown = set(outputs) - set(VARIANT_FIGURES)
     if unknown:
-        raise ValueError(f"unknown per-variant figure(s): {sorted(unknown)}; known: {VARIANT_FIGURES}")
+        raise ValueError(f"unknown per-variant figure(s): {sorted(unknown)}; known: {list(VARIANT_FIGURES)}")
     style()
-    runs = [Run.read(d) for d in run_dirs_of(run_paths)]
-    run = lecture_run(runs)
-    name = run.metrics.get("variant", run.path.parent.name)
+    run = lecture_run(read_runs(run_paths))
+    name = run.variant
     stats, hists = run.stats(), run.histograms()
-    snapshot_steps = hists[hists.kind == "activation_grad"].step.unique() if not hists.empty else []
-    last = int(max(snapshot_steps)) if len(snapshot_steps) else None
-    later = pick_snapshot(snapshot_steps, last_step=last)
+    later = run.snapshot_step  # recorded once by the training job, so that the report shows the same step
     steps = [0] + ([later] if later is not None else [])
     suffix = f" - {name}, seed {run.seed}"
     if run.diverged_at is not None:
@@ -622,12 +556,11 @@ def global_figures(order: list[str], run_paths, summary_csv, references_csv, out
     """Write the requested cross-variant figures (``outputs``: name -> PNG path)."""
     unknown = set(outputs) - set(GLOBAL_FIGURES)
     if unknown:
-        raise ValueError(f"unknown global figure(s): {sorted(unknown)}; known: {GLOBAL_FIGURES}")
+        raise ValueError(f"unknown global figure(s): {sorted(unknown)}; known: {list(GLOBAL_FIGURES)}")
     style()
     runs: dict[str, list[Run]] = {}
-    for d in run_dirs_of(run_paths):
-        r = Run.read(d)
-        runs.setdefault(r.metrics.get("variant", d.parent.name), []).append(r)
+    for r in read_runs(run_paths):
+        runs.setdefault(r.variant, []).append(r)
     order = [v for v in order if v in runs]
     models = {v: runs[v][0].metrics.get("model", "mlp") for v in order}
     if "loss_curves" in outputs:

@@ -1,9 +1,10 @@
 """The study as one self-contained HTML page: tables from the summary, figures embedded as PNG.
 
-:func:`build_context` gathers everything the template shows (numbers already formatted,
-each figure as a ``data:`` URI with its caption); :func:`render` fills the jinja2 template;
-:func:`write_report` does both and writes the page atomically. The page needs no network:
-no external CSS, scripts, fonts or images.
+The report only formats: every number on the page comes from a table the summary wrote
+(:mod:`actgrad.summary`) and every picture from the figure step. :func:`build_context` gathers
+what the template shows (numbers formatted, each figure as a ``data:`` URI with its caption);
+:func:`render` fills the jinja2 template; :func:`write_report` does both and writes the page
+atomically. The page needs no network: no external CSS, scripts, fonts or images.
 """
 
 from __future__ import annotations
@@ -21,22 +22,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .conventions import EXPECTED_INIT_LOSS, GLOBAL_FIGURES, LECTURE_SNAPSHOT, natural_key, pick_snapshot
-from .data import atomic_write_bytes
-from .summary import ALPHA, lecture_seed_of
+from .conventions import EXPECTED_INIT_LOSS, GLOBAL_FIGURES, VARIANT_FIGURES, figure_path
+from .data import DataError, atomic_write_bytes
+from .summary import ALPHA, TABLES, lecture_seed_of
 
-FIGURE_TITLES = {
-    "loss_curves": "Loss curves",
-    "final_losses": "Final validation loss",
-    "deep_layers": "Deep networks, layer by layer",
-    "sensitivity": "Sensitivity to a 1e-7 nudge",
-    "init": "At initialisation",
-    "activations": "Activation distribution",
-    "activation_grads": "Gradient distribution",
-    "weight_grads": "Weight-gradient distribution",
-    "updates": "Update:data ratio",
-    "heatmap": "Activations over training",
-}
+# Where each per-variant figure sits on the page: the init figure beside the samples, the
+# heat-map last, the diagnostics between them.
+DIAGNOSTICS = [name for name in VARIANT_FIGURES if name not in ("init", "heatmap")]
 PACKAGES = ("torch", "numpy", "pandas", "seaborn", "matplotlib", "scipy", "jinja2", "snakemake")
 CHAOTIC_WHY = ("A saturated, badly initialised net is chaotic: float rounding alone (a different order of "
                "additions, another library version) moves its trajectory, so its printed numbers cannot be "
@@ -94,14 +86,17 @@ def read_caption(captions_dir, name: str) -> str:
     return " ".join(line.strip() for line in p.read_text().splitlines() if line.strip()).replace("``", "")
 
 
-def _csv(path) -> pd.DataFrame:
+def _csv(path, **read_args) -> pd.DataFrame:
+    """A table the summary wrote; one with no rows and no columns (a study with no deep variant) is empty."""
     p = Path(path)
-    if not p.exists() or p.stat().st_size == 0:
-        return pd.DataFrame()
+    if not p.exists():
+        raise DataError(f"{p}: missing; the summary step writes it (snakemake results/summary.csv)")
     try:
-        return pd.read_csv(p)
+        return pd.read_csv(p, **read_args)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: not a readable CSV table ({e}); delete it and rerun the workflow") from None
 
 
 # -- the tables ----------------------------------------------------------------------------------
@@ -126,17 +121,16 @@ def diverged_text(diverged: list[tuple[int, int]], lecture_seed=None) -> str:
     return f"diverged at step {step:,}" if step is not None else "diverged"
 
 
-def _before_cell(runs: pd.DataFrame, metric: str, lecture, digits: int = 4) -> dict:
-    """A number measured before training: over every seed, diverged or not."""
-    values = pd.to_numeric(runs[metric], errors="coerce").dropna() if metric in runs else pd.Series(dtype=float)
-    text = mean_std(values.mean() if len(values) else None, values.std(ddof=1) if len(values) > 1 else None, digits)
-    lect = runs[runs.seed == lecture][metric] if metric in runs else pd.Series(dtype=float)
-    lect = float(lect.iloc[0]) if len(lect) else None
-    return {"text": text, "sub": f"lecture seed: {num(lect, digits)}" if finite(lect) else "", "cls": ""}
+def before_cell(v, metric: str, digits: int = 4) -> dict:
+    """A number measured before training: mean ± std over every seed, the lecture seed's below."""
+    lecture = v.get(f"{metric}_lecture_seed")
+    return {"text": mean_std(v.get(f"{metric}_mean"), v.get(f"{metric}_std"), digits),
+            "sub": f"lecture seed: {num(lecture, digits)}" if finite(lecture) else "", "cls": ""}
 
 
-def _final_cell(v, metric: str, all_diverged: bool, dtext: str, lecture_diverged: bool, digits: int = 4) -> dict:
-    """A final loss: mean ± std over the seeds that finished, or where the variant diverged."""
+def final_cell(v, metric: str, all_diverged: bool, dtext: str, lecture_diverged: bool, digits: int = 4) -> dict:
+    """A number measured after training: mean ± std over the seeds that finished, the lecture seed's below,
+    or where the variant diverged."""
     if all_diverged:
         return {"text": dtext, "sub": "", "cls": "diverged"}
     text = mean_std(v.get(f"{metric}_mean"), v.get(f"{metric}_std"), digits)
@@ -148,6 +142,19 @@ def _final_cell(v, metric: str, all_diverged: bool, dtext: str, lecture_diverged
     return {"text": text, "sub": sub, "cls": ""}
 
 
+def divergence_state(summary: pd.DataFrame, name: str) -> dict:
+    """How a variant's runs diverged, as the final cells and the status pill say it."""
+    diverged, n = divergence_notes(summary, name)
+    seeds = summary[summary.variant == name].seed.tolist() if not summary.empty else []
+    lecture = lecture_seed_of(seeds) if seeds else None
+    return {"diverged": diverged, "n": n, "all_diverged": bool(diverged) and len(diverged) == n,
+            "dtext": diverged_text(diverged, lecture), "lecture_diverged": any(seed == lecture for seed, _ in diverged)}
+
+
+def _final_state(state: dict) -> dict:
+    return {k: state[k] for k in ("all_diverged", "dtext", "lecture_diverged")}
+
+
 def comparison_rows(config: dict, variants: pd.DataFrame, summary: pd.DataFrame, refs: pd.DataFrame) -> list[dict]:
     rows = []
     for name in config["variants"]:
@@ -155,30 +162,20 @@ def comparison_rows(config: dict, variants: pd.DataFrame, summary: pd.DataFrame,
         if v.empty:
             continue
         v = v.iloc[0]
-        seeds = summary[summary.variant == name].seed.tolist() if not summary.empty else []
-        lecture = lecture_seed_of(seeds) if seeds else None
-        diverged, n = divergence_notes(summary, name)
-        all_diverged = bool(diverged) and len(diverged) == n
-        dtext = diverged_text(diverged, lecture)
-        lecture_diverged = any(seed == lecture for seed, _ in diverged)
-
-        runs = summary[summary.variant == name]
-        state = {"all_diverged": all_diverged, "dtext": dtext, "lecture_diverged": lecture_diverged}
-
-        init_mean = pd.to_numeric(runs.init_loss, errors="coerce").mean() if "init_loss" in runs else None
-        sat_init = pd.to_numeric(runs.sat97_init, errors="coerce").mean() if "sat97_init" in runs else None
+        state = divergence_state(summary, name)
+        diverged, n = state["diverged"], state["n"]
         row = {
             "variant": name, "description": config["variants"][name].get("description", ""),
             "model": v.get("model", ""), "seeds": int(v.get("seeds", n) or 0),
-            "status": f"{dtext} ({len(diverged)} of {n} seeds)" if diverged else "ok",
+            "status": f"{state['dtext']} ({len(diverged)} of {n} seeds)" if diverged else "ok",
             "status_cls": "diverged" if diverged else "ok",
-            "init_loss": _before_cell(runs, "init_loss", lecture),
-            "init_gap": num(init_mean - EXPECTED_INIT_LOSS if finite(init_mean) else None, 3, signed=True),
-            "step0_loss": _before_cell(runs, "step0_loss", lecture),
-            "train_loss": _final_cell(v, "train_loss", **state),
-            "val_loss": _final_cell(v, "val_loss", **state),
-            "sat_init": {"text": pct(sat_init), "sub": "", "cls": ""},
-            "sat_final": ({"text": "diverged", "sub": "", "cls": "diverged"} if all_diverged else
+            "init_loss": before_cell(v, "init_loss"),
+            "init_gap": num(v.get("init_loss_gap"), 3, signed=True),
+            "step0_loss": before_cell(v, "step0_loss"),
+            "train_loss": final_cell(v, "train_loss", **_final_state(state)),
+            "val_loss": final_cell(v, "val_loss", **_final_state(state)),
+            "sat_init": {"text": pct(v.get("sat97_init_mean")), "sub": "", "cls": ""},
+            "sat_final": ({"text": "diverged", "sub": "", "cls": "diverged"} if state["all_diverged"] else
                           {"text": pct(v.get("sat97_final_mean")), "sub": "", "cls": ""}),
         }
         for quantity in ("train", "val"):
@@ -246,11 +243,6 @@ def reference_rows(refs: pd.DataFrame) -> tuple[list[dict], dict]:
     return rows, {"matched": matched, "counted": counted, "chaotic": chaotic_n, "not_reached": not_reached}
 
 
-def _closest(steps, target):
-    steps = sorted(set(int(s) for s in steps))
-    return min(steps, key=lambda s: (abs(s - target), s)) if steps else None
-
-
 def _shade(value, vmax=100.0) -> str:
     """A background for a percentage cell: white to orange as it grows."""
     if not finite(value):
@@ -259,76 +251,51 @@ def _shade(value, vmax=100.0) -> str:
     return f"background: rgba(230, 120, 30, {0.08 + 0.6 * a:.2f})"
 
 
-def _per_layer(act: pd.DataFrame, step, stat: str = "saturated_pct") -> list[dict]:
-    """One shaded cell per layer: the mean over seeds of ``stat`` at ``step``."""
-    if step is None:
+def _layer_cells(layers: pd.DataFrame, step) -> list[dict]:
+    """One shaded cell per layer: the saturated share at ``step`` (the summary's layer order)."""
+    if not finite(step) or layers.empty:
         return []
-    sel = act[(act.step == step) & (act.stat == stat)].groupby("layer").value.mean()
-    return [{"layer": layer, "text": f"{sel[layer]:.0f}", "style": _shade(sel[layer])}
-            for layer in sorted(sel.index, key=natural_key)]
+    sel = layers[(layers.stat == "saturated_pct") & (layers.step == int(step))]
+    return [{"layer": r.layer, "text": f"{r.value:.0f}", "style": _shade(r.value)} for r in sel.itertuples()]
 
 
-def final_cell(v, metric: str, diverged, all_diverged: bool) -> dict:
-    """Mean over seeds, its spread below; a variant whose every seed diverged says where."""
-    if all_diverged:
-        return {"text": diverged_text(diverged), "sub": ""}
-    std = v.get(f"{metric}_std")
-    return {"text": num(v.get(f"{metric}_mean")), "sub": f"± {num(std)}" if finite(std) else ""}
+def _step(x) -> str:
+    return f"{int(x):,}" if finite(x) else "—"
 
 
-def deep_rows(config: dict, summary: pd.DataFrame, variants: pd.DataFrame, results) -> list[dict]:
-    """Per deep variant: per-layer saturation, first vs last layer gradient, update ratios, dead units."""
+def _sci(x) -> str:
+    return f"{float(x):.1e}" if finite(x) else "—"
+
+
+def deep_rows(config: dict, summary: pd.DataFrame, variants: pd.DataFrame, deep_layers: pd.DataFrame,
+              deep_variants: pd.DataFrame) -> list[dict]:
+    """Per deep variant, as the summary computed it: per-layer saturation, first vs last layer gradient,
+    update ratios, dead units, and the final losses."""
     rows = []
-    if summary.empty:
+    if deep_variants.empty:
         return rows
     for name in config["variants"]:
-        sub = summary[summary.variant == name]
-        if sub.empty or str(sub.model.iloc[0]) != "deep":
+        d = deep_variants[deep_variants.variant == name]
+        if d.empty:
             continue
-        frames = []
-        for _, r in sub.iterrows():
-            p = Path(results) / "runs" / name / f"seed{int(r.seed)}" / "stats.parquet"
-            if p.exists():
-                s = pd.read_parquet(p)
-                frames.append(s.assign(seed=int(r.seed)))
-        stats = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-            columns=["step", "layer", "kind", "stat", "value", "seed"])
-        stats = stats[np.isfinite(stats.value.astype(float))]
-        act = stats[stats.kind == "activation"]
-        diverged, n = divergence_notes(summary, name)
-        last = int(act.step.max()) if len(act) else None
-        # the lecture's step 1,000, else the configured snapshot nearest to it (as in the figures)
-        early = pick_snapshot(stats[stats.kind == "preactivation"].step.unique(), last_step=last)
-        if early is None and len(act):
-            early = _closest(act.step.unique(), LECTURE_SNAPSHOT)
-
-        grads = stats[(stats.kind == "activation_grad") & (stats.stat == "std") & (stats.step == 0)]
-        g = grads.groupby("layer").value.mean()
-        order = sorted(g.index, key=natural_key)
-        first, lastg = (g[order[0]], g[order[-1]]) if order else (np.nan, np.nan)
-        ratio = first / lastg if finite(first) and finite(lastg) and lastg > 0 else np.nan
-        verdict = ("vanishing towards the input" if ratio < 0.5 else "exploding towards the input" if ratio > 2
-                   else "stable") if finite(ratio) else ""
-        weights = set(stats[stats.kind == "weight_grad"].layer)
-        upd = stats[(stats.kind == "update") & stats.layer.isin(weights)].value
-        dead = act[act.stat == "dead_units"]
-        dead_end = dead[dead.step == last].groupby("seed").value.sum().mean() if last is not None else np.nan
-        dead_init = dead[dead.step == 0].groupby("seed").value.sum().mean()
+        d = d.iloc[0]
+        layers = deep_layers[deep_layers.variant == name] if not deep_layers.empty else deep_layers
         v = variants[variants.variant == name].iloc[0] if not variants.empty and (variants.variant == name).any() \
             else {}
-        all_diverged = bool(diverged) and len(diverged) == n
+        state = divergence_state(summary, name)
+        dead_init, dead_last = d.get("dead_units_init"), d.get("dead_units_last")
         rows.append({
             "variant": name, "description": config["variants"][name].get("description", ""),
-            "early_step": f"{early:,}" if early is not None else "—", "last_step": f"{last:,}" if last else "—",
-            "sat_early": _per_layer(act, early), "sat_last": _per_layer(act, last),
-            "grad_first": f"{first:.1e}" if finite(first) else "—",
-            "grad_last": f"{lastg:.1e}" if finite(lastg) else "—",
-            "grad_ratio": f"{ratio:.2f}" if finite(ratio) else "—", "grad_verdict": verdict,
-            "update_median": num(upd.median(), 2) if len(upd) else "—",
-            "dead": f"{dead_init:.0f} → {dead_end:.0f}" if finite(dead_init) and finite(dead_end) else "—",
-            "train_loss": final_cell(v, "train_loss", diverged, all_diverged),
-            "val_loss": final_cell(v, "val_loss", diverged, all_diverged),
-            "diverged": bool(diverged),
+            "early_step": _step(d.snapshot_step), "last_step": _step(d.last_step),
+            "sat_early": _layer_cells(layers, d.snapshot_step), "sat_last": _layer_cells(layers, d.last_step),
+            "grad_first": _sci(d.grad_std_first), "grad_last": _sci(d.grad_std_last),
+            "grad_ratio": num(d.grad_ratio, 2),
+            "grad_verdict": d.grad_verdict if isinstance(d.grad_verdict, str) else "",
+            "update_median": num(d.update_log10_median, 2),
+            "dead": f"{dead_init:.0f} → {dead_last:.0f}" if finite(dead_init) and finite(dead_last) else "—",
+            "train_loss": final_cell(v, "train_loss", **_final_state(state)),
+            "val_loss": final_cell(v, "val_loss", **_final_state(state)),
+            "diverged": bool(state["diverged"]),
         })
     return rows
 
@@ -363,31 +330,22 @@ def git_commit(repo) -> str:
         return "unknown"
 
 
-def samples_of(results, variant: str, seed) -> list[str]:
-    p = Path(results) / "runs" / variant / f"seed{seed}" / "samples.txt"
-    return [s for s in p.read_text().splitlines() if s.strip()] if p.exists() else []
-
-
 def figure(figures_dir, captions_dir, name: str, variant: str | None = None) -> dict | None:
-    path = Path(figures_dir) / (variant or "") / f"{name}.png"
+    path = Path(figure_path(figures_dir, name, variant))
     if not path.exists():
         return None
-    return {"name": name, "title": FIGURE_TITLES.get(name, name), "src": data_uri(path),
-            "caption": read_caption(captions_dir, name), "id": f"fig-{variant}-{name}" if variant else f"fig-{name}"}
+    titles = VARIANT_FIGURES if variant else GLOBAL_FIGURES
+    return {"name": name, "title": titles[name], "src": data_uri(path), "caption": read_caption(captions_dir, name),
+            "id": f"fig-{variant}-{name}" if variant else f"fig-{name}"}
 
 
-def runtime_of(summary: pd.DataFrame, results) -> list[str]:
-    """engine / device / threads of the runs, as read from their metrics.json."""
+def runtime_of(summary: pd.DataFrame) -> list[str]:
+    """The distinct engine / device / threads / torch of the runs, as each run recorded them."""
     seen = []
-    if summary.empty:
-        return seen
     for _, r in summary.iterrows():
-        p = Path(results) / "runs" / r.variant / f"seed{int(r.seed)}" / "metrics.json"
-        if not p.exists():
-            continue
-        m = json.loads(p.read_text())
-        text = f"engine {m.get('engine', '?')} on {m.get('device', '?')}, {m.get('threads', '?')} thread(s), " \
-               f"torch {m.get('torch', '?')}"
+        threads = r.get("threads")
+        text = (f"engine {r.get('engine', '?')} on {r.get('device', '?')}, "
+                f"{int(threads) if finite(threads) else '?'} thread(s), torch {r.get('torch', '?')}")
         if text not in seen:
             seen.append(text)
     return seen
@@ -396,10 +354,10 @@ def runtime_of(summary: pd.DataFrame, results) -> list[str]:
 def build_context(config: dict, results, figures_dir, captions_dir=None, splits_json=None, repo=None) -> dict:
     """Everything the template shows, formatted."""
     results = Path(results)
-    summary = _csv(results / "summary.csv")
-    variants = _csv(results / "variants.csv")
-    sig = _csv(results / "significance.csv")
-    refs = _csv(results / "reference_check.csv")
+    summary, variants, sig, refs, deep_layers, deep_variants = (
+        _csv(results / TABLES[name]) for name in ("summary", "variants", "significance", "references",
+                                                   "deep_layers", "deep_variants"))
+    samples = _csv(results / TABLES["samples"], keep_default_na=False)  # "nan" is a name here, not a number
     if not summary.empty:
         summary["status"] = summary.status.fillna("ok")
     ref_rows, headline = reference_rows(refs)
@@ -421,10 +379,9 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
             "facts": [("init loss", row["init_loss"]["text"] if row else "—"),
                       ("final val loss", row["val_loss"]["text"] if row else "—"),
                       ("saturated at init", row["sat_init"]["text"] if row else "—")],
-            "samples": samples_of(results, name, lecture),
+            "samples": samples[samples.variant == name]["name"].tolist() if not samples.empty else [],
             "init": figure(figures_dir, captions_dir, "init", name),
-            "diagnostics": [f for f in (figure(figures_dir, captions_dir, k, name) for k in
-                                        ("activations", "activation_grads", "weight_grads", "updates")) if f],
+            "diagnostics": [f for f in (figure(figures_dir, captions_dir, k, name) for k in DIAGNOSTICS) if f],
             "heatmap": figure(figures_dir, captions_dir, "heatmap", name),
         })
 
@@ -450,13 +407,13 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
         "significance": significance_rows(sig), "alpha": ALPHA,
         "references": ref_rows, "headline": headline, "chaotic_why": CHAOTIC_WHY,
         "global": {k: figure(figures_dir, captions_dir, k) for k in GLOBAL_FIGURES},
-        "deep": deep_rows(config, summary, variants, results),
+        "deep": deep_rows(config, summary, variants, deep_layers, deep_variants),
         "variants": per_variant,
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
         "versions": package_versions(),
         "data_sha256": data_sha,
         "git_commit": git_commit(repo),
-        "runtime": runtime_of(summary, results),
+        "runtime": runtime_of(summary),
     }
 
 

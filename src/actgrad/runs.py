@@ -1,17 +1,8 @@
 """One training job: every seed of one variant, trained, evaluated and written to disk.
 
-Layout of a run, ``results/runs/{variant}/seed{seed}/``:
-
-``metrics.json``      the run's figures (losses, saturation, status, timing)
-``losses.parquet``    every step's minibatch loss (and the sensitivity twin's, if any)
-``stats.parquet``     tidy statistics: step, layer, kind, stat, value
-``histograms.parquet`` tidy histograms: step, layer, kind, bin_left, bin_right, fraction
-``saturation.npz``    |h| > 0.99 over the first minibatch, per activation layer (step 0)
-``params.pt``         the trained network's state_dict
-``samples.txt``       names sampled from the trained network
-
-Every file is written to a temporary name and renamed into place, ``metrics.json`` last,
-so a killed job never leaves a file that looks finished.
+What a run writes, and where, is :mod:`actgrad.rundir`'s. Every file is written to a temporary
+name and renamed into place, ``metrics.json`` last, so a killed job never leaves a file that
+looks finished.
 """
 
 from __future__ import annotations
@@ -23,7 +14,6 @@ import os
 import platform
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,10 +21,11 @@ import torch
 
 from . import __version__
 from .config import variant_spec
-from .conventions import EXPECTED_INIT_LOSS
+from .conventions import EXPECTED_INIT_LOSS, pick_snapshot
 from .cpus import cpu_slot
 from .data import atomic_write_bytes, load_splits
 from .model import Scratch
+from .rundir import METRICS, run_dir
 from .stats import DEAD, SATURATION, NetworkHooks, StatsPlan, StatsRecorder
 from .train import (
     evaluate,
@@ -46,16 +37,18 @@ from .train import (
 )
 
 
-def run_dir(results: str | os.PathLike, variant: str, seed: int) -> Path:
-    return Path(results) / "runs" / variant / f"seed{seed}"
+def stats_plan(stats: dict, steps: int) -> StatsPlan:
+    """The plan of a run of ``steps`` steps from the config's (resolved) ``stats`` section."""
+    return StatsPlan(every=stats["every"], update_every=stats["update_every"],
+                     histogram_every=stats["histogram_every"],
+                     snapshot_steps=tuple(x for x in stats["snapshot_steps"] if x < steps),
+                     bins=stats["bins"], last_step=steps - 1)
 
 
-def stats_plan(config: dict, steps: int) -> StatsPlan:
-    s = config.get("stats", {})
-    return StatsPlan(every=s.get("every", 1000), update_every=s.get("update_every", 100),
-                     histogram_every=s.get("histogram_every", 5000),
-                     snapshot_steps=tuple(x for x in s.get("snapshot_steps", (0, 1000)) if x < steps),
-                     bins=s.get("bins", 50), last_step=steps - 1)
+def snapshot_step(plan: StatsPlan, steps_done: int) -> int | None:
+    """The step the figures and the report show beside step 0: among the snapshots this run reached."""
+    reached = [s for s in (*plan.snapshot_steps, plan.last_step) if 0 <= s < steps_done]
+    return pick_snapshot(reached, last_step=plan.last_step)
 
 
 def _final_evaluation(net, splits, device, scratch: Scratch | None = None) -> dict:
@@ -96,8 +89,8 @@ def train_variant(config: dict, name: str, splits_path: str | os.PathLike, resul
     On CPU the job first claims a CPU of its own (:func:`~actgrad.cpus.cpu_slot`), so that
     training jobs never time-share one.
     """
-    device = resolve_device(config.get("device", "auto"))
-    threads = int(config.get("threads", 1))
+    device = resolve_device(config["device"])
+    threads = int(config["threads"])
     slot = cpu_slot(threads, log=lambda m: log(f"[{name}] {m}")) if device.type == "cpu" else nullcontext()
     with slot:
         return _train_variant(config, name, splits_path, results, device, threads, log)
@@ -105,13 +98,13 @@ def train_variant(config: dict, name: str, splits_path: str | os.PathLike, resul
 
 def _train_variant(config, name, splits_path, results, device, threads, log) -> list[dict]:
     spec = variant_spec(config, name)
-    engine = config.get("engine", "batched")
+    engine = config["engine"]
     torch.set_num_threads(threads)
     splits = load_splits(splits_path)
     block_size = int(splits["block_size"])
     Xtr, Ytr = splits["Xtrain"], splits["Ytrain"]
     steps, batch_size = spec["max_steps"], spec["batch_size"]
-    plan = stats_plan(config, steps)
+    plan = stats_plan(config["stats"], steps)
 
     members = [(seed, 0.0) for seed in spec["seeds"]]
     if spec["sensitivity_twin"]:
@@ -165,7 +158,7 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
             continue
         res, net, rec = results_list[i], nets[i], recorders[i]
         metrics = _write_run(config, spec, name, seed, res, twins.get(seed), net, rec, before[i], splits, device,
-                             results, wall / len(members), scratch)
+                             results, wall / len(members), scratch, plan)
         all_metrics.append(metrics)
         status = metrics["status"] + (f" at step {metrics['diverged_at']}" if metrics["diverged_at"] is not None
                                       else "")
@@ -175,7 +168,7 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
 
 
 def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, device, results, seconds,
-               scratch=None) -> dict:
+               scratch, plan) -> dict:
     out = run_dir(results, name, seed)
     out.mkdir(parents=True, exist_ok=True)
     diverged = res.diverged_at is not None
@@ -195,6 +188,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
         "expected_init_loss": EXPECTED_INIT_LOSS,
         "sat97_init": before["sat97_init"],
         "sat99_init": before["sat99_init"],
+        "snapshot_step": snapshot_step(plan, res.steps_done),
         "seconds": seconds,
     }
     if diverged:
@@ -205,7 +199,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
         samples = []
     else:
         metrics.update(_final_evaluation(net, splits, device, scratch))
-        samples = sample_names(net, splits["itos"], int(splits["block_size"]), int(config.get("samples", 20)), seed)
+        samples = sample_names(net, splits["itos"], int(splits["block_size"]), int(config["samples"]), seed)
     twin_losses = None
     if twin is not None:
         # The twin's losses on the run's steps (NaN where it stopped earlier).
@@ -215,7 +209,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
         metrics["twin_w1_perturbation"] = spec["w1_perturbation"]
         metrics["twin_final_abs_delta"] = float(abs(losses[n - 1] - twin_losses[n - 1])) if n else float("nan")
     metrics.update({
-        "engine": config.get("engine", "batched"),
+        "engine": config["engine"],
         "kernels": res.extra.get("kernels"),  # the batched engine's, on CPU: "C" or "PyTorch"
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -230,7 +224,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
     maps = {layer: m.numpy() for layer, m in rec.saturation_maps.items()}
     buf = io.BytesIO()
     np.savez_compressed(buf, **maps)
-    files = {
+    payloads = {
         "losses.parquet": _parquet_bytes(loss_frame),
         "stats.parquet": _parquet_bytes(rec.stats_frame()),
         "histograms.parquet": _parquet_bytes(rec.histogram_frame()),
@@ -239,8 +233,8 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
         "samples.txt": ("\n".join(samples) + "\n").encode() if samples else b"",
         "metrics.json": (json.dumps(_jsonable(metrics), indent=2) + "\n").encode(),
     }
-    for filename, payload in files.items():  # metrics.json last: it marks the run complete
-        atomic_write_bytes(out / filename, payload)
+    for filename in sorted(payloads, key=lambda f: f == METRICS):  # metrics.json last: it marks the run complete
+        atomic_write_bytes(out / filename, payloads[filename])
     return metrics
 
 

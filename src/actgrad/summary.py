@@ -1,11 +1,14 @@
-"""From the runs to the tables: per run, per variant over seeds, significance, and the reference check.
+"""From the runs to the tables: every number the report shows is computed here.
 
-The summary reads only what the runs wrote; the report reads only what the summary writes.
+Per run, per variant over seeds, significance, the reference check, the deep networks layer by
+layer, the lecture seed's samples, and the study's statistics and histograms in one tidy table
+each. The summary reads only what the runs wrote (through :mod:`actgrad.rundir`); the report
+reads only what the summary and the figure step write.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
 from pathlib import Path
@@ -14,6 +17,9 @@ import numpy as np
 import pandas as pd
 
 from .config import variant_spec
+from .conventions import EXPECTED_INIT_LOSS, natural_key
+from .data import atomic_write_bytes
+from .rundir import Run, read_runs
 
 LECTURE_SEED = 2147483647
 RUN_COLUMNS = ["variant", "seed", "model", "batchnorm", "steps", "steps_done", "status", "diverged_at",
@@ -22,12 +28,23 @@ RUN_COLUMNS = ["variant", "seed", "model", "batchnorm", "steps", "steps_done", "
                "sat97_init", "sat97_final", "sat99_init", "sat99_final", "twin_final_abs_delta", "seconds"]
 SPREAD_METRICS = ["step0_loss", "init_loss", "train_loss", "val_loss", "test_loss", "sat97_init", "sat97_final",
                   "sat99_init", "sat99_final"]
+# Measured before the first step: a run that diverged later still has them.
+BEFORE_TRAINING = {"step0_loss", "init_loss", "sat97_init", "sat99_init"}
 ALPHA = 0.05
+# The variant's settings that the study-level tables carry beside every row.
+STUDY_SETTINGS = ("model", "batchnorm", "gain", "activation")
+# What the summary writes: the keys write_summary takes, and each file's name under results/.
+TABLES = {
+    "summary": "summary.csv", "variants": "variants.csv", "significance": "significance.csv",
+    "references": "reference_check.csv", "deep_layers": "deep_layers.csv", "deep_variants": "deep_variants.csv",
+    "samples": "samples.csv", "stats": "stats.parquet", "histograms": "histograms.parquet",
+}
+# A deep net's gradient at the first tanh layer against the last one's, at step 0.
+VANISHING_BELOW, EXPLODING_ABOVE = 0.5, 2.0
 
 
-def run_table(metrics_paths: list[str | os.PathLike]) -> pd.DataFrame:
-    rows = [json.loads(Path(p).read_text()) for p in metrics_paths]
-    df = pd.DataFrame(rows)
+def run_table(runs: list[Run]) -> pd.DataFrame:
+    df = pd.DataFrame([r.metrics for r in runs])
     for col in RUN_COLUMNS:
         if col not in df:
             df[col] = np.nan
@@ -39,8 +56,16 @@ def lecture_seed_of(seeds) -> int:
     return LECTURE_SEED if LECTURE_SEED in seeds else seeds[0]
 
 
+def lecture_run(runs: list[Run]) -> Run:
+    seed = lecture_seed_of([r.seed for r in runs])
+    return next(r for r in runs if r.seed == seed)
+
+
 def variant_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
-    """Mean and standard deviation over seeds (runs that finished), and the lecture seed's value."""
+    """Mean and standard deviation over seeds, and the lecture seed's value.
+
+    A number measured before training is over every seed; one measured after, over the runs that finished.
+    """
     rows = []
     for variant in order:
         sub = runs[runs.variant == variant]
@@ -49,10 +74,11 @@ def variant_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
         row = {"variant": variant, "model": sub.model.iloc[0], "seeds": len(sub), "diverged": int((sub.status ==
                                                                                                    "diverged").sum())}
         for m in SPREAD_METRICS:
-            values = ok[m].astype(float)
+            values = (sub if m in BEFORE_TRAINING else ok)[m].astype(float).dropna()
             row[f"{m}_mean"] = values.mean() if len(values) else np.nan
             row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
             row[f"{m}_lecture_seed"] = float(lecture[m].iloc[0]) if len(lecture) else np.nan
+        row["init_loss_gap"] = row["init_loss_mean"] - EXPECTED_INIT_LOSS  # above the uniform guess's loss
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -98,7 +124,7 @@ def _round_eq(ours: float, ref: float, precision: int) -> bool:
     return round(float(ours), precision) == round(float(ref), precision)
 
 
-def reference_table(config: dict, runs: pd.DataFrame, results: str | os.PathLike) -> pd.DataFrame:
+def reference_table(config: dict, runs: pd.DataFrame, run_of: dict[tuple[str, int], Run]) -> pd.DataFrame:
     """One row per printed reference number: ours next to it, and whether they agree at its precision."""
     rows = []
     for name, variant in config["variants"].items():
@@ -112,13 +138,13 @@ def reference_table(config: dict, runs: pd.DataFrame, results: str | os.PathLike
         run = run.iloc[0]
         losses = None
         for ref in refs:
-            precision = int(ref.get("precision", 4))
+            precision = int(ref["precision"])
             chaotic_after = ref.get("chaotic_after_step")
-            calibrated = ref.get("evaluation", "running") == "calibrated"
+            calibrated = ref["evaluation"] == "calibrated"
             items = []
             for step, value in sorted(ref.get("step_losses", {}).items(), key=lambda kv: int(kv[0])):
                 if losses is None:
-                    losses = pd.read_parquet(Path(results) / "runs" / name / f"seed{seed}" / "losses.parquet")
+                    losses = run_of[(name, seed)].losses()
                 step = int(step)
                 ours = float(losses.loss.iloc[step]) if step < len(losses) else np.nan
                 items.append(("minibatch loss", step, ours, value, step < int(run.steps_done)))
@@ -128,7 +154,7 @@ def reference_table(config: dict, runs: pd.DataFrame, results: str | os.PathLike
                     final_step = int(run.steps) - 1 if quantity != "init_loss" else 0
                     label = quantity.replace("_", " ") + (" (calibrated BN)" if column.endswith("calibrated") else "")
                     # A final loss is only comparable after as many steps as the source trained.
-                    full_length = int(run.steps) == int(ref.get("steps", 200000)) or quantity == "init_loss"
+                    full_length = int(run.steps) == int(ref["steps"]) or quantity == "init_loss"
                     items.append((label, final_step, float(run[column]), ref[quantity], full_length))
             for quantity, step, ours, value, compared in items:
                 chaotic = chaotic_after is not None and step > int(chaotic_after)
@@ -143,18 +169,123 @@ def reference_table(config: dict, runs: pd.DataFrame, results: str | os.PathLike
     return pd.DataFrame(rows, columns=columns)
 
 
-def write_summary(config: dict, metrics_paths, results: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
-    """Write summary.csv, variants.csv, significance.csv and reference_check.csv into ``out_dir``."""
-    from .data import atomic_write_bytes
+def _finite(stats: pd.DataFrame) -> pd.DataFrame:
+    return stats[np.isfinite(stats.value.astype(float))]
 
-    runs = run_table(metrics_paths)
-    order = list(config["variants"])
+
+def gradient_verdict(ratio: float) -> str:
+    if not math.isfinite(ratio):
+        return ""
+    return ("vanishing towards the input" if ratio < VANISHING_BELOW else
+            "exploding towards the input" if ratio > EXPLODING_ABOVE else "stable")
+
+
+def deep_tables(config: dict, runs_by_variant: dict[str, list[Run]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The deep networks layer by layer, over seeds: ``deep_layers`` (tidy: variant, layer, step, stat, value)
+    and ``deep_variants`` (one row per deep variant).
+
+    Per layer: the saturated share at the snapshot step (the one the figures show, recorded by the lecture
+    seed's run) and at the last step, and the gradient's std at step 0. Per variant: the first tanh layer's
+    gradient against the last one's and the verdict, the median log10 update:data ratio of the weights over
+    every recorded step, and the dead units (summed over layers) at init and at the end.
+    """
+    layer_rows, variant_rows = [], []
+    for name in config["variants"]:
+        runs = runs_by_variant.get(name, [])
+        if not runs or variant_spec(config, name)["model"] != "deep":
+            continue
+        stats = _finite(pd.concat([r.stats().assign(seed=r.seed) for r in runs], ignore_index=True))
+        act = stats[stats.kind == "activation"]
+        last = int(act.step.max()) if len(act) else None
+        snapshot = lecture_run(runs).snapshot_step
+        saturated = act[act.stat == "saturated_pct"]
+        for step in dict.fromkeys(s for s in (snapshot, last) if s is not None):
+            per_layer = saturated[saturated.step == step].groupby("layer").value.mean()
+            layer_rows += [(name, layer, step, "saturated_pct", per_layer[layer])
+                           for layer in sorted(per_layer.index, key=natural_key)]
+        grads = stats[(stats.kind == "activation_grad") & (stats.stat == "std") & (stats.step == 0)]
+        grads = grads.groupby("layer").value.mean()
+        order = sorted(grads.index, key=natural_key)
+        layer_rows += [(name, layer, 0, "activation_grad_std", grads[layer]) for layer in order]
+        first, final = (float(grads[order[0]]), float(grads[order[-1]])) if order else (np.nan, np.nan)
+        ratio = first / final if math.isfinite(first) and math.isfinite(final) and final > 0 else np.nan
+        weights = set(stats[stats.kind == "weight_grad"].layer)
+        updates = stats[(stats.kind == "update") & stats.layer.isin(weights)].value
+        dead = act[act.stat == "dead_units"]
+        variant_rows.append({
+            "variant": name, "snapshot_step": snapshot, "last_step": last,
+            "grad_std_first": first, "grad_std_last": final, "grad_ratio": ratio,
+            "grad_verdict": gradient_verdict(ratio),
+            "update_log10_median": updates.median() if len(updates) else np.nan,
+            "dead_units_init": dead[dead.step == 0].groupby("seed").value.sum().mean(),
+            "dead_units_last": dead[dead.step == last].groupby("seed").value.sum().mean() if last is not None
+            else np.nan,
+        })
+    layers = pd.DataFrame(layer_rows, columns=["variant", "layer", "step", "stat", "value"])
+    columns = ["variant", "snapshot_step", "last_step", "grad_std_first", "grad_std_last", "grad_ratio",
+               "grad_verdict", "update_log10_median", "dead_units_init", "dead_units_last"]
+    return layers, pd.DataFrame(variant_rows, columns=columns)
+
+
+def samples_table(config: dict, runs_by_variant: dict[str, list[Run]]) -> pd.DataFrame:
+    """The names the lecture seed's run of each variant sampled (none for a run that diverged)."""
+    rows = []
+    for name in config["variants"]:
+        if runs_by_variant.get(name):
+            run = lecture_run(runs_by_variant[name])
+            rows += [(name, run.seed, sample) for sample in run.samples()]
+    return pd.DataFrame(rows, columns=["variant", "seed", "name"])
+
+
+def study_frame(config: dict, runs: list[Run], read) -> pd.DataFrame:
+    """Every run's rows of one tidy table (``read``: Run.stats or Run.histograms), with the run's variant,
+    seed and its variant's main settings as the first columns: one table for the whole study."""
+    settings = {name: variant_spec(config, name) for name in config["variants"]}
+    frames = []
+    for r in runs:
+        frame = read(r)
+        spec = settings[r.variant]
+        labels = {"variant": r.variant, "seed": r.seed, **{key: spec[key] for key in STUDY_SETTINGS}}
+        for i, (key, value) in enumerate(labels.items()):
+            frame.insert(i, key, value)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _csv_bytes(df: pd.DataFrame) -> bytes:
+    return df.to_csv(index=False).encode()
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]) -> dict[str, pd.DataFrame]:
+    """Read the runs that ``run_paths`` belong to and write every table of :data:`TABLES` to its path in
+    ``outputs`` (table name -> path)."""
+    missing = set(TABLES) - set(outputs)
+    if missing:
+        raise ValueError(f"write_summary needs a path for each of {sorted(missing)}")
+    run_list = read_runs(run_paths)
+    by_variant: dict[str, list[Run]] = {}
+    for r in run_list:
+        by_variant.setdefault(r.variant, []).append(r)
+    runs = run_table(run_list)
+    deep_layers, deep_variants = deep_tables(config, by_variant)
     tables = {
-        "summary.csv": runs,
-        "variants.csv": variant_table(runs, order),
-        "significance.csv": significance_table(runs, default_comparisons(config)),
-        "reference_check.csv": reference_table(config, runs, results),
+        "summary": runs,
+        "variants": variant_table(runs, list(config["variants"])),
+        "significance": significance_table(runs, default_comparisons(config)),
+        "references": reference_table(config, runs, {(r.variant, r.seed): r for r in run_list}),
+        "deep_layers": deep_layers,
+        "deep_variants": deep_variants,
+        "samples": samples_table(config, by_variant),
+        "stats": study_frame(config, run_list, Run.stats),
+        "histograms": study_frame(config, run_list, Run.histograms),
     }
-    for filename, df in tables.items():
-        atomic_write_bytes(Path(out_dir) / filename, df.to_csv(index=False).encode())
+    for name, df in tables.items():
+        path = Path(outputs[name])
+        atomic_write_bytes(path, _parquet_bytes(df) if path.suffix == ".parquet" else _csv_bytes(df))
     return tables

@@ -4,6 +4,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from actgrad.config import ConfigError, apply_defaults, resolve_base, training_cost, validate, variant_spec
+from actgrad.rundir import RUN_FILES, run_files
 
 # The schema is workflow/schemas/config.schema.yaml; errors name the key and what is allowed,
 # and stop the workflow before any job runs.
@@ -19,15 +20,15 @@ except ConfigError as e:
 apply_defaults(config)
 
 VARIANTS = list(config["variants"])
-# What one run writes (the docstring of actgrad.runs says what each file is).
-RUN_FILES = ["metrics.json", "losses.parquet", "stats.parquet", "histograms.parquet", "saturation.npz",
-             "params.pt", "samples.txt"]
+SPECS = {v: variant_spec(config, v) for v in VARIANTS}
+# Where the steps write, relative to the working directory; a run's own layout is actgrad.rundir's.
+RESULTS = "results"
+FIGURES = f"{RESULTS}/figures"
 
 
 def run_outputs(variant, files=RUN_FILES):
     """Every file of every seed of a variant: one training job writes them all."""
-    return [f"results/runs/{variant}/seed{seed}/{f}" for seed in variant_spec(config, variant)["seeds"]
-            for f in files]
+    return run_files(RESULTS, variant, SPECS[variant]["seeds"], files)
 
 
 # The package module a light step runs, as one of its inputs: editing it reruns the step (Snakemake's

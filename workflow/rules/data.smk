@@ -13,8 +13,6 @@ rule download:
         runtime=10,
     log:
         "logs/download.log",
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/download.py"
 
@@ -34,7 +32,5 @@ rule splits:
         runtime=10,
     log:
         "logs/splits.log",
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/splits.py"

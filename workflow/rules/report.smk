@@ -3,19 +3,16 @@
 import re
 from pathlib import Path
 
+from actgrad.conventions import VARIANT_FIGURES, figure_path, study_figures
+
 # The repository: the report's template and the figure captions live in it, whatever --directory says.
 REPO_DIR = Path(workflow.basedir)
 CAPTIONS = Path(workflow.current_basedir).parent / "report"
 REPORT_TEMPLATE = REPO_DIR / "report" / "report.html.j2"
 
-# Which cross-variant figures this study has: the deep comparison only with deep variants, the
-# sensitivity figure only when some run has a twin.
-GLOBAL_FIGURES = ["loss_curves", "final_losses"]
-if any(variant_spec(config, v)["model"] == "deep" for v in VARIANTS):
-    GLOBAL_FIGURES.append("deep_layers")
-if any(variant_spec(config, v)["sensitivity_twin"] for v in VARIANTS):
-    GLOBAL_FIGURES.append("sensitivity")
-VARIANT_FIGURES = ["init", "activations", "activation_grads", "weight_grads", "updates", "heatmap"]
+# The cross-variant figures this study has (actgrad.conventions lists every figure once).
+GLOBAL_FIGURES = study_figures(SPECS.values())
+# What the per-variant figures read of each run.
 VARIANT_FIGURE_FILES = ["metrics.json", "stats.parquet", "histograms.parquet", "saturation.npz"]
 
 
@@ -25,10 +22,10 @@ report: "../report/workflow.rst"
 rule figures_variant:
     input:
         runs=lambda wc: run_outputs(wc.variant, VARIANT_FIGURE_FILES),
-        code=[package_code("figures"), package_code("conventions")],
+        code=[package_code("figures"), package_code("conventions"), package_code("rundir")],
     output:
         **{
-            name: report(f"results/figures/{{variant}}/{name}.png", caption=f"../report/{name}.rst",
+            name: report(figure_path(FIGURES, name, "{variant}"), caption=f"../report/{name}.rst",
                          category="2. Per variant", subcategory="{variant}",
                          labels={"figure": name.replace("_", " "), "variant": "{variant}"})
             for name in VARIANT_FIGURES
@@ -41,8 +38,6 @@ rule figures_variant:
         runtime=20,
     log:
         "logs/figures/{variant}.log",
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/figures.py"
 
@@ -50,12 +45,12 @@ rule figures_variant:
 rule figures_global:
     input:
         runs=all_run_outputs(["metrics.json", "losses.parquet", "stats.parquet"]),
-        summary="results/summary.csv",
-        references="results/reference_check.csv",
-        code=[package_code("figures"), package_code("conventions")],
+        summary=f"{RESULTS}/summary.csv",
+        references=f"{RESULTS}/reference_check.csv",
+        code=[package_code("figures"), package_code("conventions"), package_code("rundir")],
     output:
         **{
-            name: report(f"results/figures/{name}.png", caption=f"../report/{name}.rst",
+            name: report(figure_path(FIGURES, name), caption=f"../report/{name}.rst",
                          category="1. Across variants", labels={"figure": name.replace("_", " ")})
             for name in GLOBAL_FIGURES
         },
@@ -67,40 +62,33 @@ rule figures_global:
         runtime=20,
     log:
         "logs/figures/global.log",
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/figures.py"
 
 
 rule report:
     input:
-        summary="results/summary.csv",
-        variants="results/variants.csv",
-        significance="results/significance.csv",
-        references="results/reference_check.csv",
+        # the summary's tables: every number the report shows
+        tables=rules.summary.output,
         splits="data/splits.json",
-        runs=all_run_outputs(["metrics.json", "stats.parquet", "samples.txt"]),
-        figures=[f"results/figures/{name}.png" for name in GLOBAL_FIGURES]
-        + [f"results/figures/{v}/{name}.png" for v in VARIANTS for name in VARIANT_FIGURES],
+        figures=[figure_path(FIGURES, name) for name in GLOBAL_FIGURES]
+        + [figure_path(FIGURES, name, v) for v in VARIANTS for name in VARIANT_FIGURES],
         template=str(REPORT_TEMPLATE),
-        captions=[str(CAPTIONS / f"{name}.rst") for name in GLOBAL_FIGURES + VARIANT_FIGURES],
+        captions=[str(CAPTIONS / f"{name}.rst") for name in GLOBAL_FIGURES + list(VARIANT_FIGURES)],
         code=[package_code("report"), package_code("conventions")],
     output:
         "report/report.html",
     params:
-        # derived from the inputs, so that they follow wherever the files are
-        results=lambda wildcards, input: str(Path(input.summary).parent),
+        # the folders of the inputs above, so that they follow wherever the files are
+        results=lambda wildcards, input: str(Path(input.tables[0]).parent),
         figures=lambda wildcards, input: str(Path(input.figures[0]).parent),
         captions=lambda wildcards, input: str(Path(input.captions[0]).parent),
-        repo=lambda wildcards, input: str(Path(input.template).parents[1]),  # the repository, for its commit
+        repo=lambda wildcards, input: str(Path(input.template).parent),  # a folder of the repository, for its commit
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     log:
         "logs/report.log",
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/report.py"

@@ -1,26 +1,23 @@
-# Stage 5: the runs' metrics as tables - per run, per variant over seeds, significance, references.
-from pathlib import Path
+# Stage 5: from the runs to the tables - every number the report shows is computed here
+# (actgrad.summary): per run, per variant over seeds, significance, references, the deep networks
+# layer by layer, the lecture seed's samples, and the study's statistics and histograms as one table each.
+from actgrad.summary import TABLES
+
+# What the summary reads of each run (not the parameters, nor the saturation maps).
+SUMMARY_RUN_FILES = ["metrics.json", "losses.parquet", "stats.parquet", "histograms.parquet", "samples.txt"]
 
 
 rule summary:
     input:
-        metrics=all_run_outputs(["metrics.json"]),
-        losses=all_run_outputs(["losses.parquet"]),
-        code=package_code("summary"),
+        runs=all_run_outputs(SUMMARY_RUN_FILES),
+        code=[package_code("summary"), package_code("rundir")],
     output:
-        summary="results/summary.csv",
-        variants="results/variants.csv",
-        significance="results/significance.csv",
-        references="results/reference_check.csv",
-    params:
-        results=lambda wildcards, input: str(Path(input.metrics[0]).parents[3]),
+        **{name: f"{RESULTS}/{filename}" for name, filename in TABLES.items()},
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     log:
         "logs/summary.log",
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/summary.py"

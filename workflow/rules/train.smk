@@ -1,9 +1,7 @@
 # Stage 3-4: one job per variant; its seeds (and sensitivity twins) train side by side as one
 # batched model. A variant may have its own seeds, so each variant gets its own rule.
-from pathlib import Path
-
 for _variant in VARIANTS:
-    _spec = variant_spec(config, _variant)
+    _spec = SPECS[_variant]
 
     rule:
         name:
@@ -19,7 +17,9 @@ for _variant in VARIANTS:
             # ... and so do the study-wide settings that shape a run's outputs.
             settings={key: config[key] for key in ("engine", "device", "samples", "stats", "block_size",
                                                    "split_seed")},
-            results=lambda wildcards, output: str(Path(output[0]).parents[3]),
+            # Where the runs go. A function of the output is evaluated only when the job runs, so Snakemake
+            # does not record it among the settings whose change retrains (as it did not before).
+            results=lambda wildcards, output: RESULTS,
         threads: config["threads"]
         # The most work first: a long job left to run alone at the end would leave CPUs idle.
         priority: round(training_cost(_spec, config["block_size"]))
@@ -32,7 +32,5 @@ for _variant in VARIANTS:
             f"logs/train/{_variant}.log",
         benchmark:
             f"benchmarks/train/{_variant}.tsv"
-        conda:
-            "../../environment.yml"
         script:
             "../scripts/train.py"
