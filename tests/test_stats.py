@@ -12,14 +12,15 @@ DEFAULT = cfg.load(REPO / "config" / "config.yaml")
 
 
 def test_plan_steps():
-    plan = StatsPlan(every=1000, update_every=100, histogram_every=5000, snapshot_steps=(0, 1000), last_step=1999)
+    plan = StatsPlan(every=1000, update_every=100, histogram_every=5000, snapshot_steps=(0, 1000), bins=50,
+                     last_step=1999)
     assert plan.series(0) and plan.series(1000) and plan.series(1999) and not plan.series(1500)
     assert plan.update(1500) and not plan.update(1550)
     assert plan.histogram(0) and not plan.histogram(1000 + 1) and plan.snapshot(1999)
 
 
 def test_recorder_figures_on_a_known_tensor():
-    rec = StatsRecorder(StatsPlan(every=1, snapshot_steps=(0,), bins=4))
+    rec = StatsRecorder(StatsPlan(every=1, update_every=1, histogram_every=1, snapshot_steps=(0,), bins=4))
     out = torch.tensor([[0.0, 0.995, -0.98], [0.5, 0.999, 0.1]])
     rec.activation(0, "tanh1", out)
     df = rec.stats_frame().set_index("stat").value
@@ -38,7 +39,7 @@ def test_deep_batchnorm_statistics_at_step_1000_are_the_lectures(splits):
     spec = cfg.variant_spec(DEFAULT, "deep_bn_gain1")
     net, g = train.init_network(spec, LECTURE_SEED, 3)
     rec = StatsRecorder(StatsPlan(every=1000, update_every=1000, histogram_every=1000, snapshot_steps=(0, 1000),
-                                  last_step=1000))
+                                  bins=50, last_step=1000))
     hooks = NetworkHooks(net, rec)
     res = train.train_reference(net, g, Xtr, Ytr, steps=1001, batch_size=32, lr_schedule=spec["lr_schedule"],
                                 callbacks=[hooks])
@@ -58,3 +59,23 @@ def test_deep_batchnorm_statistics_at_step_1000_are_the_lectures(splits):
         ratio = (w.grad.std() / w.data.std()).item()
         # The lecture's weights are already updated at this point; ours were recorded before the update.
         assert at[(f"layers.linear{i}.weight", "weight_grad", "grad_data_ratio")] == pytest.approx(ratio, rel=1e-3)
+
+
+def test_a_runs_plan_is_the_configs_and_its_defaults_are_the_schemas():
+    """One place for the defaults: a config that says nothing about statistics gets the schema's, and
+    StatsPlan itself has none to disagree with them."""
+    import dataclasses
+
+    from actgrad.runs import snapshot_step, stats_plan
+
+    schema_stats = {k: v["default"] for k, v in cfg.load_schema()["properties"]["stats"]["properties"].items()}
+    assert cfg.study_defaults()["stats"] == schema_stats
+    assert [f.name for f in dataclasses.fields(StatsPlan) if f.default is dataclasses.MISSING] == [
+        "every", "update_every", "histogram_every", "snapshot_steps", "bins"]
+    plan = stats_plan(DEFAULT["stats"], 300)
+    assert (plan.every, plan.update_every, plan.histogram_every, plan.bins) == (1000, 100, 5000, 50)
+    assert plan.snapshot_steps == (0,) and plan.last_step == 299  # step 1,000 is past the end
+    assert snapshot_step(plan, steps_done=300) == 299
+    plan = stats_plan(DEFAULT["stats"], 200_000)
+    assert snapshot_step(plan, steps_done=200_000) == 1000
+    assert snapshot_step(plan, steps_done=500) is None  # diverged before any snapshot but step 0

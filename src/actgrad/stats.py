@@ -25,14 +25,15 @@ DEAD = 0.99  # the lecture's threshold in the saturation map: |t| > 0.99 for eve
 
 @dataclass
 class StatsPlan:
-    """Which steps get which statistics."""
+    """Which steps get which statistics. A run's plan comes from the config's ``stats`` section
+    (:func:`actgrad.runs.stats_plan`), whose defaults are the schema's."""
 
-    every: int = 1000  # time series of means, stds, ratios
-    update_every: int = 100  # update:data ratios (cheap, and the lecture plots them densely)
-    histogram_every: int = 5000  # histograms over time, for the heat-map view
-    snapshot_steps: tuple[int, ...] = (0, 1000)  # full histograms; the last step is added by the engine
-    bins: int = 50
-    last_step: int = -1
+    every: int  # time series of means, stds, ratios
+    update_every: int  # update:data ratios (cheap, and the lecture plots them densely)
+    histogram_every: int  # histograms over time, for the heat-map view
+    snapshot_steps: tuple[int, ...]  # full histograms
+    bins: int
+    last_step: int = -1  # also a snapshot; -1: none (a plan made for a measurement, not a run)
 
     def snapshot(self, step: int) -> bool:
         return step in self.snapshot_steps or step == self.last_step
