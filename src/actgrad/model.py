@@ -22,8 +22,6 @@ from torch import nn
 
 VOCAB_SIZE = 27
 
-HIDDEN_BIAS_MODES = ("added", "drawn_not_added", "not_drawn")
-
 
 class Embedding(nn.Module):
     """Look up the context characters and concatenate their vectors (``emb.view(B, -1)``)."""
