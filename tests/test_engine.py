@@ -306,3 +306,15 @@ def test_twins_in_different_groups_are_measured_as_in_one(splits):
     two = _twin_runs(split_in_two, NETWORKS["shallow"], 1e-3, Xtr, Ytr)
     for base in (0, 1):
         assert one[base].extra["param_distance"][1] == pytest.approx(two[base].extra["param_distance"][1], rel=1e-4)
+
+
+def test_the_benchmark_reads_the_pipelines_names_file_and_says_how_to_get_it(tmp_path, monkeypatch):
+    from actgrad import bench
+
+    monkeypatch.chdir(tmp_path)
+    args = bench.parse_args(["--quick"])
+    assert args.names == "data/names.txt"
+    with pytest.raises(SystemExit) as exit_:
+        bench.run(args)
+    message = str(exit_.value)
+    assert "\n" not in message and "snakemake --cores 1 data/names.txt" in message and "--names PATH" in message
