@@ -306,8 +306,8 @@ def test_unreachable_host_is_retried_with_backoff(monkeypatch, tmp_path):
     source = f"http://127.0.0.1:{closed_port()}/names.txt"
     with pytest.raises(data.DataError) as e:
         data.download_names(source, NAMES_SHA256, tmp_path / "out" / "names.txt", retries=3, backoff=0.5)
-    assert re.fullmatch(re.escape(source) + r": unreachable \(offline or host down: .*refused.*\) after 4 tries",
-                        str(e.value)), str(e.value)
+    assert re.fullmatch(re.escape(source) + r": unreachable \(offline or host down: .*refused.*\) after 4 tries; "
+                        r"to use a local copy instead: --config names_url=/path/to/names\.txt", str(e.value)), e.value
     assert waits == [0.5, 1.0, 2.0]
     assert files_under(tmp_path / "out") == []
 
@@ -353,7 +353,8 @@ def test_workflow_stops_before_training_on_bad_data(case, server, names_path, tm
     out = output_of(proc)
     assert proc.returncode != 0
     lines = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert lines and all(line.startswith(f"error: {source}: ") and problem in line for line in lines), out[-3000:]
+    assert lines and all(line.startswith(f"error: download: {source}: ") and problem in line for line in lines), (
+        out[-3000:])
     assert "Traceback" not in out
     # The step's log holds exactly that one line.
     assert (workdir / "logs" / "download.log").read_text().splitlines() == lines[:1]
@@ -413,6 +414,16 @@ BAD_CONFIGS = {
                            "variants/fix_tanh/lr_schedule/0/lr: 0 is less than or equal to the minimum of 0", ""),
     "bad checksum": (_with("names_sha256", "abc"), "names_sha256: 'abc' is not allowed", "64 hex digits"),
     "bad variant name": (_with("variants", {"my variant": {}}), "variants: 'my variant' does not match", "A-Za-z0-9_-"),
+    # torch.Generator.manual_seed refuses seeds outside -2**63 .. 2**64-1 ("Overflow when unpacking long long")
+    "seed too large": (_with("seeds", [1, 10**23]), "seeds/1: 100000000000000000000000 is greater than the maximum of",
+                       "9223372036854775807"),
+    "seed too small": (_with("seeds", [-(2**63) - 1]), "seeds/0: -9223372036854775809 is less than the minimum", ""),
+    "variant seed too large": (_with("variants/deep_bn/seeds", [2**64]), "variants/deep_bn/seeds/0: ", "maximum"),
+    "too many bins": (_with("stats/bins", 1000000), "stats/bins: 1000000 is greater than the maximum of 1000", ""),
+    "too many samples": (_with("samples", 10**7), "samples: 10000000 is greater than the maximum of 10000", ""),
+    "too many snapshots": (_with("stats/snapshot_steps", list(range(1000))), "stats/snapshot_steps: ", "too long"),
+    "sha256 read as a number": (_with("names_sha256", 0), "names_sha256: 0 is not allowed; expected a string",
+                                "write --config 'names_sha256=!!str …' (or set it in a config file)"),
 }
 
 
@@ -789,3 +800,227 @@ def test_training_writes_only_its_declared_outputs(reference_run):
     written = {str(p.relative_to(workdir)) for d in ("data", "results", "logs", "benchmarks")
                for p in files_under(workdir / d)}
     assert written and written - declared == set()
+
+
+# ---------------------------------------------------------------------------------------------
+# every failure of a step, foreseen or not, ends in one line naming the step; the log keeps it
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_step(tmp_path, rule: str, inputs: list[str]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(rule=rule, input=inputs, log=[str(tmp_path / "logs" / f"{rule}.log")])
+
+
+def _run_step(tmp_path, capsys, rule, inputs, fn) -> tuple[str, str]:
+    """Run ``fn`` through as_step; the step's terminal output and its log."""
+    from actgrad.steps import as_step
+
+    with pytest.raises(SystemExit) as exit_:
+        as_step(_fake_step(tmp_path, rule, inputs), fn)
+    assert exit_.value.code == 1
+    return capsys.readouterr().err, (tmp_path / "logs" / f"{rule}.log").read_text()
+
+
+def test_a_corrupt_input_is_named_with_the_command_that_fixes_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = Path("results/runs/v/seed1")
+    run.mkdir(parents=True)
+    pd.DataFrame({"step": range(100), "value": 1.0}).to_parquet(run / "stats.parquet")
+    (run / "metrics.json").write_text("{}")
+    whole = (run / "stats.parquet").read_bytes()
+    (run / "stats.parquet").write_bytes(whole[: len(whole) // 2])  # truncated, as by a full disk
+    inputs = [str(run / "metrics.json"), str(run / "stats.parquet")]
+    err, log = _run_step(tmp_path, capsys, "figures_variant", inputs, lambda log: pd.read_parquet(inputs[1]))
+    line = ("error: figures_variant: results/runs/v/seed1/stats.parquet is corrupt (ArrowInvalid: ")
+    assert err.count("\n") == 1 and err.startswith(line), err
+    assert err.rstrip().endswith("; to make it anew: rm -r results/runs/v/seed1, then run snakemake again"), err
+    assert "Traceback" not in err
+    # the log: the traceback for a developer, then the same one line
+    assert log.startswith("Traceback (most recent call last):") and log.splitlines()[-1] == err.rstrip()
+
+
+def test_an_unforeseen_error_is_one_line_naming_the_step_and_the_log(tmp_path, capsys):
+    def step(log):
+        log("summarising")
+        return {}["val_loss"]
+
+    err, log = _run_step(tmp_path, capsys, "summary", [], step)
+    line = f"error: summary: KeyError: 'val_loss' (the traceback is in {tmp_path / 'logs' / 'summary.log'})"
+    assert err.splitlines() == ["summarising", line]
+    assert log.splitlines()[0] == "summarising" and "Traceback (most recent call last):" in log
+    assert log.splitlines()[-1] == line
+
+
+def test_a_known_problem_is_its_line_alone(tmp_path, capsys):
+    def step(log):
+        raise data.DataError("names.txt: the file is empty")
+
+    err, log = _run_step(tmp_path, capsys, "download", [], step)
+    assert err == log == "error: download: names.txt: the file is empty\n"
+
+
+@pytest.mark.slow
+def test_a_truncated_stats_file_fails_the_figure_step_with_one_line(names_path, tmp_path):
+    config = tiny_config(names_path, max_steps=30, seeds=[LECTURE_SEED], variants={"fix_tanh": FIX_TANH})
+    configfile = write_config(tmp_path, config)
+    snakemake(tmp_path, configfile, *run_targets(config))
+    stats = tmp_path / "results" / "runs" / "fix_tanh" / f"seed{LECTURE_SEED}" / "stats.parquet"
+    stats.write_bytes(stats.read_bytes()[:100])
+    proc = snakemake(tmp_path, configfile, "results/figures/fix_tanh/init.png", check=False)
+    out = output_of(proc)
+    assert proc.returncode != 0
+    lines = [line for line in out.splitlines() if line.startswith("error: ")]
+    # one line naming the step, the file and what brings it back (the figures may name it themselves,
+    # or as_step finds it among the step's inputs); the profile's show-failed-logs prints the log again
+    assert len(set(lines)) == 1, out[-3000:]
+    assert lines[0].startswith(f"error: figures_variant: results/runs/fix_tanh/seed{LECTURE_SEED}/stats.parquet"), lines
+    assert re.search(r"(rm -r|delete) results/runs/fix_tanh", lines[0]), lines
+    assert "Traceback" not in out
+    log = (tmp_path / "logs" / "figures" / "fix_tanh.log").read_text()
+    assert log.splitlines()[-1] == lines[0]
+
+
+def test_a_sha256_read_as_a_number_says_how_to_keep_it_a_string(names_path, tmp_path):
+    configfile = write_config(tmp_path, tiny_config(names_path))
+    proc = snakemake(tmp_path, configfile, "--dry-run", "--config", "names_sha256=" + "0" * 64, check=False)
+    out = output_of(proc)
+    assert proc.returncode != 0
+    assert ("names_sha256: 0 is not allowed; expected a string; Snakemake reads a --config value of digits as a "
+            "number, quoted or not: write --config 'names_sha256=!!str …' (or set it in a config file)") in out, out
+    # ... and written so, it is a string (here the wrong checksum, so the download would stop on it)
+    proc = snakemake(tmp_path, configfile, "--dry-run", "--config", "names_sha256=!!str " + "0" * 64, check=False)
+    assert proc.returncode == 0, output_of(proc)[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: a batch the training split cannot fill, and a job larger than the memory it asks for
+# ---------------------------------------------------------------------------------------------
+
+N_TRAIN = 182625
+
+
+def _spec_and_plan(config: dict, name: str):
+    from actgrad.config import variant_spec
+    from actgrad.stats import StatsPlan
+
+    validate(config)
+    apply_defaults(config)
+    spec = variant_spec(config, name)
+    s = config["stats"]
+    plan = StatsPlan(every=s["every"], update_every=s["update_every"], histogram_every=s["histogram_every"],
+                     snapshot_steps=tuple(s["snapshot_steps"]), bins=s["bins"], last_step=spec["max_steps"] - 1)
+    return spec, plan
+
+
+@pytest.mark.parametrize("where", ["top level", "variant"])
+def test_a_batch_larger_than_the_training_split_is_refused(names_path, where):
+    from actgrad.memory import check_training_job
+
+    config = tiny_config(names_path)
+    if where == "top level":
+        config["batch_size"], key = 10_000_000, "batch_size"
+    else:
+        config["variants"]["fix_tanh"] = dict(FIX_TANH, batch_size=10_000_000)
+        key = "variants/fix_tanh/batch_size"
+    spec, plan = _spec_and_plan(config, "fix_tanh")
+    with pytest.raises(ConfigError) as e:
+        check_training_job(config, spec, N_TRAIN, 3, plan)
+    assert str(e.value) == (f"{key}: 10,000,000 is larger than the training split (182,625 examples); "
+                            "use at most 182,625")
+    config["variants"]["fix_tanh"]["batch_size"] = config["batch_size"] = N_TRAIN  # the whole split is fine
+    spec, plan = _spec_and_plan(config, "fix_tanh")
+    check_training_job(config, spec, N_TRAIN, 3, plan, limit_mb=1e9)
+
+
+def test_a_job_that_would_not_fit_its_memory_is_refused_with_the_estimate(names_path):
+    from actgrad.memory import check_training_job
+
+    # every statistic at every step of the lecture's 200,000 steps, 5 deep seeds: gigabytes of tiny tensors
+    config = tiny_config(names_path, seeds=[1, 2, 3, 4, 5], max_steps=200000,
+                         stats={"every": 1, "update_every": 1, "histogram_every": 1, "snapshot_steps": [0],
+                                "bins": 1000})
+    spec, plan = _spec_and_plan(config, "deep_bn")
+    with pytest.raises(ConfigError) as e:
+        check_training_job(config, spec, N_TRAIN, 3, plan)
+    message = str(e.value)
+    assert re.fullmatch(r"variants/deep_bn: training needs about [\d,]+ MB, more than the 4,000 MB it asks for "
+                        r"\(resources\.train_mem_mb\); the largest part is histograms \([\d,]+ MB\): make it smaller "
+                        r"or raise resources\.train_mem_mb", message), message
+    # the default study's settings fit the default 4,000 MB with room to spare
+    config = tiny_config(names_path, seeds=[1, 2, 3, 4, 5], max_steps=200000,
+                         stats={"every": 1000, "update_every": 100, "histogram_every": 5000,
+                                "snapshot_steps": [0, 1000], "bins": 50})
+    for name in config["variants"]:
+        spec, plan = _spec_and_plan(config, name)
+        assert check_training_job(config, spec, N_TRAIN, 3, plan)["total"] < 1500
+
+
+MEASURE = """
+import json, resource, sys
+from actgrad.config import apply_defaults, validate
+from actgrad.runs import train_variant
+config = json.loads(sys.argv[1]); validate(config); apply_defaults(config)
+train_variant(config, sys.argv[2], sys.argv[3], sys.argv[4], log=lambda message: None)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_the_memory_estimate_bounds_a_real_job_from_above(names_path, splits_file, tmp_path):
+    """A real job in a fresh process: its peak resident memory is below the estimate, and not far below."""
+    import sys
+
+    from actgrad.memory import estimate_training_memory_mb
+
+    config = tiny_config(names_path, engine="batched", max_steps=300, seeds=[1, 2, 3], batch_size=5000,
+                         variants={"fix_tanh": FIX_TANH})
+    proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config), "fix_tanh", str(splits_file),
+                           str(tmp_path)], capture_output=True, text=True, check=True)
+    peak_mb = int(proc.stdout.split()[-1]) / 1024  # ru_maxrss is in kB on Linux
+    spec, plan = _spec_and_plan(config, "fix_tanh")
+    estimate = estimate_training_memory_mb(spec, 3, N_TRAIN, 3, plan)["total"]
+    assert peak_mb < estimate < 1.6 * peak_mb, (peak_mb, estimate)
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGINT to Snakemake alone stops a running training job within seconds
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigint_to_snakemake_alone_stops_a_running_training_job(names_path, tmp_path):
+    # a run of minutes: without the fix Snakemake waits for all of it
+    config = tiny_config(names_path, seeds=[LECTURE_SEED], variants={"long": dict(FIX_TANH, max_steps=2_000_000)},
+                         stats={"every": 100000, "update_every": 100000, "histogram_every": 100000,
+                                "snapshot_steps": [0], "bins": 10})
+    configfile = write_config(tmp_path, config)
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "1",
+           f"--configfile={configfile}", *run_targets(config)]
+    log = tmp_path / "logs" / "train" / "long.log"
+    with open(tmp_path / "run.txt", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (log.exists() and "training" in log.read_text()):
+                assert proc.poll() is None, (tmp_path / "run.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, "training never started"
+                time.sleep(0.1)
+            time.sleep(1)
+            os.kill(proc.pid, signal.SIGINT)  # Snakemake only, not its process group
+            sent = time.monotonic()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("Snakemake was still waiting for the training job 30 s after SIGINT")
+            stopped_in = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode != 0 and stopped_in < 15, stopped_in
+    assert _processes_in(tmp_path) == []
+    assert log.read_text().splitlines()[-1] == ("error: train_long: stopped by SIGINT; its unfinished outputs are "
+                                                "removed, run again to redo it")
+    assert not (tmp_path / run_targets(config)[0]).exists()

@@ -74,8 +74,15 @@ def _describe(error: jsonschema.ValidationError) -> str:
                 f"allowed keys: {', '.join(allowed)}")
     if error.validator == "type":
         expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        return (f"{where}: {error.instance!r} is not allowed; expected "
-                f"{' or '.join(_TYPE_NAMES.get(t, t) for t in expected)}")
+        message = (f"{where}: {error.instance!r} is not allowed; expected "
+                   f"{' or '.join(_TYPE_NAMES.get(t, t) for t in expected)}")
+        number = isinstance(error.instance, (int, float)) and not isinstance(error.instance, bool)
+        if expected == ["string"] and number and "/" not in where:
+            # `--config names_sha256=000...` arrives as a number: Snakemake strips quotes, then tries int() and
+            # float() before YAML; only YAML's explicit tag keeps it a string.
+            message += (f"; Snakemake reads a --config value of digits as a number, quoted or not: write "
+                        f"--config '{where}=!!str …' (or set it in a config file)")
+        return message
     if error.validator in ("minItems", "minProperties") and not error.instance:
         return f"{where}: is empty; give at least {error.validator_value}"
     if error.validator == "pattern" and error.schema.get("description"):
