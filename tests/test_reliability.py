@@ -493,13 +493,17 @@ def test_diverged_run_stops_early_and_says_so(engine, case, names_path, splits_f
     from actgrad.runs import train_variant
 
     steps = 300
-    config = tiny_config(names_path, engine=engine, max_steps=steps, variants={"blowup": DIVERGING[case]})
+    config = tiny_config(names_path, engine=engine, max_steps=steps, variants={"blowup": DIVERGING[case]},
+                         divergence={"loss_multiple": 10, "window": 50})
     validate(config)
     apply_defaults(config)
     metrics = train_variant(config, "blowup", splits_file, tmp_path, log=lambda message: None)
     assert [m["seed"] for m in metrics] == config["seeds"]
     for m in metrics:
         assert m["status"] == "diverged" and isinstance(m["diverged_at"], int) and m["diverged_at"] < 100
+        # the loss of a huge lr is finite: it stays above 10 x the uniform guess for the whole window
+        assert m["diverged_rule"] == ("non-finite loss" if case != "huge lr" else
+                                      "loss above 10 × the uniform guess (32.96) for 50 steps")
         assert m["steps_done"] == m["diverged_at"] + 1 < steps
         run = tmp_path / "runs" / "blowup" / f"seed{m['seed']}"
         on_disk = json.loads((run / "metrics.json").read_text())
@@ -526,6 +530,7 @@ def _divergence_config(names_path, blowup: dict) -> dict:
     # Statistics every 10-20 steps: a diverging run is recorded with NaN and inf in its tensors.
     return tiny_config(names_path, stats={"every": 20, "update_every": 10, "histogram_every": 10,
                                           "snapshot_steps": [0], "bins": 20},
+                       divergence={"loss_multiple": 10, "window": 50},
                        variants={"fix_tanh": FIX_TANH, "blowup": dict(blowup, max_steps=300)})
 
 
@@ -542,10 +547,12 @@ def diverged_run(names_path, tmp_path_factory):
 def test_divergence_does_not_stop_the_workflow(diverged_run):
     workdir, config, proc = diverged_run
     assert proc.returncode == 0, output_of(proc)[-5000:]
-    assert "(diverged at step 1)" in (workdir / "logs" / "train" / "blowup.log").read_text()
+    rule = "loss above 10 × the uniform guess (32.96) for 50 steps"
+    assert f"(diverged at step 50: {rule})" in (workdir / "logs" / "train" / "blowup.log").read_text()
     for seed in config["seeds"]:
         blowup = json.loads((workdir / "results" / "runs" / "blowup" / f"seed{seed}" / "metrics.json").read_text())
-        assert blowup["status"] == "diverged" and blowup["diverged_at"] == 1 and blowup["steps_done"] == 2
+        assert blowup["status"] == "diverged" and blowup["diverged_at"] == 50 and blowup["steps_done"] == 51
+        assert blowup["diverged_rule"] == rule
         ok = json.loads((workdir / "results" / "runs" / "fix_tanh" / f"seed{seed}" / "metrics.json").read_text())
         assert ok["status"] == "ok" and ok["diverged_at"] is None and ok["steps_done"] == config["max_steps"]
 
@@ -556,7 +563,7 @@ def test_summary_shows_the_diverged_variant(diverged_run):
     summary = pd.read_csv(workdir / "results" / "summary.csv")
     blowup, ok = summary[summary.variant == "blowup"], summary[summary.variant == "fix_tanh"]
     assert len(blowup) == len(ok) == len(config["seeds"])
-    assert (blowup.status == "diverged").all() and (blowup.diverged_at == 1).all() and blowup.val_loss.isna().all()
+    assert (blowup.status == "diverged").all() and (blowup.diverged_at == 50).all() and blowup.val_loss.isna().all()
     assert (ok.status == "ok").all() and ok.diverged_at.isna().all() and ok.val_loss.notna().all()
     variants = pd.read_csv(workdir / "results" / "variants.csv").set_index("variant")
     assert variants.loc["blowup", "diverged"] == len(config["seeds"]) and variants.loc["fix_tanh", "diverged"] == 0
@@ -1024,3 +1031,22 @@ def test_sigint_to_snakemake_alone_stops_a_running_training_job(names_path, tmp_
     assert log.read_text().splitlines()[-1] == ("error: train_long: stopped by SIGINT; its unfinished outputs are "
                                                 "removed, run again to redo it")
     assert not (tmp_path / run_targets(config)[0]).exists()
+
+
+def test_a_batch_larger_than_the_split_stops_the_training_job(names_path, tmp_path):
+    """The real workflow: the training job refuses before any work, with one line naming the key."""
+    config = tiny_config(names_path, batch_size=10_000_000, variants={"fix_tanh": FIX_TANH})
+    proc = snakemake(tmp_path, write_config(tmp_path, config), *run_targets(config), check=False)
+    assert proc.returncode != 0
+    assert ("error: train_fix_tanh: batch_size: 10,000,000 is larger than the training split (182,625 examples)"
+            in output_of(proc))
+    assert not (tmp_path / "results" / "runs" / "fix_tanh").exists()
+
+
+def test_a_job_larger_than_its_memory_grant_stops_before_training(names_path, tmp_path):
+    """The real workflow: the estimate is compared with what the job was granted (resources.train_mem_mb)."""
+    config = tiny_config(names_path, variants={"fix_tanh": FIX_TANH}, resources={"train_mem_mb": 100})
+    proc = snakemake(tmp_path, write_config(tmp_path, config), *run_targets(config), check=False)
+    assert proc.returncode != 0
+    assert re.search(r"error: train_fix_tanh: variants/fix_tanh: training needs about [\d,]+ MB, more than the "
+                     r"100 MB it asks for", output_of(proc)), output_of(proc)[-3000:]

@@ -174,10 +174,6 @@ def test_validate_names_a_misspelled_grid_key(tmp_path, names_path, capsys):
     assert "sweeps/s/grid" in err and "'bachnorm'" in err and "did you mean 'batchnorm'" in err
 
 
-_WIRED = "expand_sweeps" in (REPO / "workflow" / "rules" / "common.smk").read_text()
-
-
-@pytest.mark.xfail(not _WIRED, reason="workflow/rules/common.smk does not call expand_sweeps yet", strict=True)
 def test_a_point_added_later_trains_alone(tmp_path, names_path):
     """Train a 2-point sweep for real, add a point between them: the dry run lists only its training."""
     base = {"model": "deep", "n_layers": 2, "n_hidden": 16, "batchnorm": False}

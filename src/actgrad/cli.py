@@ -10,18 +10,11 @@ import sys
 
 
 def _validate(args) -> int:
-    from pathlib import Path
-
-    from .config import ConfigError, apply_defaults, load_schema, read_yaml, resolve_base, validate, variant_spec
-    from .sweeps import expand_sweeps, format_value, sweep_groups
+    from .config import ConfigError, load, variant_spec
+    from .sweeps import format_value, sweep_groups
 
     try:
-        # config.load's steps, with the sweeps expanded before the check (idempotent, so this stays
-        # right once load expands them itself).
-        config = expand_sweeps(resolve_base(read_yaml(args.configfile), Path(args.configfile).parent))
-        schema = load_schema()
-        validate(config, schema)
-        apply_defaults(config, schema)
+        config = load(args.configfile)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

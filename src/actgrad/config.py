@@ -192,9 +192,22 @@ def load(path: str | Path, overrides: dict | None = None) -> dict:
     config = resolve_base(read_yaml(path), Path(path).parent)
     if overrides:
         config = merge(config, overrides)
+    return complete(config)
+
+
+def complete(config: dict) -> dict:
+    """A config as written (``base:`` resolved) made into the one every stage reads: sweeps expanded
+    into variants, validated, defaults filled in, comparisons checked against the variants."""
+    # Imported here: both modules build on this one.
+    from .inference import check_comparisons
+    from .sweeps import expand_sweeps
+
+    config = expand_sweeps(config)
     schema = load_schema()
     validate(config, schema)
-    return apply_defaults(config, schema)
+    apply_defaults(config, schema)
+    check_comparisons(config)
+    return config
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -213,8 +226,8 @@ def variant_spec(config: dict, name: str) -> dict:
     study-wide settings it does not override. ``config`` is a completed one (:func:`apply_defaults`)."""
     variant = config["variants"][name]
     model = variant["model"]
-    spec = merge(MODEL_DEFAULTS[model], {k: v for k, v in variant.items() if k not in ("references",
-                                                                                        "description")})
+    spec = merge(MODEL_DEFAULTS[model], {k: v for k, v in variant.items() if k not in ("references", "description",
+                                                                                        "sweep")})
     spec["name"] = name
     spec["max_steps"] = int(variant.get("max_steps", config["max_steps"]))
     spec["batch_size"] = int(variant.get("batch_size", config["batch_size"]))

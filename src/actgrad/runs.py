@@ -24,17 +24,23 @@ from .config import variant_spec
 from .conventions import EXPECTED_INIT_LOSS, pick_snapshot
 from .cpus import cpu_slot
 from .data import atomic_write_bytes, load_splits
+from .divergence import DivergenceRule
+from .memory import check_training_job
 from .model import Scratch
+from .progress import ProgressLog
 from .rundir import METRICS, run_dir
-from .stats import DEAD, SATURATION, NetworkHooks, StatsPlan, StatsRecorder
+from .stats import DEAD, SATURATION, StatsPlan, StatsRecorder
 from .train import (
     evaluate,
     init_network,
     kept_running_stats,
     resolve_device,
     sample_names,
-    train_reference,
+    train_reference_runs,
 )
+
+# The sensitivity twins' parameter distance, as rows of the base run's stats.parquet.
+TWIN_DISTANCE = {"layer": "parameters", "kind": "twin", "stat": "distance"}
 
 
 def stats_plan(stats: dict, steps: int) -> StatsPlan:
@@ -83,24 +89,31 @@ def _torch_bytes(obj) -> bytes:
 
 
 def train_variant(config: dict, name: str, splits_path: str | os.PathLike, results: str | os.PathLike,
-                  log=print) -> list[dict]:
+                  log=print, mem_mb: float | None = None) -> list[dict]:
     """Train every seed of variant ``name`` (and their twins), write each run, return the metrics.
 
-    On CPU the job first claims a CPU of its own (:func:`~actgrad.cpus.cpu_slot`), so that
-    training jobs never time-share one.
+    Before any work the job checks that its minibatch fits the training split and that it fits in
+    ``mem_mb`` (the memory it was granted; ``resources.train_mem_mb`` by default). On CPU it then
+    claims a CPU of its own (:func:`~actgrad.cpus.cpu_slot`), so that training jobs never time-share one.
     """
+    spec = variant_spec(config, name)
+    splits = load_splits(splits_path)
+    n_train = int(splits["Ytrain"].shape[0])
+    n_examples = n_train + int(splits["Ydev"].shape[0]) + int(splits["Ytest"].shape[0])
+    estimate = check_training_job(config, spec, n_train, int(splits["block_size"]),
+                                  stats_plan(config["stats"], spec["max_steps"]), n_examples, limit_mb=mem_mb)
+    log(f"[{name}] memory: about {estimate['total']:,.0f} MB estimated")
     device = resolve_device(config["device"])
     threads = int(config["threads"])
     slot = cpu_slot(threads, log=lambda m: log(f"[{name}] {m}")) if device.type == "cpu" else nullcontext()
     with slot:
-        return _train_variant(config, name, splits_path, results, device, threads, log)
+        return _train_variant(config, spec, splits, results, device, threads, log)
 
 
-def _train_variant(config, name, splits_path, results, device, threads, log) -> list[dict]:
-    spec = variant_spec(config, name)
+def _train_variant(config, spec, splits, results, device, threads, log) -> list[dict]:
+    name = spec["name"]
     engine = config["engine"]
     torch.set_num_threads(threads)
-    splits = load_splits(splits_path)
     block_size = int(splits["block_size"])
     Xtr, Ytr = splits["Xtrain"], splits["Ytrain"]
     steps, batch_size = spec["max_steps"], spec["batch_size"]
@@ -134,21 +147,18 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
         from . import kernels
 
         log(f"[{name}] C kernels: {kernels.status()}")
-    start = time.perf_counter()
+    divergence = DivergenceRule(loss_multiple=float(config["divergence"]["loss_multiple"]),
+                                window=int(config["divergence"]["window"]))
+    progress = ProgressLog(log, steps, len(members), every=int(config["progress_every"]), label=name)
+    base_of_twin = {i: members.index((seed, 0.0)) for i, (seed, p) in enumerate(members) if p}
     if engine == "batched":
-        from .engine import train_batched
-
-        results_list = train_batched(nets, gens, Xtr, Ytr, steps=steps, batch_size=batch_size,
-                                     lr_schedule=spec["lr_schedule"], recorders=recorders, device=device)
+        from .engine import train_batched as train_runs
     else:
-        results_list = []
-        for net, g, rec in zip(nets, gens, recorders):
-            hooks = NetworkHooks(net, rec) if rec is not None else None
-            results_list.append(train_reference(net, g, Xtr, Ytr, steps=steps, batch_size=batch_size,
-                                                lr_schedule=spec["lr_schedule"],
-                                                callbacks=[hooks] if hooks else [], device=device))
-            if hooks:
-                hooks.remove()
+        train_runs = train_reference_runs
+    start = time.perf_counter()
+    results_list = train_runs(nets, gens, Xtr, Ytr, steps=steps, batch_size=batch_size,
+                              lr_schedule=spec["lr_schedule"], recorders=recorders, device=device,
+                              divergence=divergence, progress=progress, twins=base_of_twin)
     wall = time.perf_counter() - start
 
     twins = {seed: res for (seed, p), res in zip(members, results_list) if p}
@@ -160,8 +170,8 @@ def _train_variant(config, name, splits_path, results, device, threads, log) -> 
         metrics = _write_run(config, spec, name, seed, res, twins.get(seed), net, rec, before[i], splits, device,
                              results, wall / len(members), scratch, plan)
         all_metrics.append(metrics)
-        status = metrics["status"] + (f" at step {metrics['diverged_at']}" if metrics["diverged_at"] is not None
-                                      else "")
+        status = metrics["status"] + (f" at step {metrics['diverged_at']}: {metrics['diverged_rule']}"
+                                      if metrics["diverged_at"] is not None else "")
         log(f"[{name}] seed {seed}: step0 {metrics['step0_loss']:.4f}  train {metrics['train_loss']:.4f}  "
             f"val {metrics['val_loss']:.4f}  ({status})")
     return all_metrics
@@ -183,6 +193,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
         "steps_done": res.steps_done,
         "status": "diverged" if diverged else "ok",
         "diverged_at": res.diverged_at,
+        "diverged_rule": res.diverged_rule,
         "step0_loss": step0,
         "init_loss": before["init_loss"],
         "expected_init_loss": EXPECTED_INIT_LOSS,
@@ -226,7 +237,7 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
     np.savez_compressed(buf, **maps)
     payloads = {
         "losses.parquet": _parquet_bytes(loss_frame),
-        "stats.parquet": _parquet_bytes(rec.stats_frame()),
+        "stats.parquet": _parquet_bytes(_with_twin_distance(rec.stats_frame(), res.extra.get("param_distance"))),
         "histograms.parquet": _parquet_bytes(rec.histogram_frame()),
         "saturation.npz": buf.getvalue(),
         "params.pt": _torch_bytes({k: v.detach().cpu() for k, v in net.state_dict().items()}),
@@ -236,6 +247,16 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
     for filename in sorted(payloads, key=lambda f: f == METRICS):  # metrics.json last: it marks the run complete
         atomic_write_bytes(out / filename, payloads[filename])
     return metrics
+
+
+def _with_twin_distance(stats: pd.DataFrame, trace) -> pd.DataFrame:
+    """The statistics, and the twin's parameter distance at its steps (``(steps, distances)``) if it has one."""
+    if trace is None:
+        return stats
+    steps, distances = trace
+    rows = pd.DataFrame({"step": np.asarray(steps).astype(stats["step"].dtype), **TWIN_DISTANCE,
+                         "value": np.asarray(distances).astype(stats["value"].dtype)})
+    return pd.concat([stats, rows[stats.columns]], ignore_index=True)
 
 
 def _jsonable(d: dict) -> dict:

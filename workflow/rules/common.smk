@@ -3,7 +3,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from actgrad.config import ConfigError, apply_defaults, resolve_base, training_cost, validate, variant_spec
+from actgrad.config import ConfigError, complete, resolve_base, training_cost, variant_spec
 from actgrad.rundir import RUN_FILES, run_files
 
 # The schema is workflow/schemas/config.schema.yaml; errors name the key and what is allowed,
@@ -11,13 +11,12 @@ from actgrad.rundir import RUN_FILES, run_files
 try:
     # `base:` is looked up beside the --configfile that names it.
     _origin = Path(workflow.overwrite_configfiles[-1]).parent if workflow.overwrite_configfiles else None
-    _resolved = resolve_base(dict(config), _origin)
+    # Sweeps expanded into variants, validated, defaults filled in, comparisons checked.
+    _completed = complete(resolve_base(dict(config), _origin))
     config.clear()
-    config.update(_resolved)
-    validate(config)
+    config.update(_completed)
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
-apply_defaults(config)
 
 VARIANTS = list(config["variants"])
 SPECS = {v: variant_spec(config, v) for v in VARIANTS}
@@ -52,3 +51,9 @@ localrules:
     splits,
     summary,
     report,
+
+
+# `kill -INT <snakemake>` stops running jobs too, as Ctrl-C in a terminal does (Snakemake alone waits for them).
+from actgrad.steps import forward_interrupts_to_jobs
+
+forward_interrupts_to_jobs()

@@ -15,8 +15,8 @@ for _variant in VARIANTS:
             # The variant's complete settings: change one and only that variant trains again.
             spec=_spec,
             # ... and so do the study-wide settings that shape a run's outputs.
-            settings={key: config[key] for key in ("engine", "device", "samples", "stats", "block_size",
-                                                   "split_seed")},
+            settings={key: config[key] for key in ("engine", "device", "samples", "stats", "divergence",
+                                                   "block_size", "split_seed")},
             # Where the runs go. A function of the output is evaluated only when the job runs, so Snakemake
             # does not record it among the settings whose change retrains (as it did not before).
             results=lambda wildcards, output: RESULTS,

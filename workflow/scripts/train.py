@@ -4,4 +4,6 @@ from actgrad.steps import as_step
 # Torch gets the threads Snakemake granted (fewer than asked when --cores is smaller).
 config = dict(snakemake.config, threads=snakemake.threads)
 as_step(snakemake, lambda log: train_variant(config, snakemake.params.variant, snakemake.input.splits,
-                                             snakemake.params.results, log=log))
+                                             snakemake.params.results, log=log,
+                                             # a retried cluster job is checked against its larger grant
+                                             mem_mb=snakemake.resources.mem_mb))

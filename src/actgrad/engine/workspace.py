@@ -27,7 +27,8 @@ def buffer_shapes(arch: tuple[Layer, ...], batch_size: int, block_size: int) -> 
             shapes.append((f"{L.name}.out", (L.fan_out, B), False))
         if L.kind == "batchnorm":  # 1 / spread', gamma / spread', and the backward's coefficient of x - mean
             shapes += [(f"{L.name}.{part}", (L.fan_out, 1), False) for part in ("inv", "scale", "xc_coef")]
-    widest = max(max(L.fan_in, L.fan_out) for L in arch[1:] if L.kind == "linear")
+    # The backward buffers also hold the first Linear's input gradient, padded (wider than a narrow layer).
+    widest = max([n_pad] + [max(L.fan_in, L.fan_out) for L in arch[1:] if L.kind == "linear"])
     shapes += [("backward.ping", (widest * B,), False), ("backward.pong", (widest * B,), False)]
     bn_features = sum(L.fan_out for L in arch if L.kind == "batchnorm")
     shapes.append(("batchnorm.running_update", (2 * bn_features,), False))
