@@ -54,7 +54,7 @@ def test_base_is_found_beside_the_file_that_names_it(tmp_path, names_path, monke
 def test_bench_prints_every_row_with_its_ratio_and_goal(names_path, capsys):
     from actgrad import bench, kernels
 
-    rows = bench.run(bench.parse_args(["--steps", "30", "--models", "1,3", "--networks", "shallow",
+    rows = bench.run(bench.parse_args(["--steps", "30", "--models", "1,3", "--networks", "shallow", "--peers", "none",
                                        "--repeat", "1", "--names", str(names_path)]))
     out = capsys.readouterr().out
     speed = [r for r in rows if "ratio" in r]

@@ -16,6 +16,12 @@ machine's dense float32 matmul rate, measured in the same run. Runs are repeated
 interleaved rounds and the best of each is kept; on CPU they are timed by process CPU time,
 which a shared machine's other processes do not inflate (``--clock wall`` for wall time).
 
+Beside them, in the same rounds, it times what a user would otherwise write to train several
+seeds together (:mod:`actgrad.peers`: PyTorch's torch.func ensembling recipe, eager and under
+torch.compile, and JAX with the whole loop in one jitted lax.scan, where jax is installed), on
+CPU at the pipeline's 5 models per job (or the counts ``--models`` names), and prints the
+engine's lead over each and over the best of them.
+
 Statistics cost most at snapshots (steps 0 and 1000 by default), which weigh far more in a
 benchmark's few thousand steps than in a 200,000-step run, so the cost of each kind of
 statistics step is also measured and extrapolated to a full run at the default plan.
@@ -34,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, kernels, lecture
+from . import data, kernels, lecture, peers
 from .config import matmul_flops_per_step, study_defaults
 from .engine import train_batched
 from .model import build_network
@@ -101,6 +107,30 @@ def default_plan() -> StatsPlan:
     return replace(stats_plan(study_defaults()["stats"], NEVER), last_step=-1)
 
 
+def seeded_networks(spec: dict, models: int, block_size: int):
+    """``models`` networks of ``spec`` (seeds 1000, 1001, ...) and the generators that drew them."""
+    nets, gens = [], []
+    for seed in range(models):
+        g = torch.Generator().manual_seed(1000 + seed)
+        nets.append(build_network(spec, g, block_size))
+        gens.append(g)
+    return nets, gens
+
+
+def time_peer(peer: str, spec: dict, models: int, Xtr, Ytr, steps: int, block_size: int, clock,
+              warm: int = 20) -> peers.PeerRun:
+    """A peer's run on ``models`` models of ``spec`` (seeds 1000, 1001, ...), after a warm-up run for the
+    PyTorch peers (where torch.compile compiles: its ``compile_seconds`` are kept on the timed run)."""
+    kwargs = dict(batch_size=BATCH_SIZE, lr_schedule=SCHEDULE, clock=clock)
+    compile_seconds = 0.0
+    if peer != "JAX":  # JAX compiles its whole loop ahead of the run, for the run's step count
+        compile_seconds = peers.train_peer(peer, *seeded_networks(spec, models, block_size), Xtr, Ytr, steps=warm,
+                                           **kwargs).compile_seconds
+    run = peers.train_peer(peer, *seeded_networks(spec, models, block_size), Xtr, Ytr, steps=steps, **kwargs)
+    run.compile_seconds = max(run.compile_seconds, compile_seconds)
+    return run
+
+
 def time_engine(spec: dict, models: int, Xtr, Ytr, steps: int, device: torch.device, stats,
                 block_size: int, clock=time.perf_counter, kernels: bool | None = None,
                 progress_every: int | None = None) -> float:
@@ -110,11 +140,7 @@ def time_engine(spec: dict, models: int, Xtr, Ytr, steps: int, device: torch.dev
     :func:`~actgrad.engine.train_batched` takes it (None: the C kernels where they build).
     ``progress_every``: progress lines that often (formatted, then dropped), or none.
     """
-    nets, gens = [], []
-    for seed in range(models):
-        g = torch.Generator().manual_seed(1000 + seed)
-        nets.append(build_network(spec, g, block_size))
-        gens.append(g)
+    nets, gens = seeded_networks(spec, models, block_size)
     plan = stats if isinstance(stats, StatsPlan) else default_plan()
     recorders = [StatsRecorder(plan) for _ in range(models)] if stats else None
     progress = ProgressLog(lambda line: None, steps, models, every=progress_every) if progress_every else None
@@ -159,8 +185,21 @@ def stats_step_costs(spec: dict, models: int, Xtr, Ytr, device: torch.device, bl
 DEFAULT_NAMES = "data/names.txt"  # where the pipeline downloads them
 
 
+BENCH_EXAMPLES = """\
+examples:
+  actgrad bench --quick                           a short run: 300 steps, 1 and 10 models (peers at 5)
+  actgrad bench --threads 1 --models 1,5,10,30    the README's table
+  actgrad bench --device cuda --quick             on a GPU, where there is one"""
+
+# The peers by their command-line names (--peers), and the count they run at by default: the pipeline's models per job.
+PEER_NAMES = {"torch.func": "torch.func", "torch.compile": "torch.func + compile", "jax": "JAX"}
+PIPELINE_MODELS = 5
+LEAD_GOAL = 2  # issue 14: the engine at least 2x the best peer on every network
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="actgrad bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="actgrad bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=BENCH_EXAMPLES)
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 3000; --quick: 300)")
     p.add_argument("--models", default=None, help="model counts for the engine, comma-separated (default 1,5,10,25)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: speed per core)")
@@ -171,10 +210,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=None, help="interleaved rounds, best kept (default 2; --quick: 1)")
     p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                    help="auto (default): process CPU time on CPU, wall time on CUDA")
-    p.add_argument("--quick", action="store_true", help="a short run: 300 steps, models 1,10, one round")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run: 300 steps, models 1,10 (and 5 for the peers), one round")
+    p.add_argument("--peers", default=",".join(PEER_NAMES),
+                   help=f"what a user would otherwise write, timed beside the engine on CPU: any of "
+                        f"{','.join(PEER_NAMES)}, or none (default: all; jax only where it is installed)")
+    p.add_argument("--peer-models", default=None,
+                   help=f"model counts for the peers (default: the --models counts where --models is given, "
+                        f"else {PIPELINE_MODELS}, the pipeline's models per job); the engine is timed at them too")
     args = p.parse_args(argv)
     args.steps = args.steps or (300 if args.quick else 3000)
+    models_given = args.models is not None
     args.models = [int(m) for m in (args.models or ("1,10" if args.quick else "1,5,10,25")).split(",")]
+    chosen = [n.strip() for n in args.peers.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in chosen if n not in PEER_NAMES]
+    if unknown:
+        p.error(f"--peers: unknown peer(s) {unknown}; choose from {list(PEER_NAMES)} or none")
+    args.peers = [PEER_NAMES[n] for n in chosen]
+    if args.peer_models:
+        args.peer_models = [int(m) for m in args.peer_models.split(",")]
+    else:
+        args.peer_models = list(args.models) if models_given else [PIPELINE_MODELS]
+    if not args.peers:
+        args.peer_models = []
+    args.models = sorted(set(args.models) | set(args.peer_models))
     args.repeat = args.repeat or (1 if args.quick else 2)
     args.networks = [n.strip() for n in args.networks.split(",")]
     unknown = [n for n in args.networks if n not in NETWORKS]
@@ -234,6 +293,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if m == several and dev.type == "cpu" and compiled:
                     rows.append((net, "engine (PyTorch ops)", dev, m, True, False))
             rows.append((net, "engine", dev, max(args.models), False, None))
+    # The peers and, for the same work (no statistics), the engine at their model counts, on CPU.
+    peer_list = list(args.peers)
+    if "JAX" in peer_list and (missing := peers.jax_missing()):
+        print(missing)
+        peer_list.remove("JAX")
+    peer_rows = [(net, peer, m) for net in args.networks for m in args.peer_models for peer in peer_list]
+    for net in args.networks:
+        for m in args.peer_models if peer_list else []:
+            if (net, "engine", torch.device("cpu"), m, False, None) not in rows:
+                rows.append((net, "engine", torch.device("cpu"), m, False, None))
+    peer_runs: dict[tuple, peers.PeerRun] = {}
+    compile_seconds: dict[tuple, float] = {}
     best = {r: 0.0 for r in rows}
     peaks = {dev: 0.0 for dev in args.devices}
     warm = 20
@@ -251,6 +322,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rate = time_engine(spec, m, Xtr, Ytr, args.steps, dev, stats, block_size, clocks[dev],
                                    kernels=use_kernels)
             best[row] = max(best[row], rate)
+        for row in peer_rows:
+            net, peer, m = row
+            run = time_peer(peer, NETWORKS[net][0], m, Xtr, Ytr, args.steps, block_size, cpu_clock, warm)
+            compile_seconds[row] = max(compile_seconds.get(row, 0.0), run.compile_seconds)
+            if row not in peer_runs or run.seconds < peer_runs[row].seconds:
+                peer_runs[row] = run
     for dev in args.devices:
         label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} thread(s)"
         size = 8192 if dev.type == "cuda" else 2048
@@ -276,6 +353,8 @@ def run(args: argparse.Namespace) -> list[dict]:
               f"{100 * gflops / peak:>6.1f}%  {goal}")
         results.append(dict(network=net, engine=name, device=str(dev), models=m, stats=stats,
                             model_steps_per_s=rate, ratio=rate / ref, gflops=gflops, peak_fraction=gflops / peak))
+    if peer_rows:
+        results += print_peers(args, peer_rows, peer_runs, compile_seconds, best)
     print()
     m = max(args.models)
     print(f"statistics overhead, {m} models: in these {args.steps}-step runs (stats on vs off, where snapshots at "
@@ -310,6 +389,45 @@ def run(args: argparse.Namespace) -> list[dict]:
             results.append(dict(network=net, device=str(dev), models=m, progress_every=every,
                                 progress_overhead_here=here,
                                 progress_overhead_pipeline=here * every / PIPELINE_PROGRESS))
+    return results
+
+
+def print_peers(args, peer_rows, peer_runs, compile_seconds, best) -> list[dict]:
+    """The peers' table: model-steps/s beside the engine's at the same count, the lead, the best peer per network."""
+    cpu = torch.device("cpu")
+    print()
+    print(f"peers: what a user would otherwise write to train several seeds together (actgrad.peers), on CPU, the "
+          f"same networks, minibatches (batch {BATCH_SIZE}) and lr {SCHEDULE[0]['lr']:g}, no statistics; lead = the "
+          "engine's model-steps/s (no statistics: the same work) over the peer's; with stats = the engine as the "
+          "pipeline runs it; compile: wall seconds, once, not in the rate; cpu/wall: process CPU time over wall "
+          "time of the timed run (about 1 on one core)")
+    header = (f"{'network':<11} {'peer':<22} {'models':>6} {'model-steps/s':>14} {'lead':>7} {'with stats':>10} "
+              f"{'compile s':>9} {'cpu/wall':>8}")
+    print(header)
+    print("-" * len(header))
+    results = []
+    for net, peer, m in peer_rows:
+        run = peer_runs[(net, peer, m)]
+        rate = m * run.timed_steps / run.seconds
+        lead = best[(net, "engine", cpu, m, False, None)] / rate
+        with_stats = best.get((net, "engine", cpu, m, True, None), 0.0) / rate
+        stats_text = f"{with_stats:>9.2f}x" if with_stats else f"{'':>10}"
+        cpu_wall = run.cpu_seconds / run.wall_seconds
+        print(f"{net:<11} {peer:<22} {m:>6} {rate:>14,.0f} {lead:>6.2f}x {stats_text} "
+              f"{compile_seconds[(net, peer, m)]:>9.1f} {cpu_wall:>8.2f}")
+        results.append(dict(network=net, peer=peer, device="cpu", models=m, model_steps_per_s=rate, lead=lead,
+                            lead_with_stats=with_stats or None, compile_seconds=compile_seconds[(net, peer, m)],
+                            cpu_per_wall=cpu_wall))
+    print()
+    for net in args.networks:
+        for m in args.peer_models:
+            mine = [r for r in results if r["network"] == net and r["models"] == m]
+            top = max(mine, key=lambda r: r["model_steps_per_s"])
+            verdict = "met" if top["lead"] >= LEAD_GOAL else "missed"
+            print(f"best peer, {net}, {m} models: {top['peer']} at {top['model_steps_per_s']:,.0f} model-steps/s; "
+                  f"the engine leads it {top['lead']:.2f}x: goal {LEAD_GOAL}x {verdict}")
+            results.append(dict(network=net, models=m, best_peer=top["peer"], lead_over_best=top["lead"],
+                                goal_met=top["lead"] >= LEAD_GOAL))
     return results
 
 
