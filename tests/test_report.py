@@ -45,6 +45,11 @@ def study_config(names: Path) -> dict:
         "lr_schedule": [{"from_step": 0, "lr": 1.0e4}],
         "references": [{"source": "test: chaotic", "step_losses": {"0": 27.8817, "1": 27.0}, "chaotic_after_step": 0}],
     }
+    # The loss stays finite at lr 10,000; it counts as diverged once it stays above 10 x 3.2958 for 5 steps.
+    config["divergence"] = {"window": 5}
+    # Named comparisons (issue 17): one family with a variant that never finishes, one that the test can decide.
+    config["comparisons"] = {"families": {"steps": {"consecutive": ["fix_tanh", "exploding"]},
+                                          "models": {"pairs": [["fix_tanh", "deep_bn"]]}}}
     return config
 
 
@@ -70,7 +75,8 @@ def study(tmp_path_factory, names_path):
 # -- the real run's report ----------------------------------------------------------------------------------
 def test_every_figure_is_written_as_a_png(study):
     figures = study["workdir"] / "results" / "figures"
-    expected = [figures / f"{name}.png" for name in ("loss_curves", "final_losses", "deep_layers", "sensitivity")]
+    expected = [figures / f"{name}.png" for name in ("loss_curves", "final_losses", "deep_layers", "sensitivity",
+                                                     "lyapunov")]
     expected += [figures / v / f"{name}.png" for v in study["config"]["variants"]
                  for name in ("init", "activations", "activation_grads", "weight_grads", "updates", "heatmap")]
     for path in expected:
@@ -98,7 +104,7 @@ def test_report_holds_every_variant_and_section(study):
     for variant in study["config"]["variants"]:
         assert f'id="v-{variant}"' in html, variant
         assert f'href="#v-{variant}"' in html
-    for anchor in ("comparison", "significance", "curves", "references", "deep", "sensitivity", "variants",
+    for anchor in ("comparison", "significance", "curves", "references", "deep", "sensitivity", "chaos", "variants",
                    "reproducibility"):
         assert f'id="{anchor}"' in html, anchor
     assert study["title"] in html
@@ -146,10 +152,65 @@ def test_diverged_variant_is_shown_not_crashed(study):
 
 
 def test_significance_section_shows_each_pair(study):
+    from actgrad.inference import NOT_DETECTED, SIGNIFICANCE_COLUMNS, TOO_FEW_SEEDS
+
     sig = pd.read_csv(study["workdir"] / "results" / "significance.csv")
+    assert list(sig.columns) == SIGNIFICANCE_COLUMNS
+    assert [(r.family, r.before, r.after) for r in sig.itertuples()] == [("steps", "fix_tanh", "exploding"),
+                                                                         ("models", "fix_tanh", "deep_bn")]
     table = study["html"].split('id="significance-table"')[1].split("</table>")[0]
     for r in sig.itertuples():
         assert f"<td class=\"l\">{r.before}</td><td class=\"l\">{r.after}</td>" in table
+        assert f"family {r.family}: Holm over {r.m_family} tested comparison" in table
+        assert f">{r.verdict}<" in table
+    never, tested = sig.iloc[0], sig.iloc[1]
+    assert never.verdict == TOO_FEW_SEEDS and never.n_after == 0 and never.diverged_after == 2
+    assert tested.n_before == tested.n_after == 2 and np.isfinite([tested.ci_low, tested.ci_high, tested.hedges_g,
+                                                                    tested.p_holm]).all()
+    assert f"[{tested.ci_low:+.4f}, {tested.ci_high:+.4f}]" in table and f"{tested.hedges_g:+.2f}" in table
+    if tested.verdict == NOT_DETECTED:
+        assert f"{int(tested.seeds_needed):,}</td>" in table or "&gt; 100,000</td>" in table
+    method = study["html"].split('id="significance-method">')[1].split("</p>")[0]
+    assert "Welch 1947" in method and "Holm 1979" in method and "Hedges 1981" in method
+    assert "within the seed noise" not in study["html"]
+
+
+def test_chaos_section_measures_each_twin_variant(study):
+    """The twins' parameter distance, recorded by each run, becomes lambda in chaos.csv and on the page."""
+    results = study["workdir"] / "results"
+    chaos = pd.read_csv(results / "chaos.csv").set_index("variant")
+    assert sorted(chaos.index) == sorted(study["config"]["variants"])  # every variant has twins here
+    stats = pd.read_parquet(results / "stats.parquet")
+    trace = stats[(stats.kind == "twin") & (stats.variant == "fix_tanh") & (stats.seed == LECTURE_SEED)]
+    trace = trace.sort_values("step")
+    assert trace.step.iloc[0] == 0 and len(trace) >= 3, "the runs record the twins' distance"
+    d = trace.value.to_numpy(float)
+    t = trace.step.to_numpy(float)
+    expected = math.log(d[-1] / d[0]) / t[-1]
+    assert chaos.loc["fix_tanh", "lyapunov_last_lecture_seed"] == pytest.approx(expected, rel=1e-6)
+    assert chaos.loc["fix_tanh", "seeds"] == 2 and np.isfinite(chaos.loc["fix_tanh", "decorrelation"])
+    assert chaos.loc["exploding", "seeds"] == 0  # every run diverged: no rate to give, and it says why
+    assert chaos.loc["exploding", "basis"] == "no finished run with a twin trace"
+    assert np.isnan(chaos.loc["exploding", "chaotic"]) and chaos.loc["exploding", "config_chaotic"]
+    table = study["html"].split('id="chaos-table"')[1].split("</table>")[0]
+    assert f"{chaos.loc['fix_tanh', 'lyapunov_last_mean']:+.2e}" in table
+    assert table.count('<tr class="') == len(chaos)
+    assert 'id="fig-lyapunov"' in study["html"]
+
+
+def test_reference_check_says_where_the_lecture_sits_in_our_spread(study):
+    check = pd.read_csv(study["workdir"] / "results" / "reference_check.csv")
+    final = check[check.compared & check.quantity.str.endswith("loss") & (check.quantity != "minibatch loss")
+                  & (check.quantity != "init loss")]
+    assert len(final) == 2  # fix_tanh's train and val loss after the config's 60 steps
+    summary = pd.read_csv(study["workdir"] / "results" / "summary.csv")
+    for r in final.itertuples():
+        column = r.quantity.replace(" ", "_")
+        ours = summary[(summary.variant == r.variant) & (summary.status == "ok")][column].to_numpy(float)
+        assert r.spread_n == len(ours) == 2
+        assert r.spread_z == pytest.approx((r.reference - ours.mean()) / ours.std(ddof=1))
+        assert r.spread_sentence.replace("'", "&#39;") in study["html"]
+    assert check[~check.compared].spread_sentence.isna().all()  # not reached: nothing to place
 
 
 def test_reproducibility_footer(study):
@@ -373,8 +434,11 @@ def test_report_renders_from_tables_without_figures_or_runs(tmp_path):
     pd.DataFrame([dict(variant="a", model="mlp", seeds=1, diverged=0, val_loss_mean=2.5, val_loss_std=np.nan),
                   dict(variant="b", model="mlp", seeds=1, diverged=1, val_loss_mean=np.nan)]).to_csv(
         results / "variants.csv", index=False)
-    for table in ("significance.csv", "reference_check.csv", "deep_layers.csv", "deep_variants.csv", "samples.csv"):
-        (results / table).write_text("")  # a table with no rows and no columns
+    from actgrad.summary import TABLES
+
+    for table in TABLES.values():
+        if table.endswith(".csv") and table not in ("summary.csv", "variants.csv"):
+            (results / table).write_text("")  # a table with no rows and no columns
     out = tmp_path / "report" / "report.html"
     template = Path(__file__).resolve().parents[1] / "report" / "report.html.j2"
     write_report(config, results, tmp_path / "figures", template, out, log=lambda m: None)

@@ -20,6 +20,7 @@ GLOBAL_FIGURES = {
     "final_losses": "Final validation loss",
     "deep_layers": "Deep networks, layer by layer",
     "sensitivity": "Sensitivity to a 1e-7 nudge",
+    "lyapunov": "Chaos as a rate: the Lyapunov estimate",
 }
 VARIANT_FIGURES = {
     "init": "At initialisation",
@@ -33,11 +34,11 @@ VARIANT_FIGURES = {
 
 def study_figures(specs) -> list[str]:
     """The cross-variant figures a study has, from its variants' complete settings: the deep comparison
-    only with a deep variant, the sensitivity figure only when some run has a twin."""
+    only with a deep variant, the sensitivity and Lyapunov figures only when some run has a twin."""
     specs = list(specs)
     return [name for name in GLOBAL_FIGURES
             if (name != "deep_layers" or any(s["model"] == "deep" for s in specs))
-            and (name != "sensitivity" or any(s["sensitivity_twin"] for s in specs))]
+            and (name not in ("sensitivity", "lyapunov") or any(s["sensitivity_twin"] for s in specs))]
 
 
 def figure_path(figures_dir, name: str, variant: str | None = None) -> str:

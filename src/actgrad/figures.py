@@ -13,7 +13,7 @@ Per variant (the lecture seed's run unless said otherwise):
 ``updates``           log10 update:data ratio of each 2-D parameter over the steps (guide at -3)
 ``heatmap``           activation histogram over training time, per layer ("colorful dimension")
 
-Across variants: ``loss_curves``, ``final_losses``, ``deep_layers`` and ``sensitivity``.
+Across variants: ``loss_curves``, ``final_losses``, ``deep_layers``, ``sensitivity`` and ``lyapunov``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from .conventions import GLOBAL_FIGURES, VARIANT_FIGURES, natural_key  # noqa: E402
 from .data import atomic_write_bytes  # noqa: E402
 from .rundir import Run, read_runs  # noqa: E402
-from .summary import lecture_run  # noqa: E402
+from .summary import lecture_run, twin_trace  # noqa: E402
 
 DPI = 100
 UPDATE_GUIDE = -3.0  # the lecture's rule of thumb: updates about 1/1000 of the data
@@ -552,6 +552,66 @@ def sensitivity_figure(deltas: dict[str, list[tuple[int, np.ndarray]]]):
     return fig
 
 
+def twin_traces(runs: dict[str, list[Run]], order: list[str]) -> tuple[dict, dict]:
+    """Each variant's twin traces [(seed, steps, distances)] and its W1 perturbation, for :func:`lyapunov_figure`:
+    the finished runs', as in the summary's chaos table (a diverged run's distance measures the blow-up)."""
+    traces, perturbations = {}, {}
+    for v in order:
+        for r in runs[v]:
+            trace = twin_trace(r) if r.diverged_at is None else None
+            if trace is not None:
+                traces.setdefault(v, []).append((r.seed, *trace))
+                perturbations[v] = r.metrics.get("twin_w1_perturbation")
+    return traces, perturbations
+
+
+def lyapunov_figure(traces: dict[str, list[tuple[int, np.ndarray, np.ndarray]]],
+                    perturbations: dict[str, float] | None = None):
+    """The twins as a rate: lambda(t) = ln(d(t)/d(0)) / t per variant (left) and the growth d(t)/d(0) (right).
+
+    ``traces``: variant -> [(seed, steps, distances)]. Thin lines are seeds, the thick line their mean;
+    the right panel's dashed line is 1/perturbation, where the twins are as far apart as W1 itself.
+    """
+    from .inference import lyapunov_exponents
+
+    perturbations = perturbations or {}
+    variants = [v for v in traces if traces[v]]
+    fig, (ax_rate, ax_growth) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    if not variants:
+        for ax in (ax_rate, ax_growth):
+            no_data(ax, "no twin parameter distance recorded")
+        return fig
+    palette = variant_palette(variants)
+    for v in variants:
+        rates, growths = {}, {}
+        for seed, steps, distances in traces[v]:
+            steps, distances = np.asarray(steps), np.asarray(distances, dtype=float)
+            rates[seed] = pd.Series(lyapunov_exponents(steps, distances)[1:], index=steps[1:])
+            growths[seed] = pd.Series(distances[1:] / distances[0], index=steps[1:])
+        for series, ax in ((rates, ax_rate), (growths, ax_growth)):
+            frame = pd.DataFrame(series).replace([np.inf, -np.inf], np.nan)
+            if len(frame.columns) > 1:
+                for seed in frame:
+                    ax.plot(frame.index, frame[seed], color=palette[v], lw=0.6, alpha=0.45)
+            ax.plot(frame.index, frame.mean(axis=1), color=palette[v], lw=1.8, label=v)
+        eps = perturbations.get(v)
+        if eps:
+            ax_growth.axhline(1 / eps, color=palette[v], ls="--", lw=0.9)
+    ax_rate.axhline(0, color="0.4", lw=0.8)
+    ax_rate.set_ylabel("λ(t) = ln(d(t) / d(0)) / t  [per step]")
+    ax_rate.set_title("Lyapunov estimate: growth rate of the twins' distance")
+    ax_growth.set_yscale("log")
+    ax_growth.set_ylabel("d(t) / d(0)")
+    ax_growth.set_title("twins' parameter distance, relative to the nudge")
+    for ax in (ax_rate, ax_growth):
+        ax.set_xscale("log")
+        ax.set_xlabel("step")
+    ax_rate.legend(loc="best", ncol=1 if len(variants) < 6 else 2)
+    fig.suptitle("sensitivity twins (W1 x (1 + ε)): thin lines seeds, thick line their mean; dashed: 1/ε",
+                 fontsize=10, x=0.01, ha="left")
+    return fig
+
+
 def global_figures(order: list[str], run_paths, summary_csv, references_csv, outputs: dict, log=print) -> None:
     """Write the requested cross-variant figures (``outputs``: name -> PNG path)."""
     unknown = set(outputs) - set(GLOBAL_FIGURES)
@@ -596,5 +656,7 @@ def global_figures(order: list[str], run_paths, summary_csv, references_csv, out
                     deltas.setdefault(v, []).append((r.seed, np.abs(lf.loss.to_numpy(float) -
                                                                     lf.twin_loss.to_numpy(float))))
         save(sensitivity_figure(deltas), outputs["sensitivity"])
+    if "lyapunov" in outputs:
+        save(lyapunov_figure(*twin_traces(runs, order)), outputs["lyapunov"])
     for key, path in outputs.items():
         log(f"figure {key} -> {path}")

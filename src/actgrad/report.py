@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from . import inference
 from .conventions import EXPECTED_INIT_LOSS, GLOBAL_FIGURES, VARIANT_FIGURES, figure_path
 from .data import DataError, atomic_write_bytes
-from .summary import ALPHA, TABLES, lecture_seed_of
+from .summary import TABLES, lecture_seed_of
 
 # Where each per-variant figure sits on the page: the init figure beside the samples, the
 # heat-map last, the diagnostics between them.
@@ -198,22 +199,52 @@ def comparison_rows(config: dict, variants: pd.DataFrame, summary: pd.DataFrame,
     return rows
 
 
+VERDICT_CLASS = {inference.IMPROVES: "real", inference.WORSENS: "worse", inference.NOT_DETECTED: "noise"}
+
+
+def _interval(low, high, digits: int = 4) -> str:
+    return f"[{num(low, digits, signed=True)}, {num(high, digits, signed=True)}]" if finite(low) and finite(high) \
+        else "—"
+
+
+def seeds_needed_text(r) -> str:
+    """The seeds per variant that would detect the observed difference; only where nothing was detected."""
+    if r.get("verdict") != inference.NOT_DETECTED:
+        return ""
+    if finite(r.get("seeds_needed")):
+        return f"{int(r.seeds_needed):,}"
+    # seeds_needed is empty under this verdict for a zero difference or beyond the search's limit
+    return "—" if r.get("difference") == 0 else f"> {inference.MAX_SEEDS:,}"
+
+
 def significance_rows(sig: pd.DataFrame) -> list[dict]:
+    """The summary's significance table, one row per comparison, with its family's header first."""
     rows = []
     if sig.empty:
         return rows
-    for _, r in sig.iterrows():
-        significant = as_bool(r.get("significant"))
-        tested = finite(r.get("p_value"))
-        rows.append({
-            "before": r.before, "after": r.after, "n": f"{int(r.n_before)} / {int(r.n_after)}",
-            "mean_before": num(r.mean_before), "mean_after": num(r.mean_after),
-            "difference": num(r.difference, 4, signed=True), "p": p_value(r.get("p_value")),
-            "verdict": ("exceeds the seed noise" if significant else "within the seed noise") if tested else
-            str(r.get("verdict", "not tested")),
-            "cls": ("real" if significant else "noise") if tested else "muted",
-        })
+    for family, members in sig.groupby("family", sort=False):
+        m = members.m_family.iloc[0]
+        rows.append({"family": family, "m": int(m) if finite(m) else 0})
+        for _, r in members.iterrows():
+            rows.append({
+                "before": r.before, "after": r.after, "n": f"{int(r.n_before)} / {int(r.n_after)}",
+                "diverged": int(r.diverged_before) + int(r.diverged_after),
+                "mean_before": mean_std(r.mean_before, r.sd_before), "mean_after": mean_std(r.mean_after, r.sd_after),
+                "difference": num(r.difference, 4, signed=True), "ci": _interval(r.ci_low, r.ci_high),
+                "g": num(r.hedges_g, 2, signed=True), "p": p_value(r.p), "p_holm": p_value(r.p_holm),
+                "verdict": str(r.verdict), "seeds_needed": seeds_needed_text(r),
+                "cls": VERDICT_CLASS.get(r.verdict, "muted"),
+            })
     return rows
+
+
+def significance_method(sig: pd.DataFrame, config: dict) -> str:
+    """The method paragraph, at the alpha, power and metric the summary's table was computed with."""
+    settings = inference.comparison_settings(config)
+    if not sig.empty:
+        settings = {"alpha": float(sig.alpha.iloc[0]), "power": float(sig.power.iloc[0]),
+                    "metric": str(sig.metric.iloc[0])}
+    return inference.method_text(**settings)
 
 
 def reference_rows(refs: pd.DataFrame) -> tuple[list[dict], dict]:
@@ -238,9 +269,53 @@ def reference_rows(refs: pd.DataFrame) -> tuple[list[dict], dict]:
             "variant": r.variant, "quantity": r.quantity, "step": f"{int(r.step):,}" if finite(r.step) else "—",
             "ours": num(r.ours, precision + 2), "reference": num(r.reference, precision),
             "difference": num(r.difference, precision + 2, signed=True), "state": state, "cls": cls,
-            "source": r.source,
+            "source": r.source, "spread": spread_text(r),
         })
     return rows, {"matched": matched, "counted": counted, "chaotic": chaotic_n, "not_reached": not_reached}
+
+
+def spread_text(r) -> str:
+    """Where the lecture's final loss lies among our seeds (the summary's sentence), or nothing."""
+    sentence = r.get("spread_sentence")
+    return sentence if isinstance(sentence, str) else ""
+
+
+def _rate(x) -> str:
+    return f"{float(x):+.2e}" if finite(x) else "—"
+
+
+def _flag(x):
+    """True, False or None (not measured) from a CSV cell."""
+    if isinstance(x, str):
+        return {"true": True, "false": False}.get(x.strip().lower())
+    return bool(x) if isinstance(x, (bool, np.bool_)) or finite(x) else None
+
+
+def chaos_rows(chaos: pd.DataFrame) -> list[dict]:
+    """The summary's chaos table: the Lyapunov estimates, the twins' gap against the seed spread, and the
+    measured verdict beside the config's flag."""
+    rows = []
+    for _, r in chaos.iterrows():
+        measured, flagged = _flag(r.get("chaotic")), _flag(r.get("config_chaotic"))
+        lecture = r.get("lyapunov_last_lecture_seed")
+        rows.append({
+            "variant": r.variant, "seeds": int(r.seeds) if finite(r.seeds) else 0,
+            "last_step": _step(r.last_step),
+            "lyapunov_last": _rate(r.lyapunov_last_mean) + (f" ± {float(r.lyapunov_last_sd):.1e}"
+                                                           if finite(r.lyapunov_last_sd) else ""),
+            "lyapunov_last_lecture": f"lecture seed: {_rate(lecture)}" if finite(lecture) else "",
+            "lyapunov_10k": _rate(r.lyapunov_10k_mean),
+            "lyapunov_10k_lecture": (f"lecture seed: {_rate(r.lyapunov_10k_lecture_seed)}"
+                                     if finite(r.lyapunov_10k_lecture_seed) else ""),
+            "growth": _sci(r.growth), "window": _step(r.window),
+            "gap": num(r.twin_gap_mean), "seed_sd": num(r.seed_sd), "decorrelation": num(r.decorrelation, 2),
+            "measured": {True: "chaotic", False: "not chaotic", None: "not measured"}[measured],
+            "basis": r.basis if isinstance(r.basis, str) else "",
+            "flagged": {True: "flagged chaotic", False: "not flagged", None: "—"}[flagged],
+            "disagrees": measured is not None and flagged is not None and measured != flagged,
+            "cls": {True: "chaotic", False: "", None: "muted"}[measured],
+        })
+    return rows
 
 
 def _shade(value, vmax=100.0) -> str:
@@ -404,7 +479,8 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
         "n_diverged": n_diverged,
         "best": best,
         "comparison": comparison,
-        "significance": significance_rows(sig), "alpha": ALPHA,
+        "significance": significance_rows(sig), "significance_method": significance_method(sig, config),
+        "chaos": chaos_rows(_csv(results / TABLES["chaos"])),
         "references": ref_rows, "headline": headline, "chaotic_why": CHAOTIC_WHY,
         "global": {k: figure(figures_dir, captions_dir, k) for k in GLOBAL_FIGURES},
         "deep": deep_rows(config, summary, variants, deep_layers, deep_variants),

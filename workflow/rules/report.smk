@@ -47,7 +47,7 @@ rule figures_global:
         runs=all_run_outputs(["metrics.json", "losses.parquet", "stats.parquet"]),
         summary=f"{RESULTS}/summary.csv",
         references=f"{RESULTS}/reference_check.csv",
-        code=[package_code("figures"), package_code("conventions"), package_code("rundir")],
+        code=[package_code(m) for m in ("figures", "conventions", "rundir", "summary", "inference")],
     output:
         **{
             name: report(figure_path(FIGURES, name), caption=f"../report/{name}.rst",
@@ -75,7 +75,7 @@ rule report:
         + [figure_path(FIGURES, name, v) for v in VARIANTS for name in VARIANT_FIGURES],
         template=str(REPORT_TEMPLATE),
         captions=[str(CAPTIONS / f"{name}.rst") for name in GLOBAL_FIGURES + list(VARIANT_FIGURES)],
-        code=[package_code("report"), package_code("conventions")],
+        code=[package_code("report"), package_code("conventions"), package_code("inference")],
     output:
         "report/report.html",
     params:
