@@ -180,9 +180,11 @@ def default_comparisons(config: dict, names: Sequence[str] | None = None) -> lis
         if baselines:
             others = [n for n in members if not _is_gain(specs[n]["gain"], 5 / 3)]
             comparisons += baseline_comparisons(f"gain_vs_{baselines[0]}", baselines[0], others)
-    without_bn = {_settings_without(specs[n], "batchnorm"): n for n in reversed(deep) if not specs[n]["batchnorm"]}
+    # `norm` says the same as `batchnorm` where both exist (norm: batchnorm | none).
+    without_bn = {_settings_without(specs[n], "batchnorm", "norm"): n for n in reversed(deep)
+                  if not specs[n]["batchnorm"] and specs[n].get("norm", "none") == "none"}
     for name in deep:
-        partner = without_bn.get(_settings_without(specs[name], "batchnorm"))
+        partner = without_bn.get(_settings_without(specs[name], "batchnorm", "norm"))
         if specs[name]["batchnorm"] and partner is not None:
             comparisons.append(Comparison("batchnorm_vs_none", partner, name))
     return comparisons
