@@ -484,8 +484,18 @@ def final_losses_figure(summary: pd.DataFrame, references: pd.DataFrame, order: 
     return fig
 
 
-def deep_layers_figure(layer_stats: pd.DataFrame, order: list[str], batchnorm: set | None = None):
-    """Per layer, at step 0: activation std, saturation % and activation-gradient std, one line per deep variant."""
+def _layer_number(layer: str) -> int:
+    parts = natural_key(layer)
+    return parts[-2] if len(parts) > 1 and isinstance(parts[-2], int) else 0
+
+
+def deep_layers_figure(layer_stats: pd.DataFrame, order: list[str], batchnorm: set | None = None,
+                       predicted: pd.DataFrame | None = None):
+    """Per layer, at step 0: activation std, saturation % and activation-gradient std, one line per deep variant.
+
+    ``predicted`` (variant, layer, kind, stat, value): the mean-field theory's values, drawn as a wide pale
+    line of the variant's colour behind its measured one.
+    """
     panels = [("activation", "std", "activation std"), ("activation", "saturated_pct", "saturated % (|h|>0.97)"),
               ("activation_grad", "std", "activation gradient std")]
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.5), layout="constrained")
@@ -500,20 +510,26 @@ def deep_layers_figure(layer_stats: pd.DataFrame, order: list[str], batchnorm: s
             s = sel[sel.variant == v].copy()
             if s.empty:
                 continue
-            s["n"] = s.layer.map(lambda x: natural_key(x)[-2] if isinstance(natural_key(x)[-2], int) else 0)
+            s["n"] = s.layer.map(_layer_number)
             s = s.groupby("n").value.mean()
             dashed = v in (batchnorm or set())
             ax.plot(s.index, s.to_numpy(), marker="s" if dashed else "o", ms=4, color=palette[v], label=v,
                     ls="--" if dashed else "-")
+            _theory_line(ax, predicted, v, kind, stat, palette[v])
         ax.set_xlabel("tanh layer")
         ax.set_title(label)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if kind == "activation_grad":
             ax.set_yscale("log")
     handles, labels = axes[0].get_legend_handles_labels()
+    if predicted is not None and not predicted.empty:
+        handles.append(matplotlib.lines.Line2D([], [], **THEORY_STYLE, color="0.45"))
+        labels.append("theory (mean field)")
     if handles:
         fig.legend(handles, labels, loc="outside right center", frameon=False, fontsize=8)
-    fig.suptitle("deep networks at step 0, layer by layer (mean over seeds)", fontsize=10, x=0.01, ha="left")
+    fig.suptitle("deep networks at step 0, layer by layer (mean over seeds)"
+                 + ("; pale wide lines: mean-field theory" if predicted is not None and not predicted.empty else ""),
+                 fontsize=10, x=0.01, ha="left")
     return fig
 
 
@@ -658,5 +674,219 @@ def global_figures(order: list[str], run_paths, summary_csv, references_csv, out
         save(sensitivity_figure(deltas), outputs["sensitivity"])
     if "lyapunov" in outputs:
         save(lyapunov_figure(*twin_traces(runs, order)), outputs["lyapunov"])
+    for key, path in outputs.items():
+        log(f"figure {key} -> {path}")
+
+
+# -- theory next to measurement: the deep layers' overlay and the sweeps' phase diagrams -----------------
+THEORY_STYLE = {"lw": 5, "alpha": 0.28, "solid_capstyle": "round"}  # wide and pale: behind the measured line
+# theory.csv's quantities drawn in the deep-layers figure, by the statistics' (kind, stat)
+_LAYER_QUANTITIES = {"activation_std": ("activation", "std"), "saturated_pct": ("activation", "saturated_pct"),
+                     "grad_std": ("activation_grad", "std")}
+
+
+def _theory_line(ax, predicted: pd.DataFrame | None, variant: str, kind: str, stat: str, color) -> None:
+    if predicted is None or predicted.empty:
+        return
+    p = predicted[(predicted.variant == variant) & (predicted.kind == kind) & (predicted.stat == stat)]
+    p = p[np.isfinite(p.value.astype(float))]
+    if p.empty:
+        return
+    p = p.assign(n=p.layer.map(_layer_number)).groupby("n").value.mean()
+    ax.plot(p.index, p.to_numpy(), color=color, **THEORY_STYLE, zorder=1)
+
+
+def theory_layer_frames(theory: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The summary's theory table as the deep-layers figure's measured and predicted frames
+    (variant, layer, kind, stat, value): the mean over seeds, and the prediction."""
+    columns = ["variant", "layer", "kind", "stat", "value"]
+    if theory.empty:
+        return pd.DataFrame(columns=columns), pd.DataFrame(columns=columns)
+    sel = theory[theory.quantity.isin(list(_LAYER_QUANTITIES))]
+    kind_stat = [_LAYER_QUANTITIES[q] for q in sel.quantity]
+    base = sel.assign(kind=[k for k, _ in kind_stat], stat=[s for _, s in kind_stat])
+    return (base.rename(columns={"measured_mean": "value"})[columns],
+            base.rename(columns={"predicted": "value"})[columns])
+
+
+# The phase diagrams' panels: sweeps.csv metric, title, log-scaled y.
+SWEEP_PANELS = [
+    ("last_activation_std", "last layer: activation std at init", False),
+    ("last_saturated_pct", "last layer: saturated % (|h|>0.97) at init", False),
+    ("grad_ratio_first_last", "gradient std, first / last layer, at init", True),
+    ("val_loss", "final validation loss", False),
+    ("twin_final_abs_delta", "sensitivity twins: final |loss − twin loss|", True),
+]
+# sweeps.csv metric -> theory.phase_curves column
+_CURVE_COLUMNS = {"last_activation_std": "last_activation_std", "last_saturated_pct": "last_saturation_pct",
+                  "grad_ratio_first_last": "grad_ratio_first_last"}
+GAIN_TICKS = (0.1, 0.25, 0.5, 1, 5 / 3, 3, 5, 10)
+_BN_COLORS = {"no BatchNorm": sns.color_palette("deep")[0], "BatchNorm": sns.color_palette("deep")[3]}
+
+
+def sweep_axes(rows: pd.DataFrame, keys: list[str]) -> tuple[str, list[str]]:
+    """The x axis of a sweep's phase diagram (the gain if swept, else its first numeric key, else its first
+    key) and the keys that tell its curves apart (the rest)."""
+    numeric = [k for k in keys if pd.api.types.is_numeric_dtype(rows[k]) and not pd.api.types.is_bool_dtype(rows[k])]
+    x = "gain" if "gain" in keys else (numeric[0] if numeric else keys[0])
+    return x, [k for k in keys if k != x]
+
+
+def curve_label(values: dict) -> str:
+    """A phase-diagram curve's legend label from the point's other swept values."""
+    if not values:
+        return "measured"
+    parts = []
+    for key, value in values.items():
+        if key == "batchnorm":
+            parts.append("BatchNorm" if str(value).lower() == "true" else "no BatchNorm")
+        else:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts)
+
+
+def sweep_phase_figure(rows: pd.DataFrame, keys: list[str], curves: dict[str, pd.DataFrame] | None = None,
+                       critical_gain: float | None = None, title: str = ""):
+    """One sweep's phase diagram: each metric of :data:`SWEEP_PANELS` over the swept value.
+
+    ``rows``: the sweep's rows of sweeps.csv (``keys``: its swept columns); points are the mean ± sd over
+    seeds, lines the theory: ``curves`` (label -> a frame of x and the metrics, dense, from
+    theory.phase_curves) where given, else the per-point predictions joined. The gain axis is
+    log-scaled, with the critical gain (chi_1 = 1) and the lecture's 5/3 marked.
+    """
+    x_key, others = sweep_axes(rows, keys)
+    categorical = not pd.api.types.is_numeric_dtype(rows[x_key]) or pd.api.types.is_bool_dtype(rows[x_key])
+    positions = {v: i for i, v in enumerate(dict.fromkeys(rows[x_key]))} if categorical else None
+    labels = rows[others].apply(lambda r: curve_label(r.to_dict()), axis=1) if others else \
+        pd.Series("measured", index=rows.index)
+    rows = rows.assign(_label=labels)
+    groups = list(dict.fromkeys(rows._label))
+    fallback = variant_palette(groups)
+    colors = {g: _BN_COLORS.get(g, fallback[g]) for g in groups}
+    panels = [p for p in SWEEP_PANELS if p[0] != "twin_final_abs_delta" or
+              rows[(rows.metric == p[0])]["mean"].notna().any()]
+    fig, axes = plt.subplots(2, 3, figsize=(10, 6.2), layout="constrained", squeeze=False)
+    for ax, (metric, label, log_y) in zip(axes.flat, panels):
+        sel = rows[rows.metric == metric]
+        drawn = False
+        for group in groups:
+            g = sel[sel._label == group]
+            xs = g[x_key].map(positions).to_numpy(float) if categorical else g[x_key].to_numpy(float)
+            order = np.argsort(xs)
+            mean, sd = g["mean"].to_numpy(float)[order], g["sd"].to_numpy(float)[order]
+            xs = xs[order]
+            if log_y:  # equal twins (|delta| = 0) sit on the floor, as in the sensitivity figure
+                mean = np.where(mean > 0, mean, SENSITIVITY_FLOOR)
+            if np.isfinite(mean).any():
+                ax.errorbar(xs, mean, yerr=np.nan_to_num(sd), fmt="o", ms=4.5, capsize=2.5, color=colors[group],
+                            label=f"{group} (measured)", zorder=3)
+                drawn = True
+            curve = (curves or {}).get(group)
+            if curve is not None and metric in _CURVE_COLUMNS:
+                ax.plot(curve["x"], curve[_CURVE_COLUMNS[metric]], color=colors[group], lw=1.4,
+                        label=f"{group} (theory)", zorder=2)
+            elif np.isfinite(g["predicted"].to_numpy(float)).any():
+                ax.plot(xs, g["predicted"].to_numpy(float)[order], color=colors[group], lw=1.4,
+                        label=f"{group} (theory)", zorder=2)
+        if not drawn:
+            no_data(ax)
+            ax.set_title(label, fontsize=9.5)
+            continue
+        if x_key == "gain" and not categorical:
+            ax.set_xscale("log")
+            if critical_gain is not None and math.isfinite(critical_gain):
+                ax.axvline(critical_gain, color="0.3", ls="--", lw=1, zorder=1)
+            ax.axvline(5 / 3, color="0.6", ls=":", lw=1, zorder=1)
+            lo, hi = ax.get_xlim()
+            swept = sorted(set(rows[x_key].astype(float)))
+            ticks = [t for t in (swept if len(swept) <= 6 else GAIN_TICKS) if lo <= t <= hi]
+            ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if categorical:
+            ax.set_xticks(list(positions.values()), [str(v) for v in positions])
+        if log_y:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(x_key)
+        ax.set_title(label, fontsize=9.5)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    if x_key == "gain" and critical_gain is not None:
+        handles.append(matplotlib.lines.Line2D([], [], color="0.3", ls="--", lw=1))
+        names.append(f"critical gain {critical_gain:.3g} (χ₁ = 1, no BatchNorm)")
+        handles.append(matplotlib.lines.Line2D([], [], color="0.6", ls=":", lw=1))
+        names.append("the lecture's 5/3")
+    if handles:
+        spare = axes.flat[len(panels)] if len(panels) < axes.size else None
+        if spare is not None:
+            spare.legend(handles, names, loc="center", frameon=False, fontsize=8.5)
+        else:
+            fig.legend(handles, names, loc="outside lower center", ncol=3, frameon=False, fontsize=8)
+    fig.suptitle(title or "phase diagram: points = mean ± sd over seeds, lines = mean-field theory",
+                 fontsize=10, x=0.01, ha="left")
+    return fig
+
+
+def sweep_theory_curves(config: dict, rows: pd.DataFrame, keys: list[str]) -> tuple[dict, float | None]:
+    """Dense theory curves over the gain for a deep-net sweep (label -> frame with x and the phase_curves
+    columns), and the critical gain of its activation; ({}, None) for a sweep the curves do not describe."""
+    from . import theory
+    from .config import variant_spec
+    from .summary import input_second_moment
+
+    x_key, others = sweep_axes(rows, keys)
+    if x_key != "gain" or rows.empty:
+        return {}, None
+    gains = rows["gain"].astype(float)
+    dense = np.geomspace(gains.min() / 1.15, gains.max() * 1.15, 160)
+    curves, critical = {}, None
+    for variant, group in rows.groupby("variant", sort=False):
+        label = curve_label(group.iloc[0][others].to_dict()) if others else "measured"
+        if label in curves:
+            continue
+        spec = variant_spec(config, variant)
+        if spec["model"] != "deep" or spec["activation"] not in theory.ACTIVATIONS:
+            return {}, None
+        norm = theory.spec_norm(spec)
+        frame = theory.phase_curves(dense, spec["n_layers"], spec["activation"], input_second_moment(spec),
+                                    norms=(norm,))
+        curves[label] = frame.rename(columns={"gain": "x"})
+        if critical is None:
+            critical = theory.critical_gain(spec["activation"], q0=input_second_moment(spec))
+    return curves, critical
+
+
+def theory_figures(config: dict, theory_csv, sweeps_csv, outputs: dict, log=print) -> None:
+    """Write the deep-layers figure with its theory overlay and each sweep's phase diagram
+    (``outputs``: "deep_layers" and/or sweep_figure(name) -> PNG path) from the summary's tables."""
+    from .config import variant_spec
+    from .conventions import featured_variants, sweep_figure, sweep_names, sweep_title
+
+    style()
+    if "deep_layers" in outputs:
+        theory = pd.read_csv(theory_csv)
+        order = [v for v in featured_variants(config) if variant_spec(config, v)["model"] == "deep"]
+        measured, predicted = theory_layer_frames(theory)
+        bn = {v for v in order if variant_spec(config, v)["batchnorm"]}
+        save(deep_layers_figure(measured, order, bn, predicted), outputs["deep_layers"])
+    table = pd.read_csv(sweeps_csv) if any(k.startswith("sweep_") for k in outputs) else pd.DataFrame()
+    for sweep in sweep_names(config):
+        key = sweep_figure(sweep)
+        if key not in outputs:
+            continue
+        rows = table[table.sweep == sweep]
+        keys = list(config["variants"][rows.variant.iloc[0]]["sweep"]["point"]) if len(rows) else []
+        keys = [k for k in keys if k in rows and rows[k].notna().any()]
+        if not keys:
+            fig, ax = plt.subplots(figsize=(10, 2))
+            no_data(ax, f"sweep {sweep}: no runs")
+            save(fig, outputs[key])
+            continue
+        curves, critical = sweep_theory_curves(config, rows, keys)
+        save(sweep_phase_figure(rows, keys, curves, critical, f"{sweep_title(sweep)}: points = mean ± sd over "
+                                "seeds, lines = mean-field theory"), outputs[key])
     for key, path in outputs.items():
         log(f"figure {key} -> {path}")

@@ -23,9 +23,22 @@ import pandas as pd
 import yaml
 
 from . import inference
-from .conventions import EXPECTED_INIT_LOSS, GLOBAL_FIGURES, VARIANT_FIGURES, figure_path
+from .conventions import (
+    EXPECTED_INIT_LOSS,
+    GLOBAL_FIGURES,
+    SWEEP_CAPTION,
+    THEORY_CAPTION,
+    VARIANT_FIGURES,
+    featured_variants,
+    figure_path,
+    natural_key,
+    sweep_figure,
+    sweep_names,
+    sweep_title,
+)
 from .data import DataError, atomic_write_bytes
 from .summary import TABLES, lecture_seed_of
+from .sweeps import sweep_groups
 
 # Where each per-variant figure sits on the page: the init figure beside the samples, the
 # heat-map last, the diagnostics between them.
@@ -426,6 +439,125 @@ def runtime_of(summary: pd.DataFrame) -> list[str]:
     return seen
 
 
+# -- theory next to measurement, and the sweeps ------------------------------------------------
+# theory.csv's quantities as the report's columns: (quantity, heading, format)
+THEORY_COLUMNS = [("activation_std", "activation std", ".3f"), ("preactivation_std", "pre-activation std", ".3f"),
+                  ("saturated_pct", "saturated %", ".1f"), ("grad_std", "gradient std", ".2e"),
+                  ("grad_std_rel_last", "gradient std / last layer's", ".3f")]
+# A relative difference past this is marked: beyond what 100-unit layers make of the wide-layer limit.
+RELATIVE_OFF = 0.10
+# sweeps.csv's metrics as the sweep table's columns: (metric, heading, format)
+SWEEP_COLUMNS = [("last_activation_std", "last layer<br>activation std", ".3f"),
+                 ("last_saturated_pct", "last layer<br>saturated %", ".1f"),
+                 ("grad_ratio_first_last", "gradient std<br>first / last", ".3f"),
+                 ("val_loss", "final val loss", ".4f"), ("twin_final_abs_delta", "|loss − twin|<br>at the end", ".1e")]
+
+
+def _fmt(x, spec: str) -> str:
+    return format(float(x), spec) if finite(x) else "—"
+
+
+def _relative_text(x) -> str:
+    return f"{100 * float(x):+.1f}%" if finite(x) else "—"
+
+
+def theory_cell(row, spec: str) -> dict:
+    """One quantity of one layer: measured mean ± sd over seeds, the prediction and the relative difference below."""
+    if row is None:
+        return {"text": "—", "sub": "", "cls": "muted", "title": ""}
+    text = _fmt(row.measured_mean, spec) + (f" ± {_fmt(row.measured_sd, spec)}" if finite(row.measured_sd) else "")
+    rel = row.relative_difference
+    sub = f"theory {_fmt(row.predicted, spec)} · Δ {_relative_text(rel)}" if finite(row.predicted) else "no theory"
+    title = (f"seed {int(row.lecture_seed)}: {_fmt(row.measured_lecture_seed, spec)} "
+             f"(Δ {_relative_text(row.relative_difference_lecture_seed)})") if finite(row.lecture_seed) else ""
+    return {"text": text, "sub": sub, "cls": "off" if finite(rel) and abs(float(rel)) > RELATIVE_OFF else "",
+            "title": title}
+
+
+def theory_groups(config: dict, theory: pd.DataFrame) -> list[dict]:
+    """The table "predicted vs measured at initialisation", per variant and layer: the listed variants first
+    (shown), then one group per sweep (folded), each with its largest relative difference."""
+    groups = []
+    if theory.empty:
+        return groups
+    for sweep, names in sweep_groups(config).items():
+        variants, largest = [], None
+        for name in names:
+            t = theory[theory.variant == name]
+            if t.empty:
+                continue
+            rows = []
+            for layer in sorted(t.layer.unique(), key=natural_key):
+                by_quantity = {r.quantity: r for r in t[t.layer == layer].itertuples()}
+                rows.append({"layer": layer, "cells": [theory_cell(by_quantity.get(q), spec)
+                                                       for q, _, spec in THEORY_COLUMNS]})
+            rel = t.relative_difference.abs().dropna()
+            if len(rel) and (largest is None or rel.max() > largest[0]):
+                worst = t.loc[rel.idxmax()]
+                largest = (float(rel.max()), f"{_relative_text(worst.relative_difference)} ({name}, {worst.layer}, "
+                                             f"{worst.quantity.replace('_', ' ')})")
+            description = config["variants"][name].get("description", "")
+            variants.append({"name": name, "rows": rows, "description": description})
+        if variants:
+            groups.append({"title": "listed variants" if sweep is None else f"sweep {sweep}",
+                           "folded": sweep is not None, "variants": variants,
+                           "largest": largest[1] if largest else "—"})
+    return groups
+
+
+def sweep_cell(rows: pd.DataFrame, metric: str, spec: str) -> dict:
+    r = rows[rows.metric == metric]
+    if r.empty or not finite(r["mean"].iloc[0]):
+        return {"text": "—", "sub": ""}
+    r = r.iloc[0]
+    text = _fmt(r["mean"], spec) + (f" ± {_fmt(r.sd, spec)}" if finite(r.sd) else "")
+    return {"text": text, "sub": f"theory {_fmt(r.predicted, spec)}" if finite(r.predicted) else ""}
+
+
+def sweep_sections(config: dict, sweeps: pd.DataFrame, figures_dir, captions_dir, featured: set) -> list[dict]:
+    """One section per sweep: its phase diagram and a row per point (mean ± sd over seeds, the theory below);
+    a point without a section of its own is anchored on its row, so every link to a variant lands."""
+    from .sweeps import format_value
+
+    sections = []
+    for sweep in sweep_names(config):
+        names = [n for n, v in config["variants"].items() if v.get("sweep", {}).get("name") == sweep]
+        keys = list(config["variants"][names[0]]["sweep"]["point"])
+        rows = sweeps[sweeps.sweep == sweep] if not sweeps.empty else sweeps
+        points = []
+        for name in names:
+            mine = rows[rows.variant == name] if not rows.empty else rows
+            point = config["variants"][name]["sweep"]["point"]
+            points.append({"name": name, "featured": name in featured,
+                           "point_values": [format_value(point[k]) if not isinstance(point[k], (list, dict)) else "…"
+                                      for k in keys],
+                           "cells": [sweep_cell(mine, metric, spec) for metric, _, spec in SWEEP_COLUMNS]})
+        path = Path(figure_path(figures_dir, sweep_figure(sweep)))
+        fig = {"name": sweep_figure(sweep), "title": sweep_title(sweep), "src": data_uri(path),
+               "caption": read_caption(captions_dir, SWEEP_CAPTION), "id": f"fig-{sweep_figure(sweep)}"} \
+            if path.exists() else None
+        sweep_config = (config.get("sweeps") or {}).get(sweep, {})
+        sections.append({"name": sweep, "id": f"sweep-{sweep}", "description": sweep_config.get("description", ""),
+                         "axes": keys, "columns": [heading for _, heading, _ in SWEEP_COLUMNS], "points": points,
+                         "figure": fig, "n_featured": sum(p["featured"] for p in points)})
+    return sections
+
+
+def nav_groups(config: dict, shown: list[str]) -> list[dict]:
+    """The navigation's variant groups: the listed variants, then each sweep (its section and its points shown
+    in full)."""
+    groups = []
+    for sweep, names in sweep_groups(config).items():
+        links = [n for n in names if n in shown]
+        if sweep is None:
+            if links:
+                groups.append({"title": "Variants", "anchor": None, "variants": links})
+        else:
+            groups.append({"title": f"Sweep {sweep}", "anchor": f"sweep-{sweep}", "variants": links,
+                           "n": len(names)})
+    return groups
+
+
 def build_context(config: dict, results, figures_dir, captions_dir=None, splits_json=None, repo=None) -> dict:
     """Everything the template shows, formatted."""
     results = Path(results)
@@ -438,8 +570,9 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
     ref_rows, headline = reference_rows(refs)
     comparison = comparison_rows(config, variants, summary, refs)
 
+    featured = featured_variants(config)  # the rest of a sweep's points are rows of its table
     per_variant = []
-    for name in config["variants"]:
+    for name in featured:
         sub = summary[summary.variant == name] if not summary.empty else summary
         if sub.empty:
             continue
@@ -473,7 +606,7 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
     return {
         "title": config.get("title", "makemore part 3, reproduced"),
         "expected_init_loss": f"{EXPECTED_INIT_LOSS:.4f}",
-        "n_variants": len(per_variant), "n_runs": len(summary), "seeds": seeds,
+        "n_variants": summary.variant.nunique() if not summary.empty else 0, "n_runs": len(summary), "seeds": seeds,
         "lecture_seed": lecture_seed_of(seeds) if seeds else None,
         "steps": ", ".join(f"{s:,}" for s in steps) or "—",
         "n_diverged": n_diverged,
@@ -485,6 +618,10 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
         "global": {k: figure(figures_dir, captions_dir, k) for k in GLOBAL_FIGURES},
         "deep": deep_rows(config, summary, variants, deep_layers, deep_variants),
         "variants": per_variant,
+        "nav": nav_groups(config, [v["name"] for v in per_variant]),
+        "theory": theory_groups(config, _csv(results / TABLES["theory"])),
+        "theory_caption": read_caption(captions_dir, THEORY_CAPTION),
+        "sweeps": sweep_sections(config, _csv(results / TABLES["sweeps"]), figures_dir, captions_dir, set(featured)),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
         "versions": package_versions(),
         "data_sha256": data_sha,

@@ -39,6 +39,7 @@ TABLES = {
     "summary": "summary.csv", "variants": "variants.csv", "significance": "significance.csv",
     "references": "reference_check.csv", "deep_layers": "deep_layers.csv", "deep_variants": "deep_variants.csv",
     "samples": "samples.csv", "stats": "stats.parquet", "histograms": "histograms.parquet", "chaos": "chaos.csv",
+    "theory": "theory.csv", "sweeps": "sweeps.csv",
 }
 # A deep net's gradient at the first tanh layer against the last one's, at step 0.
 VANISHING_BELOW, EXPLODING_ABOVE = 0.5, 2.0
@@ -369,6 +370,190 @@ def study_frame(config: dict, runs: list[Run], read) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+# -- theory next to measurement, and the sweeps ---------------------------------------------------
+# What results/theory.csv compares per layer at step 0: quantity -> (kind, stat), the statistics' own names
+# (actgrad.theory.predict_network writes its predictions in the same vocabulary).
+THEORY_QUANTITIES = {
+    "activation_std": ("activation", "std"),
+    "saturated_pct": ("activation", "saturated_pct"),
+    "preactivation_std": ("preactivation", "std"),
+    "grad_std": ("activation_grad", "std"),
+    "grad_std_rel_last": ("activation_grad", "std_rel_last"),
+}
+# The runs do not record the embedding's output at init, so the theory's input is what the settings imply.
+INPUT_MOMENT_SOURCE = "from the settings (C ~ randn x init scale), not measured"
+# What results/sweeps.csv holds per sweep point: the phase diagrams' quantities.
+SWEEP_METRICS = ("last_activation_std", "last_saturated_pct", "grad_ratio_first_last", "val_loss",
+                 "twin_final_abs_delta")
+
+
+def input_second_moment(spec: dict) -> float:
+    """E[x^2] of the embedding's output at init as the settings make it: ``randn * scale`` has ``scale^2``.
+
+    The deep net's C is plain randn (1); the shallow net's is ``init.C`` (a number, or "kaiming":
+    gain / sqrt(27)). Averaged over the characters a batch uses it is this up to sampling noise.
+    """
+    if spec["model"] != "mlp":
+        return 1.0
+    scale = spec["init"]["C"]
+    return float(spec["gain"]) ** 2 / 27 if scale == "kaiming" else float(scale) ** 2
+
+
+def init_layer_stats(stats: pd.DataFrame) -> pd.DataFrame:
+    """Every run's per-layer statistics at step 0 as (variant, seed, layer, quantity, value), from the study's
+    stats table; ``grad_std_rel_last`` is each run's gradient std over its own last layer's."""
+    columns = ["variant", "seed", "layer", "quantity", "value"]
+    if stats.empty:
+        return pd.DataFrame(columns=columns)
+    wanted = {(kind, stat): q for q, (kind, stat) in THEORY_QUANTITIES.items() if stat != "std_rel_last"}
+    step0 = _finite(stats[stats.step == 0])
+    keys = list(zip(step0.kind, step0.stat))
+    step0 = step0.assign(quantity=[wanted.get(k) for k in keys])
+    step0 = step0[step0.quantity.notna()][columns]
+    grads = step0[step0.quantity == "grad_std"]
+    last_layer = grads.groupby(["variant", "seed"]).layer.agg(lambda layers: max(layers, key=natural_key))
+    last = grads.merge(last_layer.rename("last").reset_index(), on=["variant", "seed"])
+    top = last[last.layer == last["last"]].set_index(["variant", "seed"]).value
+    rel = grads.assign(quantity="grad_std_rel_last",
+                       value=grads.value.to_numpy() / top.reindex(list(zip(grads.variant, grads.seed))).to_numpy())
+    return pd.concat([step0, rel], ignore_index=True)
+
+
+def _predictions(spec: dict, block_size: int) -> pd.DataFrame:
+    """The theory's per-layer predictions for a variant at init, empty where it has none (another activation)."""
+    from .theory import predict_network  # scipy: imported only by the step that predicts
+
+    try:
+        return predict_network(spec, input_second_moment(spec), block_size=block_size)
+    except ValueError:
+        return pd.DataFrame(columns=["step", "layer", "kind", "stat", "value", "source"])
+
+
+# A saturation predicted below this (%) gets no relative difference: it is a handful of the 3,200 values
+# of a 32 x 100 batch, and theory's 1e-90 % against a measured 0 says nothing.
+MIN_SATURATION_COMPARED = 0.5
+
+
+def _relative(measured, predicted, quantity: str = "") -> float:
+    if not (np.isfinite(measured) and np.isfinite(predicted)) or predicted == 0:
+        return np.nan
+    if quantity == "saturated_pct" and predicted < MIN_SATURATION_COMPARED:
+        return np.nan
+    return (measured - predicted) / abs(predicted)
+
+
+def theory_table(config: dict, stats: pd.DataFrame) -> pd.DataFrame:
+    """Predicted vs measured at init, per variant and layer: ``results/theory.csv``.
+
+    Measured: the mean and sd over seeds and the lecture seed's value; predicted: mean-field theory
+    (:func:`actgrad.theory.predict_network`, BatchNorm nets at q = 1); relative difference = (measured -
+    predicted) / predicted. Every mlp and deep variant has rows; ``predicted`` is empty where the theory
+    has no prediction (a saturation share for ReLU, an absolute gradient past a near-uniform softmax).
+    """
+    init = init_layer_stats(stats)
+    rows = []
+    for name in config["variants"]:
+        measured = init[init.variant == name]
+        if measured.empty:
+            continue
+        spec = variant_spec(config, name)
+        predicted = _predictions(spec, config.get("block_size", 3))
+        lookup = {(r.layer, r.kind, r.stat): r.value for r in predicted.itertuples()}
+        lecture = lecture_seed_of(measured.seed.unique())
+        sweep = config["variants"][name].get("sweep", {}).get("name")
+        for layer in sorted(measured.layer.unique(), key=natural_key):
+            for quantity, (kind, stat) in THEORY_QUANTITIES.items():
+                values = measured[(measured.layer == layer) & (measured.quantity == quantity)]
+                if values.empty:
+                    continue
+                mean = float(values.value.mean())
+                own = values[values.seed == lecture].value
+                lecture_value = float(own.iloc[0]) if len(own) else np.nan
+                pred = float(lookup.get((layer, kind, stat), np.nan))
+                rows.append({
+                    "variant": name, "sweep": sweep, "model": spec["model"], "activation": spec["activation"],
+                    "batchnorm": bool(spec["batchnorm"]), "gain": spec["gain"], "layer": layer,
+                    "quantity": quantity, "n": len(values), "measured_mean": mean,
+                    "measured_sd": float(values.value.std(ddof=1)) if len(values) > 1 else np.nan,
+                    "lecture_seed": lecture, "measured_lecture_seed": lecture_value, "predicted": pred,
+                    "relative_difference": _relative(mean, pred, quantity),
+                    "relative_difference_lecture_seed": _relative(lecture_value, pred, quantity),
+                    "input_second_moment": input_second_moment(spec), "input_source": INPUT_MOMENT_SOURCE,
+                })
+    columns = ["variant", "sweep", "model", "activation", "batchnorm", "gain", "layer", "quantity", "n",
+               "measured_mean", "measured_sd", "lecture_seed", "measured_lecture_seed", "predicted",
+               "relative_difference", "relative_difference_lecture_seed", "input_second_moment", "input_source"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _point_value(value):
+    """A swept value as a table cell: a labelled list or mapping as compact JSON."""
+    import json
+
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def sweep_point_measurements(init: pd.DataFrame, runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """One sweep point's per-seed values of each :data:`SWEEP_METRICS` (``init``: its init_layer_stats rows)."""
+    out = {}
+    if not init.empty:
+        layers = sorted(init.layer.unique(), key=natural_key)
+        first, last = layers[0], layers[-1]
+
+        def per_seed(layer, quantity):
+            return init[(init.layer == layer) & (init.quantity == quantity)].set_index("seed").value
+
+        out["last_activation_std"] = per_seed(last, "activation_std").to_numpy(float)
+        out["last_saturated_pct"] = per_seed(last, "saturated_pct").to_numpy(float)
+        out["grad_ratio_first_last"] = per_seed(first, "grad_std_rel_last").to_numpy(float)
+    ok = runs[runs.status == "ok"]
+    out["val_loss"] = ok.val_loss.astype(float).to_numpy()
+    out["twin_final_abs_delta"] = runs.twin_final_abs_delta.astype(float).to_numpy()
+    return {k: v[np.isfinite(v)] for k, v in out.items()}
+
+
+def sweep_point_predictions(predicted: pd.DataFrame) -> dict[str, float]:
+    """The theory's value of the init metrics of :data:`SWEEP_METRICS` for one point (its predict_network rows)."""
+    if predicted.empty:
+        return {}
+    layers = sorted(predicted.layer.unique(), key=natural_key)
+
+    def value(layer, kind, stat):
+        sel = predicted[(predicted.layer == layer) & (predicted.kind == kind) & (predicted.stat == stat)]
+        return float(sel.value.iloc[0]) if len(sel) else np.nan
+
+    return {"last_activation_std": value(layers[-1], "activation", "std"),
+            "last_saturated_pct": value(layers[-1], "activation", "saturated_pct"),
+            "grad_ratio_first_last": value(layers[0], "activation_grad", "std_rel_last")}
+
+
+def sweep_table(config: dict, runs: pd.DataFrame, stats: pd.DataFrame) -> pd.DataFrame:
+    """Each sweep point's phase-diagram numbers: ``results/sweeps.csv``, tidy.
+
+    Columns: sweep, variant, one column per swept key (the point's value), metric, mean, sd, n and the
+    theory's prediction (init metrics only). Metrics: the last layer's activation std and saturated %
+    and the gradient std of the first layer over the last's at step 0 (every seed), the final validation
+    loss (seeds that finished) and the sensitivity twins' final |loss - twin loss| (where twins ran).
+    """
+    init = init_layer_stats(stats)
+    rows, keys = [], []
+    for sweep, names in sweep_groups(config).items():
+        if sweep is None:
+            continue
+        for name in names:
+            point = config["variants"][name]["sweep"]["point"]
+            keys += [k for k in point if k not in keys]
+            measured = sweep_point_measurements(init[init.variant == name], runs[runs.variant == name])
+            predicted = sweep_point_predictions(_predictions(variant_spec(config, name), config.get("block_size", 3)))
+            for metric in SWEEP_METRICS:
+                values = measured.get(metric, np.array([]))
+                rows.append({"sweep": sweep, "variant": name, **{k: _point_value(v) for k, v in point.items()},
+                             "metric": metric, "mean": values.mean() if len(values) else np.nan,
+                             "sd": values.std(ddof=1) if len(values) > 1 else np.nan, "n": len(values),
+                             "predicted": predicted.get(metric, np.nan)})
+    return pd.DataFrame(rows, columns=["sweep", "variant", *keys, "metric", "mean", "sd", "n", "predicted"])
+
+
 def _csv_bytes(df: pd.DataFrame) -> bytes:
     return df.to_csv(index=False).encode()
 
@@ -403,6 +588,8 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
         "stats": study_frame(config, run_list, Run.stats),
         "histograms": study_frame(config, run_list, Run.histograms),
     }
+    tables["theory"] = theory_table(config, tables["stats"])
+    tables["sweeps"] = sweep_table(config, runs, tables["stats"])
     for name, df in tables.items():
         path = Path(outputs[name])
         atomic_write_bytes(path, _parquet_bytes(df) if path.suffix == ".parquet" else _csv_bytes(df))

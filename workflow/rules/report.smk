@@ -3,7 +3,8 @@
 import re
 from pathlib import Path
 
-from actgrad.conventions import VARIANT_FIGURES, figure_path, study_figures
+from actgrad.conventions import (SWEEP_CAPTION, THEORY_CAPTION, VARIANT_FIGURES, featured_variants, figure_path,
+                                 study_figures, sweep_figure, sweep_names)
 
 # The repository: the report's template and the figure captions live in it, whatever --directory says.
 REPO_DIR = Path(workflow.basedir)
@@ -12,6 +13,13 @@ REPORT_TEMPLATE = REPO_DIR / "report" / "report.html.j2"
 
 # The cross-variant figures this study has (actgrad.conventions lists every figure once).
 GLOBAL_FIGURES = study_figures(SPECS.values())
+# Drawn from the summary's theory and sweep tables, not from the runs: the deep networks layer by layer with
+# the theory beside them, and one phase diagram per sweep.
+SWEEP_FIGURES = [sweep_figure(s) for s in sweep_names(config)]
+THEORY_FIGURES = [name for name in GLOBAL_FIGURES if name == "deep_layers"] + SWEEP_FIGURES
+# Per-variant figures only for the variants the report shows in full: every listed one and a few chosen
+# points of each sweep (each costs a figure job; the other points are a row of their sweep's table).
+FEATURED = featured_variants(config)
 # What the per-variant figures read of each run.
 VARIANT_FIGURE_FILES = ["metrics.json", "stats.parquet", "histograms.parquet", "saturation.npz"]
 
@@ -31,7 +39,7 @@ rule figures_variant:
             for name in VARIANT_FIGURES
         },
     wildcard_constraints:
-        variant="|".join(re.escape(v) for v in VARIANTS),
+        variant="|".join(re.escape(v) for v in FEATURED),
     threads: 1
     resources:
         mem_mb=2000,
@@ -53,6 +61,7 @@ rule figures_global:
             name: report(figure_path(FIGURES, name), caption=f"../report/{name}.rst",
                          category="1. Across variants", labels={"figure": name.replace("_", " ")})
             for name in GLOBAL_FIGURES
+            if name not in THEORY_FIGURES
         },
     params:
         order=VARIANTS,
@@ -66,15 +75,40 @@ rule figures_global:
         "../scripts/figures.py"
 
 
+if THEORY_FIGURES:
+
+    rule figures_theory:
+        input:
+            theory=f"{RESULTS}/theory.csv",
+            sweeps=f"{RESULTS}/sweeps.csv",
+            code=[package_code(m) for m in ("figures", "conventions", "theory", "summary")],
+        output:
+            **{
+                name: report(figure_path(FIGURES, name),
+                             caption=f"../report/{SWEEP_CAPTION if name in SWEEP_FIGURES else name}.rst",
+                             category="1. Across variants", labels={"figure": name.replace("_", " ")})
+                for name in THEORY_FIGURES
+            },
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=20,
+        log:
+            "logs/figures/theory.log",
+        script:
+            "../scripts/theory_figures.py"
+
+
 rule report:
     input:
         # the summary's tables: every number the report shows
         tables=rules.summary.output,
         splits="data/splits.json",
-        figures=[figure_path(FIGURES, name) for name in GLOBAL_FIGURES]
-        + [figure_path(FIGURES, name, v) for v in VARIANTS for name in VARIANT_FIGURES],
+        figures=[figure_path(FIGURES, name) for name in GLOBAL_FIGURES + SWEEP_FIGURES]
+        + [figure_path(FIGURES, name, v) for v in FEATURED for name in VARIANT_FIGURES],
         template=str(REPORT_TEMPLATE),
-        captions=[str(CAPTIONS / f"{name}.rst") for name in GLOBAL_FIGURES + list(VARIANT_FIGURES)],
+        captions=[str(CAPTIONS / f"{name}.rst") for name in GLOBAL_FIGURES + list(VARIANT_FIGURES)]
+        + [str(CAPTIONS / f"{name}.rst") for name in (SWEEP_CAPTION, THEORY_CAPTION)],
         code=[package_code("report"), package_code("conventions"), package_code("inference")],
     output:
         "report/report.html",

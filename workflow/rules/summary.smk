@@ -11,7 +11,7 @@ SUMMARY_RUN_FILES = ["metrics.json", "losses.parquet", "stats.parquet", "histogr
 rule summary:
     input:
         runs=all_run_outputs(SUMMARY_RUN_FILES),
-        code=[package_code(m) for m in ("summary", "rundir", "inference", "sweeps")],
+        code=[package_code(m) for m in ("summary", "rundir", "inference", "sweeps", "theory")],
     output:
         **{name: f"{RESULTS}/{filename}" for name, filename in TABLES.items()},
     threads: 1
