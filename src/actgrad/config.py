@@ -35,6 +35,7 @@ MODEL_DEFAULTS = {
         "batchnorm": True,
         "gain": 5 / 3,
         "last_layer_scale": 0.1,
+        "weight_init": "gaussian",
         "lr_schedule": [{"from_step": 0, "lr": 0.1}, {"from_step": 150000, "lr": 0.01}],
     },
 }
@@ -116,6 +117,12 @@ def validate(config: dict, schema: dict | None = None) -> None:
             key = "init" if "init" in variant else "hidden_bias"
             raise ConfigError(f"variants/{name}/{key}: only an 'mlp' model has {key}; "
                               "a 'deep' model is set with gain and last_layer_scale")
+        if model == "mlp" and "weight_init" in variant:
+            raise ConfigError(f"variants/{name}/weight_init: only a 'deep' model has weight_init; "
+                              "an 'mlp' draws W1 or W2 orthogonal with init: {W1: orthogonal}")
+        if "norm" in variant and "batchnorm" in variant and variant["batchnorm"] != (variant["norm"] == "batchnorm"):
+            raise ConfigError(f"variants/{name}/batchnorm: batchnorm: {str(variant['batchnorm']).lower()} "
+                              f"contradicts norm: {variant['norm']}; give only norm")
         schedule = variant.get("lr_schedule")
         if schedule and schedule[0]["from_step"] != 0:
             raise ConfigError(f"variants/{name}/lr_schedule: the first entry must start at from_step 0")
@@ -228,6 +235,9 @@ def variant_spec(config: dict, name: str) -> dict:
     model = variant["model"]
     spec = merge(MODEL_DEFAULTS[model], {k: v for k, v in variant.items() if k not in ("references", "description",
                                                                                         "sweep")})
+    # One answer for downstream code: norm, and batchnorm true exactly when norm is batchnorm.
+    spec["norm"] = variant.get("norm") or ("batchnorm" if spec["batchnorm"] else "none")
+    spec["batchnorm"] = spec["norm"] == "batchnorm"
     spec["name"] = name
     spec["max_steps"] = int(variant.get("max_steps", config["max_steps"]))
     spec["batch_size"] = int(variant.get("batch_size", config["batch_size"]))
