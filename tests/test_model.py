@@ -18,7 +18,14 @@ EXPECTED = -math.log(1 / 27)
 def spec(name, **changes):
     s = cfg.variant_spec(DEFAULT, name)
     s.update(changes)
+    if "batchnorm" in changes and "norm" not in changes:  # the spec's two spellings of the norm agree
+        s["norm"] = "batchnorm" if changes["batchnorm"] else "none"
     return s
+
+
+def test_a_spec_whose_norm_and_batchnorm_disagree_builds_nothing():
+    with pytest.raises(ValueError, match="batchnorm: False contradicts norm: batchnorm"):
+        train.init_network(dict(cfg.variant_spec(DEFAULT, "deep_bn_gain1"), batchnorm=False), 1, 3)
 
 
 def first_loss(s, splits, seed=LECTURE_SEED):
@@ -177,7 +184,24 @@ def test_saturation_is_the_share_of_activations_above_each_threshold(splits):
     assert sat == {t: 100.0 * int((magnitude > t).sum()) / magnitude.numel() for t in (0.97, 0.99)}
     # At the threshold itself (as a float32) and around it
     edge = torch.tensor([0.97, 0.9700001, 0.96999997, float("inf"), float("nan"), -1.0])
-    assert train._count_above(edge, 0.97, torch.empty_like(edge)) == int((edge > 0.97).sum()) == 2
+    assert train._count(edge, torch.gt, 0.97, torch.empty_like(edge)) == int((edge > 0.97).sum()) == 2
+    assert train._count(edge, torch.le, 0.97, torch.empty_like(edge)) == int((edge <= 0.97).sum()) == 3
+    # The same shares by name, and a ReLU net's share at or below zero
+    _, named = train.evaluate(net, X, Y, shares=("sat97", "sat99"))
+    assert named == {"sat97": sat[0.97], "sat99": sat[0.99]}
+    relu, _ = train.init_network(spec("deep_gain3", activation="relu"), LECTURE_SEED, 3)
+    outs = []
+    handles = [layer.register_forward_hook(lambda m, i, o: outs.append(o)) for _, layer in relu.activation_layers()]
+    with torch.no_grad():
+        relu.eval()(X)
+    for h in handles:
+        h.remove()
+    values = torch.cat([o.flatten() for o in outs])
+    _, shares = train.evaluate(relu, X, Y, shares=("nonpositive",))
+    assert shares == {"nonpositive": 100.0 * int((values <= 0).sum()) / values.numel()}
+    assert 40 < shares["nonpositive"] < 60  # about half of a ReLU net's units are off at init
+    with pytest.raises(ValueError, match="nonnegative"):
+        train.evaluate(relu, X, Y, shares=("nonnegative",))
 
 
 def test_learning_rate_schedule():

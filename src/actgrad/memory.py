@@ -51,6 +51,8 @@ def _parameter_count(spec: dict, block_size: int) -> int:
         count += fan_in * fan_out + fan_out  # a bias or BatchNorm's gain and shift
     if spec.get("batchnorm"):
         count += 4 * sum(widths[1:-1])  # running statistics, and the last layer's BatchNorm
+    elif spec.get("norm") == "layernorm":
+        count += 2 * sum(widths[1:])  # a gain and shift per unit besides the (absent) bias: an upper-ish bound
     return count
 
 
@@ -84,7 +86,9 @@ def estimate_training_memory_mb(spec: dict, n_models: int, n_train: int, block_s
     params = _parameter_count(spec, block_size)
     # parameters, gradients and the engine's copies; every layer's activations, their gradients and
     # the log-probabilities, for a whole minibatch
-    workspace = 4 * params + batch * (2 * widths[0] + 4 * sum(widths[1:-1]) + 6 * VOCAB)
+    # (GELU keeps its input beside its output: one more hidden-layer buffer per layer.)
+    per_hidden = 5 if spec.get("activation") == "gelu" else 4
+    workspace = 4 * params + batch * (2 * widths[0] + per_hidden * sum(widths[1:-1]) + 6 * VOCAB)
     if engine != "batched":
         workspace *= 3  # autograd keeps every intermediate of the graph
     parts["training"] = at_once * workspace * FLOAT / MB

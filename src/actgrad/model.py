@@ -10,6 +10,11 @@ run with the lecture's seed starts from the lecture's parameters bit for bit:
   and ``Linear → [BatchNorm1d]`` on top, with ``torch.nn``-like BatchNorm1d
   (batch *variance* + eps, momentum 0.1).
 
+Beyond the lecture, a variant may put a LayerNorm where the BatchNorm would be (``norm``),
+use ReLU or GELU instead of tanh, and draw its weight matrices orthogonal (``init.W1`` /
+``init.W2: orthogonal`` for the mlp, ``weight_init: orthogonal`` for the deep net): the same
+draws from the generator, turned orthogonal, so every later draw is where it was.
+
 The layers are ``nn.Module`` subclasses only so that statistics can be collected with
 ordinary forward hooks; the arithmetic is the lecture's, operation for operation.
 """
@@ -123,17 +128,46 @@ class BatchNorm1d(nn.Module):
         self.running_spread = spread.view(self.running_spread.shape)
 
 
+class LayerNorm(nn.Module):
+    """Layer normalisation: each example normalised over its features (``F.layer_norm``: biased variance,
+    eps 1e-5), with a learnable gain and shift per feature as BatchNorm's; no running statistics, so
+    training and evaluation compute the same function and examples never see each other."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), self.gamma, self.beta, self.eps)
+
+
 class Tanh(nn.Module):
+    kind = "tanh"
+
     def forward(self, x):
         return torch.tanh(x)
 
 
 class ReLU(nn.Module):
+    kind = "relu"
+
     def forward(self, x):
         return torch.relu(x)
 
 
-ACTIVATIONS = {"tanh": Tanh, "relu": ReLU}
+class GELU(nn.Module):
+    """The exact GELU, x * Phi(x) with the normal CDF by erf (``F.gelu``'s default, not the tanh approximation)."""
+
+    kind = "gelu"
+
+    def forward(self, x):
+        return F.gelu(x)
+
+
+ACTIVATIONS = {"tanh": Tanh, "relu": ReLU, "gelu": GELU}
+NORMS = ("none", "batchnorm", "layernorm")
 
 
 class Network(nn.Module):
@@ -157,6 +191,9 @@ class Network(nn.Module):
 
     def batchnorm_layers(self) -> list[tuple[str, BatchNorm1d]]:
         return [(n, m) for n, m in self.layers.items() if isinstance(m, BatchNorm1d)]
+
+    def layernorm_layers(self) -> list[tuple[str, LayerNorm]]:
+        return [(n, m) for n, m in self.layers.items() if isinstance(m, LayerNorm)]
 
     def activation_layers(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in self.layers.items() if isinstance(m, tuple(ACTIVATIONS.values()))]
@@ -236,12 +273,46 @@ def apply_in_chunks(layers, x: torch.Tensor, chunk: int | None, scratch: Scratch
     return out
 
 
+def orthogonal_like(draw: torch.Tensor) -> torch.Tensor:
+    """The (semi-)orthogonal matrix of ``draw``'s QR decomposition, with the signs fixed so that it is
+    Haar-distributed (Mezzadri 2007), scaled so that every singular value is ``sqrt(max(1, fan_out / fan_in))``.
+
+    A ``(fan_in, fan_out)`` weight gets orthonormal columns when it narrows (or keeps) the width and
+    orthonormal rows when it widens; the scale is the one where a Gaussian ``randn / sqrt(fan_in)`` has its
+    singular values on average, so each unit's pre-activation variance is the Gaussian init's (the
+    variance of ``x @ W``'s units is ``E[x^2]`` either way), and gains mean the same under both inits.
+    The QR runs in float64 so that the result is orthogonal to float32 rounding.
+    """
+    fan_in, fan_out = draw.shape
+    a = draw.double() if fan_in >= fan_out else draw.double().t()
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r))
+    q = q if fan_in >= fan_out else q.t()
+    return (q * max(1.0, fan_out / fan_in) ** 0.5).to(draw.dtype)
+
+
 def _scaled(t: torch.Tensor, scale, gain: float, fan_in: int) -> torch.Tensor:
     # Written as the lecture writes it (``randn * (5/3) / fan_in**0.5``: multiply, then
     # divide), because the other order rounds differently and would not be the lecture's run.
     if scale == "kaiming":
         return t * gain / (fan_in ** 0.5)
+    if scale == "orthogonal":
+        return orthogonal_like(t) * gain
     return t * scale
+
+
+def norm_of(spec: dict) -> str:
+    """The variant's normalisation, ``none``, ``batchnorm`` or ``layernorm``: its ``norm``, else its
+    ``batchnorm`` flag (the older spelling; :func:`actgrad.config.variant_spec` sets both)."""
+    norm = spec.get("norm")
+    if norm is None:
+        return "batchnorm" if spec.get("batchnorm") else "none"
+    if norm not in NORMS:
+        raise ValueError(f"norm: {norm!r} is not one of {', '.join(NORMS)}")
+    if "batchnorm" in spec and bool(spec["batchnorm"]) != (norm == "batchnorm"):
+        # A spec changed after variant_spec (one key set, not the other) would otherwise build the wrong net.
+        raise ValueError(f"batchnorm: {spec['batchnorm']} contradicts norm: {norm}; set norm (or both)")
+    return norm
 
 
 def build_mlp(spec: dict, g: torch.Generator, block_size: int) -> Network:
@@ -261,41 +332,50 @@ def build_mlp(spec: dict, g: torch.Generator, block_size: int) -> Network:
         ("embedding", Embedding(C)),
         ("linear1", Linear(W1, b1, add_bias=spec["hidden_bias"] == "added")),
     ]
-    if spec["batchnorm"]:
+    norm = norm_of(spec)
+    if norm == "batchnorm":
         layers.append(("batchnorm1", BatchNorm1d(n_hidden, momentum=0.001, eps=0.0, normalize_by="std",
                                                  keepdim_params=True)))
+    elif norm == "layernorm":
+        layers.append(("layernorm1", LayerNorm(n_hidden)))
     layers.append((f"{spec['activation']}1", ACTIVATIONS[spec["activation"]]()))
     layers.append(("linear2", Linear(W2, b2)))
     return Network(layers)
 
 
 def build_deep(spec: dict, g: torch.Generator, block_size: int) -> Network:
-    """Lecture part 2: C, then each Linear weight ``randn / sqrt(fan_in)`` in order.
+    """Lecture part 2: C, then each Linear weight ``randn / sqrt(fan_in)`` in order (with
+    ``weight_init: orthogonal``, the same draws made orthogonal: :func:`orthogonal_like`).
 
     After drawing, as the lecture does: the last layer is made less confident (gamma of the
-    last BatchNorm, or the last Linear's weight, times ``last_layer_scale``), then every
-    Linear before the last *layer* is multiplied by ``gain``; with BatchNorm that includes
-    the output Linear, because the last layer is then the BatchNorm.
+    last BatchNorm or LayerNorm, or the last Linear's weight, times ``last_layer_scale``), then
+    every Linear before the last *layer* is multiplied by ``gain``; with a norm that includes
+    the output Linear, because the last layer is then the norm. A Linear followed by a norm has
+    no bias (the norm's shift takes its place), as in the lecture.
     """
     n_embd, n_hidden, n_layers = spec["n_embd"], spec["n_hidden"], spec["n_layers"]
-    bn = spec["batchnorm"]
+    norm = norm_of(spec)
+    orthogonal = spec.get("weight_init", "gaussian") == "orthogonal"
     act_name = spec["activation"]
     C = torch.randn((VOCAB_SIZE, n_embd), generator=g)
     dims = [n_embd * block_size] + [n_hidden] * n_layers + [VOCAB_SIZE]
     layers: list[tuple[str, nn.Module]] = [("embedding", Embedding(C))]
     for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:]), start=1):
-        weight = torch.randn((fan_in, fan_out), generator=g) / fan_in ** 0.5
-        bias = None if bn else torch.zeros(fan_out)
+        draw = torch.randn((fan_in, fan_out), generator=g)
+        weight = orthogonal_like(draw) if orthogonal else draw / fan_in ** 0.5
+        bias = torch.zeros(fan_out) if norm == "none" else None
         layers.append((f"linear{i}", Linear(weight, bias)))
-        if bn:
+        if norm == "batchnorm":
             layers.append((f"batchnorm{i}", BatchNorm1d(fan_out, momentum=0.1, eps=1e-5, normalize_by="var")))
+        elif norm == "layernorm":
+            layers.append((f"layernorm{i}", LayerNorm(fan_out)))
         if i <= n_layers:
             layers.append((f"{act_name}{i}", ACTIVATIONS[act_name]()))
     net = Network(layers)
     with torch.no_grad():
         modules = list(net.layers.values())
         last = modules[-1]
-        if isinstance(last, BatchNorm1d):
+        if isinstance(last, (BatchNorm1d, LayerNorm)):
             last.gamma *= spec["last_layer_scale"]
         else:
             last.weight *= spec["last_layer_scale"]
@@ -310,3 +390,41 @@ BUILDERS = {"mlp": build_mlp, "deep": build_deep}
 
 def build_network(spec: dict, g: torch.Generator, block_size: int) -> Network:
     return BUILDERS[spec["model"]](spec, g, block_size)
+
+
+def jacobian_spectrum(net: Network, X: torch.Tensor) -> dict:
+    """Singular values of each example's input-output Jacobian, d logits / d (its concatenated embeddings),
+    over the examples of ``X`` (a minibatch of contexts, say 32), pooled: mean, std, min, max, and the
+    mean and std of their squares (the quantities of :func:`actgrad.theory.jacobian_spectrum`).
+
+    A BatchNorm couples the examples of a batch; here it normalises with the statistics of ``X`` held
+    fixed (set as its running statistics, evaluation mode), so that each example has a Jacobian of its
+    own — the mean-field picture. The net's running statistics and mode are as before afterwards.
+    Cost: a forward pass and one backward pass per logit on ``X``, then ``len(X)`` SVDs of 27 x 30.
+    """
+    was_training = net.training
+    saved = {n: (bn.running_mean.clone(), bn.running_spread.clone()) for n, bn in net.batchnorm_layers()}
+    layers = list(net.layers.values())
+    try:
+        with torch.no_grad():
+            net.calibrate_batchnorm(X)  # evaluation mode, every BatchNorm at the statistics of X
+            net.eval()
+            emb = layers[0](X)
+        with torch.enable_grad():
+            x = emb.detach().requires_grad_(True)
+            out = x
+            for layer in layers[1:]:
+                out = layer(out)
+            # In evaluation mode examples are independent: the gradient of the batch's sum of logit k
+            # is, for every example, row k of that example's Jacobian.
+            rows = [torch.autograd.grad(out[:, k].sum(), x, retain_graph=k + 1 < out.shape[1])[0]
+                    for k in range(out.shape[1])]
+        jac = torch.stack(rows, dim=1).double()  # (examples, logits, inputs)
+        sv = torch.linalg.svdvals(jac).flatten()
+    finally:
+        for n, bn in net.batchnorm_layers():
+            bn.running_mean, bn.running_spread = saved[n]
+        net.train(was_training)
+    sq = sv ** 2
+    return {"mean": float(sv.mean()), "std": float(sv.std()), "min": float(sv.min()), "max": float(sv.max()),
+            "mean_sq": float(sq.mean()), "std_sq": float(sq.std())}

@@ -23,6 +23,21 @@ SATURATION = 0.97  # the lecture's threshold for "saturated" in the statistics p
 DEAD = 0.99  # the lecture's threshold in the saturation map: |t| > 0.99 for every example -> dead
 
 
+def activation_shares(activation: str) -> tuple[str, ...]:
+    """The shares of activation values (in %) that describe an activation at init and at the end, by the name
+    :func:`actgrad.train.evaluate` computes them and a run's metrics carry them (``<name>_init``,
+    ``<name>_final``): saturation is a tanh notion (sat97, sat99: |t| above 0.97 and 0.99); for ReLU and
+    GELU it is the share at or below zero (nonpositive: where a ReLU passes no gradient)."""
+    return ("sat97", "sat99") if activation == "tanh" else ("nonpositive",)
+
+
+def inactive(out: torch.Tensor, activation: str) -> torch.Tensor:
+    """Where a unit does not respond, as a bool mask of ``out``: a tanh saturated (|t| > 0.99), a ReLU or GELU
+    at or below zero (a ReLU's zero, a GELU's negative tail, where its slope is below 1/2 and falls to 0).
+    A unit inactive for every example of a batch is a dead unit."""
+    return out.abs() > DEAD if activation == "tanh" else out <= 0
+
+
 @dataclass
 class StatsPlan:
     """Which steps get which statistics. A run's plan comes from the config's ``stats`` section
@@ -61,18 +76,27 @@ class StatsRecorder:
     saturation_maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # -- what the engines call ------------------------------------------------
-    def activation(self, step: int, layer: str, out: torch.Tensor) -> None:
+    def activation(self, step: int, layer: str, out: torch.Tensor, function: str = "tanh") -> None:
+        """``out``: a (batch, units) activation of ``function`` (tanh, relu, gelu). Its statistics: mean, std,
+        dead_units (inactive for every example: :func:`inactive`) and, for tanh, saturated_pct and
+        saturated99_pct (|t| above 0.97, 0.99), for the others nonpositive_pct (at or below zero)."""
         out = out.detach()
+        off = inactive(out, function)
         if self.plan.series(step):
-            a = out.abs()
-            dead = (a > DEAD).all(dim=0).sum()
-            self._add(step, layer, "activation", ("mean", "std", "saturated_pct", "saturated99_pct", "dead_units"),
-                      torch.stack([out.mean(), out.std(), (a > SATURATION).float().mean() * 100,
-                                   (a > DEAD).float().mean() * 100, dead.float()]))
+            dead = off.all(dim=0).sum().float()
+            if function == "tanh":
+                a = out.abs()
+                self._add(step, layer, "activation", ("mean", "std", "saturated_pct", "saturated99_pct",
+                                                      "dead_units"),
+                          torch.stack([out.mean(), out.std(), (a > SATURATION).float().mean() * 100,
+                                       off.float().mean() * 100, dead]))
+            else:
+                self._add(step, layer, "activation", ("mean", "std", "nonpositive_pct", "dead_units"),
+                          torch.stack([out.mean(), out.std(), off.float().mean() * 100, dead]))
         if self.plan.histogram(step):
             self._histogram(step, layer, "activation", out, self.activation_range)
-        if step == 0:
-            self.saturation_maps[layer] = (out.abs() > DEAD).cpu()
+        if step == 0:  # the lecture's black-and-white map: tanh saturated, or ReLU / GELU at or below zero
+            self.saturation_maps[layer] = off.cpu()
 
     def preactivation(self, step: int, layer: str, x: torch.Tensor) -> None:
         if self.plan.snapshot(step):
@@ -173,7 +197,7 @@ class NetworkHooks:
             if not module.training or not self.recorder.plan.any(step):
                 return
             self.recorder.preactivation(step, name, inputs[0])
-            self.recorder.activation(step, name, output)
+            self.recorder.activation(step, name, output, module.kind)
             if output.requires_grad and self.recorder.plan.series(step):
                 output.register_hook(lambda grad: self.recorder.activation_grad(step, name, grad))
         return hook

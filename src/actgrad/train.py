@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .divergence import Divergence, DivergenceRule
 from .model import Network, Scratch, apply_in_chunks, build_network
 from .progress import ProgressLog
-from .stats import NetworkHooks, StatsRecorder
+from .stats import DEAD, SATURATION, NetworkHooks, StatsRecorder
 
 
 def learning_rate(schedule: list[dict], step: int) -> float:
@@ -230,29 +230,41 @@ def kept_running_stats(net: Network):
 EVAL_CHUNK = 8192  # rows per forward pass: small enough to stay in cache, 5x faster than one pass
 
 
+# The shares evaluate() can count (actgrad.stats.activation_shares names them per activation):
+# (on |t| or t, compared above or at-or-below, threshold).
+SHARES = {"sat97": ("abs", torch.gt, SATURATION), "sat99": ("abs", torch.gt, DEAD), "nonpositive": ("t", torch.le, 0.0)}
+
+
 @torch.no_grad()
 def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool = False,
-             saturation: tuple[float, ...] = (), scratch: Scratch | None = None) -> tuple[float, dict[float, float]]:
-    """Cross-entropy over a whole split in evaluation mode, and optionally tanh saturation.
+             saturation: tuple[float, ...] = (), shares: tuple[str, ...] = (),
+             scratch: Scratch | None = None) -> tuple[float, dict]:
+    """Cross-entropy over a whole split in evaluation mode, and optionally shares of the activation values.
 
     With ``calibrate`` every BatchNorm first takes the statistics of ``X`` as its running
     statistics (the lecture's calibration pass over the training split) and keeps them;
     that needs the whole split at once. Otherwise the logits are computed in chunks and
     joined, which gives the same logits as one pass. ``saturation`` lists thresholds: the
-    share (in %) of all activation values, every layer together, with |t| above each.
+    share (in %) of all activation values, every layer together, with |t| above each, keyed
+    by threshold. ``shares`` names shares of :data:`SHARES` (``stats.activation_shares(activation)``
+    gives the ones that fit a net), keyed by name, in % of all activation values.
     Pass one ``scratch`` to a series of evaluations to spare each its own large tensors.
     """
-    above = {t: 0 for t in saturation}
+    unknown = set(shares) - set(SHARES)
+    if unknown:
+        raise ValueError(f"shares: {sorted(unknown)} unknown; known are {sorted(SHARES)}")
+    tests = [(t, "abs", torch.gt, t) for t in saturation] + [(name, *SHARES[name]) for name in shares]
+    counted = {key: 0 for key, *_ in tests}
     total = [0]
 
     def count(module, inputs, output):
         total[0] += output.numel()
-        magnitude = output.abs()
-        flags = torch.empty_like(magnitude)
-        for t in saturation:
-            above[t] += _count_above(magnitude, t, flags)
+        magnitude = output.abs() if any(on == "abs" for _, on, _, _ in tests) else None
+        flags = torch.empty_like(output)
+        for key, on, compare, threshold in tests:
+            counted[key] += _count(magnitude if on == "abs" else output, compare, threshold, flags)
 
-    handles = [layer.register_forward_hook(count) for _, layer in net.activation_layers()] if saturation else []
+    handles = [layer.register_forward_hook(count) for _, layer in net.activation_layers()] if tests else []
     was_training = net.training
     scratch = scratch if scratch is not None else Scratch()
     try:
@@ -266,17 +278,18 @@ def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool 
         for h in handles:
             h.remove()
         net.train(was_training)
-    return loss, ({t: 100.0 * n / total[0] for t, n in above.items()} if total[0] else {})
+    return loss, ({key: 100.0 * n / total[0] for key, n in counted.items()} if total[0] else {})
 
 
-def _count_above(x: torch.Tensor, threshold: float, flags: torch.Tensor) -> int:
-    """How many values of ``x`` are above ``threshold`` (NaN is not), with ``flags`` (like ``x``) as room.
+def _count(x: torch.Tensor, compare, threshold: float, flags: torch.Tensor) -> int:
+    """How many values of ``x`` pass ``compare(x, threshold)`` (``torch.gt``, ``torch.le``; NaN passes neither),
+    with ``flags`` (like ``x``) as room.
 
     The same comparison as ``x > threshold``, but into a float 0/1 mask, which PyTorch
     vectorises and a bool mask it does not: 4x faster. Summing the mask in its own dtype
     is exact while every partial sum is a whole number that the dtype holds exactly.
     """
-    torch.gt(x, threshold, out=flags)
+    compare(x, threshold, out=flags)
     exact = flags.numel() <= 2 / torch.finfo(flags.dtype).eps  # 2**24 in float32
     return int(flags.sum()) if exact else int(torch.count_nonzero(flags))
 

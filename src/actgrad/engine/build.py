@@ -9,7 +9,8 @@ With the C kernels (CPU, a compiler), three neighbours share a pass:
 * each BatchNorm's forward kernel finishes its batch statistics and updates its running ones.
 
 On PyTorch operations the last is one pass over every layer's statistics after the forward
-pass (:class:`~.ops.BatchNormStatistics`). A ReLU has no kernel and runs on PyTorch either way.
+pass (:class:`~.ops.BatchNormStatistics`). ReLU, GELU and LayerNorm have no kernel and run on
+PyTorch either way (a tanh next to a LayerNorm takes its own kernel, without a fusion).
 """
 
 from __future__ import annotations
@@ -80,8 +81,16 @@ def build_ops(arch: tuple[Layer, ...], state: ModelState, ws: Workspace, block_s
                                    ws[f"{L.name}.xc_coef"], ws.constant)
             bn_index += 1
             x = out
-        elif not _is_tanh(L):
+        elif L.kind == "layernorm":
+            g, b = state.slot(f"layers.{L.name}.gamma"), state.slot(f"layers.{L.name}.beta")
+            op = ops.LayerNorm(L, P[g], G[g], P[b], G[b], x, ws[f"{L.name}.out"], dx,
+                               *(ws[f"{L.name}.{part}"] for part in ("mean", "inv", "grad_mean", "grad_xhat_mean")))
+            x = op.out
+        elif L.flavour == "relu":
             op = ops.ReLU(L, x, dx)
+        elif L.flavour == "gelu":
+            op = ops.GELU(L, x, dx, out=ws[f"{L.name}.out"])
+            x = op.out
         elif not use_c:
             op = ops.Tanh(L, x, dx)
         elif below.kind == "batchnorm":

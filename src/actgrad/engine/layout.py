@@ -11,22 +11,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import BatchNorm1d, Embedding, Linear, Network, ReLU, Tanh
+from ..model import ACTIVATIONS, BatchNorm1d, Embedding, LayerNorm, Linear, Network
 
 SIMD_FLOATS = 16  # the first Linear's input width is rounded up to a multiple of this
 
 
 @dataclass(frozen=True)
 class Layer:
-    kind: str  # 'embedding' | 'linear' | 'batchnorm' | 'act'
+    kind: str  # 'embedding' | 'linear' | 'batchnorm' | 'layernorm' | 'act'
     name: str
     fan_in: int = 0
     fan_out: int = 0
     bias: bool = False
-    flavour: str = ""  # batchnorm: 'std' or 'var'; act: 'tanh' or 'relu'
+    flavour: str = ""  # batchnorm: 'std' or 'var'; act: 'tanh', 'relu' or 'gelu'
     eps: float = 0.0
     momentum: float = 0.0
-    param_shape: tuple = ()  # batchnorm: shape of gamma/beta in the Network
+    param_shape: tuple = ()  # batchnorm, layernorm: shape of gamma/beta in the Network
 
 
 def architecture(net: Network) -> tuple[Layer, ...]:
@@ -42,18 +42,19 @@ def architecture(net: Network) -> tuple[Layer, ...]:
             layers.append(Layer("batchnorm", name, fan_in=m.gamma.shape[-1], fan_out=m.gamma.shape[-1],
                                 flavour=m.normalize_by, eps=float(m.eps), momentum=float(m.momentum),
                                 param_shape=tuple(m.gamma.shape)))
-        elif isinstance(m, Tanh):
-            layers.append(Layer("act", name, flavour="tanh"))
-        elif isinstance(m, ReLU):
-            layers.append(Layer("act", name, flavour="relu"))
+        elif isinstance(m, LayerNorm):
+            layers.append(Layer("layernorm", name, fan_in=m.gamma.shape[-1], fan_out=m.gamma.shape[-1],
+                                eps=float(m.eps), param_shape=tuple(m.gamma.shape)))
+        elif type(m) in ACTIVATIONS.values():
+            layers.append(Layer("act", name, flavour=m.kind))
         else:
             raise TypeError(f"the batched engine cannot train layer {name!r} of type {type(m).__name__}")
     if not layers or layers[0].kind != "embedding":
         raise TypeError("the batched engine expects the network to start with its embedding")
     if len(layers) < 2 or layers[1].kind != "linear":
         raise TypeError("the batched engine expects a Linear layer right after the embedding")
-    if layers[-1].kind not in ("linear", "batchnorm"):
-        raise TypeError("the batched engine expects the network to end in logits (Linear or BatchNorm)")
+    if layers[-1].kind not in ("linear", "batchnorm", "layernorm"):
+        raise TypeError("the batched engine expects the network to end in logits (Linear or a norm)")
     return tuple(layers)
 
 
@@ -101,7 +102,7 @@ def param_slots(arch: tuple[Layer, ...]) -> list[ParamSlot]:
             slots.append(ParamSlot(prefix + "weight", (L.fan_in, L.fan_out), (L.fan_out, input_width(arch, i)), True))
             if L.bias:
                 slots.append(ParamSlot(prefix + "bias", (L.fan_out,), (L.fan_out, 1), False))
-        elif L.kind == "batchnorm":
+        elif L.kind in ("batchnorm", "layernorm"):
             slots.append(ParamSlot(prefix + "gamma", L.param_shape, (L.fan_out, 1), False))
             slots.append(ParamSlot(prefix + "beta", L.param_shape, (L.fan_out, 1), False))
     return slots

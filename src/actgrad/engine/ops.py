@@ -25,6 +25,8 @@ except ImportError:  # pragma: no cover
 
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
+_gelu = torch.ops.aten.gelu.out
+_gelu_backward = torch.ops.aten.gelu_backward.grad_input
 
 
 class Embedding:
@@ -190,11 +192,49 @@ class BatchNormStatistics:
                     state.running.views[k].mul_(c(1 - L.momentum)).add_(state.batch_stats.views[k] * c(L.momentum))
 
 
-class Activation:
-    """tanh or relu, in place: the pre-activation is not needed again (after the statistics)."""
+class LayerNorm:
+    """gamma * (x - mean) / sqrt(var + eps) + beta, each example (column) over its features: the biased
+    variance, as ``F.layer_norm``. The input is normalised in place (xhat) and kept for the backward pass,
+    with each example's 1 / sqrt(var + eps); no running statistics, nothing shared between examples."""
 
-    def __init__(self, layer, x, dx):
+    def __init__(self, layer, gamma, gamma_grad, beta, beta_grad, x, out, dx, mean, inv, grad_mean, grad_xhat_mean):
+        self.layer = layer
+        self.gamma, self.gamma_grad, self.beta, self.beta_grad = gamma, gamma_grad, beta, beta_grad
+        self.x, self.out, self.dx = x, out, dx
+        self.mean, self.inv = mean, inv  # (M, 1, B)
+        self.grad_mean, self.grad_xhat_mean = grad_mean, grad_xhat_mean  # (M, 1, B)
+        self.one_over_F, self.eps = 1.0 / x.shape[1], layer.eps
+
+    # Reductions over the features (dim 1, not the contiguous one) as sums: torch.sum there takes half the time
+    # of torch.mean, and a fifteenth of linalg.vector_norm's (measured at 5 x 100 x 32, one thread).
+    def forward(self):
+        x, inv = self.x, self.inv
+        torch.sum(x, 1, True, out=self.mean).mul_(self.one_over_F)
+        x.sub_(self.mean)
+        torch.sum(torch.mul(x, x, out=self.out), 1, True, out=inv)  # the output buffer as room
+        inv.mul_(self.one_over_F).add_(self.eps).rsqrt_()
+        xhat = x.mul_(inv)
+        torch.addcmul(self.beta, xhat, self.gamma, out=self.out)
+
+    def backward(self, d, lr):
+        """dx = inv * (g - mean_F(g) - xhat * mean_F(g * xhat)), g = gamma * d. ``d`` is spent after g, and is
+        used as room for g * xhat."""
+        xhat, dx = self.x, self.dx
+        torch.sum(d, 2, True, out=self.beta_grad)
+        torch.sum(torch.mul(d, xhat, out=dx), 2, True, out=self.gamma_grad)
+        g = torch.mul(d, self.gamma, out=dx)
+        torch.sum(g, 1, True, out=self.grad_mean).mul_(self.one_over_F)
+        torch.sum(torch.mul(g, xhat, out=d), 1, True, out=self.grad_xhat_mean).mul_(self.one_over_F)
+        return dx.sub_(self.grad_mean).addcmul_(xhat, self.grad_xhat_mean, value=-1).mul_(self.inv)
+
+
+class Activation:
+    """The nonlinearity. tanh and relu work in place (``out`` is ``x``): their backward needs only the output.
+    GELU's backward needs the input, so it writes its output to a buffer of its own."""
+
+    def __init__(self, layer, x, dx, out=None):
         self.layer, self.x, self.dx = layer, x, dx
+        self.out = x if out is None else out
 
 
 class Tanh(Activation):
@@ -218,6 +258,16 @@ class ReLU(Activation):
 
     def backward(self, d, lr):
         return _threshold_backward(d, self.x, 0, grad_input=self.dx)
+
+
+class GELU(Activation):
+    """The exact GELU and its backward, aten's own kernels (those autograd runs on the reference loop)."""
+
+    def forward(self):
+        _gelu(self.x, approximate="none", out=self.out)
+
+    def backward(self, d, lr):
+        return _gelu_backward(d, self.x, approximate="none", grad_input=self.dx)
 
 
 class CrossEntropy:

@@ -40,12 +40,12 @@ class StatsTap:
             if not isinstance(op, Activation):
                 op.forward()
                 continue
-            pre = self._per_model(op.x)
+            pre, out = self._per_model(op.x), self._per_model(op.out)
             for i, rec in wanting:
                 rec.preactivation(step, op.layer.name, pre[i])
             op.forward()
-            for i, rec in wanting:
-                rec.activation(step, op.layer.name, pre[i])  # the same buffer, now the output
+            for i, rec in wanting:  # tanh and relu: the same buffer, now the output
+                rec.activation(step, op.layer.name, out[i], op.layer.flavour)
 
     def backward(self, layers, d: torch.Tensor) -> None:
         """Every gradient written out (no update inside the backward pass); the gradient into each activation

@@ -22,11 +22,15 @@ def buffer_shapes(arch: tuple[Layer, ...], batch_size: int, block_size: int) -> 
               ("embedding.grad_rows", (B, n_in), False)]
     if n_pad != n_in:  # the first Linear's input and its gradient, zero-padded
         shapes += [("embedding.padded", (B, n_pad), True), ("embedding.grad_padded", (B, n_pad), False)]
-    for L in arch[1:]:
-        if L.kind in ("linear", "batchnorm"):
+    for below, L in zip(arch, arch[1:]):
+        if L.kind in ("linear", "batchnorm", "layernorm"):
             shapes.append((f"{L.name}.out", (L.fan_out, B), False))
         if L.kind == "batchnorm":  # 1 / spread', gamma / spread', and the backward's coefficient of x - mean
             shapes += [(f"{L.name}.{part}", (L.fan_out, 1), False) for part in ("inv", "scale", "xc_coef")]
+        if L.kind == "layernorm":  # per example: the mean, 1 / sqrt(var + eps), and two means of the backward
+            shapes += [(f"{L.name}.{part}", (1, B), False) for part in ("mean", "inv", "grad_mean", "grad_xhat_mean")]
+        if L.kind == "act" and L.flavour == "gelu":  # GELU's backward needs its input: the output goes elsewhere
+            shapes.append((f"{L.name}.out", (below.fan_out, B), False))
     # The backward buffers also hold the first Linear's input gradient, padded (wider than a narrow layer).
     widest = max([n_pad] + [max(L.fan_in, L.fan_out) for L in arch[1:] if L.kind == "linear"])
     shapes += [("backward.ping", (widest * B,), False), ("backward.pong", (widest * B,), False)]
