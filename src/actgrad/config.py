@@ -263,9 +263,10 @@ def matmul_flops_per_step(spec: dict, block_size: int, batch_size: int = 32) -> 
 def training_cost(spec: dict, block_size: int) -> float:
     """A variant's training work in GFLOP, for ordering jobs: longest first leaves no lone job at the end.
 
-    BatchNorm's elementwise work is counted as half the matmuls again (measured at 5 models:
-    a deep BatchNorm step takes about 1.3x a plain one, a shallow one 1.25x).
+    A normalisation's elementwise work is counted as half the matmuls again (measured at 5 models:
+    a deep BatchNorm step takes about 1.3x a plain one, a shallow one 1.25x; LayerNorm, on PyTorch
+    operations, at least as much).
     """
     models = len(spec["seeds"]) * (2 if spec["sensitivity_twin"] else 1)
     flops = matmul_flops_per_step(spec, block_size, spec["batch_size"]) * spec["max_steps"] * models
-    return flops * (1.5 if spec["batchnorm"] else 1.0) / 1e9
+    return flops * (1.5 if spec["norm"] != "none" else 1.0) / 1e9
