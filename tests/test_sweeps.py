@@ -148,7 +148,7 @@ def test_validate_lists_the_sweep_points_and_counts_the_runs(capsys):
     assert out[0] == "sweep deep (24 points over gain x batchnorm):"
     points = [line.split(":")[0].strip() for line in out[1:-1]]
     assert len(points) == 24 and points[:2] == ["deep__gain0p25__nobn", "deep__gain0p25__bn"]
-    assert out[1] == ("  deep__gain0p25__nobn: deep, batchnorm=false, gain=0.25, 2000 steps, "
+    assert out[1] == ("  deep__gain0p25__nobn: deep, batchnorm=false, gain=0.25, 20000 steps, "
                       f"seeds [{LECTURE_SEED}, 1, 2], with twins")
     assert out[-1].endswith("valid; 24 variants, 144 runs (72 + 72 sensitivity twins)")
 
