@@ -11,7 +11,8 @@ A run is one seed of one variant, in ``{results}/runs/{variant}/seed{seed}/``:
 ``samples.txt``        names sampled from the trained network
 
 The training job writes them (:mod:`actgrad.runs`), ``metrics.json`` last: it marks the run
-complete. The workflow's rules, the summary and the figures find them through this module.
+complete; :func:`training_jobs` says which job trains which variants. The workflow's rules, the
+summary and the figures find them through this module.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import variant_spec
 from .conventions import natural_key, pick_snapshot
 from .data import DataError
 
@@ -46,6 +48,37 @@ def run_files(results: str | os.PathLike, variant: str, seeds, files=RUN_FILES) 
     if unknown:
         raise ValueError(f"not a run file: {sorted(unknown)}; a run has {RUN_FILES}")
     return [str(run_dir(results, variant, seed) / f) for seed in seeds for f in files]
+
+
+# What one engine call can batch: models that differ only in their drawn values. A variant's other settings
+# (architecture, steps, batch size, learning-rate schedule, anything added later) must match to share a job.
+BATCHABLE_KEYS = ("name", "seeds", "init", "gain", "last_layer_scale", "weight_init", "sensitivity_twin",
+                  "w1_perturbation")
+
+
+def batch_key(spec: dict) -> str:
+    """What variants must share to train in one engine call: their spec less :data:`BATCHABLE_KEYS`."""
+    return json.dumps({k: v for k, v in spec.items() if k not in BATCHABLE_KEYS}, sort_keys=True, default=str)
+
+
+def training_jobs(config: dict, mode: str | None = None) -> dict[str, list[str]]:
+    """The study's training jobs: job name -> the variants it trains, in the config's order.
+
+    ``mode`` (``training_jobs`` in the config): ``variant`` gives every variant a job of its own, named after
+    it; ``architecture`` puts the variants that :func:`batch_key` says can train together into one job,
+    named after its first variant (alone, it is that variant's job).
+    """
+    mode = mode or config.get("training_jobs", "variant")
+    names = list(config["variants"])
+    if mode == "variant":
+        return {name: [name] for name in names}
+    if mode != "architecture":
+        raise ValueError(f"training_jobs: {mode!r} unknown; it is 'variant' or 'architecture'")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(batch_key(variant_spec(config, name)), []).append(name)
+    return {members[0] if len(members) == 1 else f"{members[0]}_and_{len(members) - 1}": members
+            for members in groups.values()}
 
 
 def _unreadable(path: Path, cause) -> RunFileError:

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from . import __version__
 from .config import variant_spec
@@ -26,10 +27,10 @@ from .cpus import cpu_slot
 from .data import atomic_write_bytes, load_splits
 from .divergence import DivergenceRule
 from .memory import check_training_job
-from .model import Scratch
+from .model import Scratch, jacobian_spectrum
 from .progress import ProgressLog
-from .rundir import METRICS, run_dir
-from .stats import DEAD, SATURATION, StatsPlan, StatsRecorder
+from .rundir import METRICS, batch_key, run_dir
+from .stats import StatsPlan, StatsRecorder, activation_shares
 from .train import (
     evaluate,
     init_network,
@@ -41,6 +42,10 @@ from .train import (
 
 # The sensitivity twins' parameter distance, as rows of the base run's stats.parquet.
 TWIN_DISTANCE = {"layer": "parameters", "kind": "twin", "stat": "distance"}
+# The input-output Jacobian at init is measured on the first examples of the training split: one lecture batch.
+JACOBIAN_EXAMPLES = 32
+# model.jacobian_spectrum's numbers a run records, as metrics jacobian_sv_<name>.
+JACOBIAN_STATS = ("mean", "std", "min", "max", "mean_sq", "std_sq")
 
 
 def stats_plan(stats: dict, steps: int) -> StatsPlan:
@@ -57,14 +62,63 @@ def snapshot_step(plan: StatsPlan, steps_done: int) -> int | None:
     return pick_snapshot(reached, last_step=plan.last_step)
 
 
-def _final_evaluation(net, splits, device, scratch: Scratch | None = None) -> dict:
+def _init_measurements(net, spec: dict, Xtr, Ytr, scratch: Scratch) -> dict:
+    """Before the first step: the loss over the training split, the shares of activation values that fit the
+    activation (``<share>_init``) and the input-output Jacobian's singular values on one batch
+    (``jacobian_sv_<stat>``)."""
+    shares = activation_shares(spec["activation"])
+    # At init the running statistics are still 0 and 1, so a BatchNorm net is evaluated
+    # with the training split's own statistics.
+    with kept_running_stats(net):
+        init_loss, found = evaluate(net, Xtr, Ytr, calibrate=bool(net.batchnorm_layers()), shares=shares,
+                                    scratch=scratch)
+    spectrum = jacobian_spectrum(net, Xtr[:JACOBIAN_EXAMPLES])
+    return {"init_loss": init_loss, **{f"{share}_init": found[share] for share in shares},
+            **{f"jacobian_sv_{stat}": spectrum[stat] for stat in JACOBIAN_STATS}}
+
+
+# The fixed order of the validation split that batch_statistics_loss cuts into minibatches.
+BATCH_STATS_ORDER_SEED = 0
+
+
+@torch.no_grad()
+def batch_statistics_loss(net, X: torch.Tensor, Y: torch.Tensor, batch_size: int) -> float:
+    """Cross-entropy over a split in minibatches of ``batch_size``, every BatchNorm normalising each minibatch by
+    that minibatch's own statistics (training mode), the running statistics left as they were.
+
+    The split is taken in one fixed random order (consecutive examples are contexts of the same name, which a
+    training minibatch never is), so its minibatches are drawn like the training ones; a last, shorter
+    minibatch counts if it has 2 examples or more (one example has no batch spread).
+    """
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(BATCH_STATS_ORDER_SEED)).to(X.device)
+    total, counted = 0.0, 0
+    was_training = net.training
+    with kept_running_stats(net):
+        try:
+            net.train()
+            for start in range(0, len(X), batch_size):
+                ix = order[start:start + batch_size]
+                if len(ix) < 2:
+                    break
+                total += F.cross_entropy(net(X[ix]), Y[ix], reduction="sum").item()
+                counted += len(ix)
+        finally:
+            net.train(was_training)
+    return total / counted
+
+
+def _final_evaluation(net, spec: dict, splits, device, scratch: Scratch | None = None) -> dict:
     """Train/val/test losses with the running statistics, and for BatchNorm nets also with
-    statistics calibrated over the whole training split (the lecture's two evaluations)."""
+    statistics calibrated over the whole training split (the lecture's two evaluations) and the
+    validation loss with each minibatch's own statistics (``val_loss_batch_stats``: what the
+    coupling of examples does at the run's batch size). LayerNorm has no running statistics:
+    its evaluation is the same function either way, so it gets no second number."""
     data = {key: (splits[f"X{split}"].to(device), splits[f"Y{split}"].to(device))
             for split, key in (("train", "train"), ("dev", "val"), ("test", "test"))}
     scratch = scratch if scratch is not None else Scratch()
     out = {}
-    out["train_loss"], sat = evaluate(net, *data["train"], saturation=(SATURATION, DEAD), scratch=scratch)
+    shares = activation_shares(spec["activation"])
+    out["train_loss"], found = evaluate(net, *data["train"], shares=shares, scratch=scratch)
     out["val_loss"], _ = evaluate(net, *data["val"], scratch=scratch)
     out["test_loss"], _ = evaluate(net, *data["test"], scratch=scratch)
     if net.batchnorm_layers():
@@ -72,7 +126,8 @@ def _final_evaluation(net, splits, device, scratch: Scratch | None = None) -> di
             out["train_loss_calibrated"], _ = evaluate(net, *data["train"], calibrate=True, scratch=scratch)
             out["val_loss_calibrated"], _ = evaluate(net, *data["val"], scratch=scratch)
             out["test_loss_calibrated"], _ = evaluate(net, *data["test"], scratch=scratch)
-    out["sat97_final"], out["sat99_final"] = sat[SATURATION], sat[DEAD]
+        out["val_loss_batch_stats"] = batch_statistics_loss(net, *data["val"], batch_size=spec["batch_size"])
+    out.update({f"{share}_final": found[share] for share in shares})
     return out
 
 
@@ -96,36 +151,57 @@ def train_variant(config: dict, name: str, splits_path: str | os.PathLike, resul
     ``mem_mb`` (the memory it was granted; ``resources.train_mem_mb`` by default). On CPU it then
     claims a CPU of its own (:func:`~actgrad.cpus.cpu_slot`), so that training jobs never time-share one.
     """
-    spec = variant_spec(config, name)
+    return train_variants(config, [name], splits_path, results, log=log, mem_mb=mem_mb)
+
+
+def train_variants(config: dict, names: list[str], splits_path: str | os.PathLike, results: str | os.PathLike,
+                   log=print, mem_mb: float | None = None) -> list[dict]:
+    """Train the variants ``names`` in one engine call, as :func:`train_variant` trains one.
+
+    They must have the same :func:`batch_key`. Each model draws its own parameters and minibatches
+    from its own generator, and the engine computes each model on its own, so a run's numbers do not
+    depend on which variants share its job.
+    """
+    specs = [variant_spec(config, name) for name in names]
+    keys = {batch_key(spec) for spec in specs}
+    if len(keys) > 1:
+        raise ValueError(f"variants {names} differ in more than their drawn values and cannot train together")
+    label = names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
     splits = load_splits(splits_path)
     n_train = int(splits["Ytrain"].shape[0])
     n_examples = n_train + int(splits["Ydev"].shape[0]) + int(splits["Ytest"].shape[0])
-    estimate = check_training_job(config, spec, n_train, int(splits["block_size"]),
-                                  stats_plan(config["stats"], spec["max_steps"]), n_examples, limit_mb=mem_mb)
-    log(f"[{name}] memory: about {estimate['total']:,.0f} MB estimated")
+    for spec in specs:  # each variant's own batch size and bounds, named as its own
+        check_training_job(config, spec, n_train, int(splits["block_size"]),
+                           stats_plan(config["stats"], spec["max_steps"]), n_examples, limit_mb=float("inf"))
+    # ... and the job's memory with every model it trains (counted as seeds of the first variant).
+    models = sum(len(s["seeds"]) * (2 if s["sensitivity_twin"] else 1) for s in specs)
+    whole = dict(specs[0], seeds=list(range(models)), sensitivity_twin=False)
+    estimate = check_training_job(config, whole, n_train, int(splits["block_size"]),
+                                  stats_plan(config["stats"], whole["max_steps"]), n_examples, limit_mb=mem_mb)
+    log(f"[{label}] memory: about {estimate['total']:,.0f} MB estimated")
     device = resolve_device(config["device"])
     threads = int(config["threads"])
-    slot = cpu_slot(threads, log=lambda m: log(f"[{name}] {m}")) if device.type == "cpu" else nullcontext()
+    slot = cpu_slot(threads, log=lambda m: log(f"[{label}] {m}")) if device.type == "cpu" else nullcontext()
     with slot:
-        return _train_variant(config, spec, splits, results, device, threads, log)
+        return _train_variants(config, specs, label, splits, results, device, threads, log)
 
 
-def _train_variant(config, spec, splits, results, device, threads, log) -> list[dict]:
-    name = spec["name"]
+def _train_variants(config, specs, label, splits, results, device, threads, log) -> list[dict]:
     engine = config["engine"]
     torch.set_num_threads(threads)
     block_size = int(splits["block_size"])
     Xtr, Ytr = splits["Xtrain"], splits["Ytrain"]
-    steps, batch_size = spec["max_steps"], spec["batch_size"]
+    steps, batch_size, lr_schedule = specs[0]["max_steps"], specs[0]["batch_size"], specs[0]["lr_schedule"]
     plan = stats_plan(config["stats"], steps)
 
-    members = [(seed, 0.0) for seed in spec["seeds"]]
-    if spec["sensitivity_twin"]:
-        members += [(seed, spec["w1_perturbation"]) for seed in spec["seeds"]]
+    # Every variant's seeds, then every variant's twins: for one variant, the order it always had.
+    members = [(spec, seed, 0.0) for spec in specs for seed in spec["seeds"]]
+    members += [(spec, seed, spec["w1_perturbation"]) for spec in specs if spec["sensitivity_twin"]
+                for seed in spec["seeds"]]
     Xtr_d, Ytr_d = Xtr.to(device), Ytr.to(device)
     scratch = Scratch()  # every evaluation of the job writes the same few whole-split tensors
     nets, gens, recorders, before = [], [], [], []
-    for seed, perturbation in members:
+    for spec, seed, perturbation in members:
         net, g = init_network(spec, seed, block_size, w1_perturbation=perturbation)
         net.to(device)
         nets.append(net)
@@ -135,39 +211,37 @@ def _train_variant(config, spec, splits, results, device, threads, log) -> list[
         if perturbation:
             before.append(None)
             continue
-        # At init the running statistics are still 0 and 1, so a BatchNorm net is evaluated
-        # with the training split's own statistics.
-        with kept_running_stats(net):
-            init_loss, sat = evaluate(net, Xtr_d, Ytr_d, calibrate=bool(net.batchnorm_layers()),
-                                      saturation=(SATURATION, DEAD), scratch=scratch)
-        before.append({"init_loss": init_loss, "sat97_init": sat[SATURATION], "sat99_init": sat[DEAD]})
+        before.append(_init_measurements(net, spec, Xtr_d, Ytr_d, scratch))
 
-    log(f"[{name}] training {len(members)} run(s) of {steps} steps with the {engine} engine on {device}")
+    log(f"[{label}] training {len(members)} run(s) of {steps} steps with the {engine} engine on {device}")
     if engine == "batched" and device.type == "cpu":
         from . import kernels
 
-        log(f"[{name}] C kernels: {kernels.status()}")
+        log(f"[{label}] C kernels: {kernels.status()}")
     divergence = DivergenceRule(loss_multiple=float(config["divergence"]["loss_multiple"]),
                                 window=int(config["divergence"]["window"]))
-    progress = ProgressLog(log, steps, len(members), every=int(config["progress_every"]), label=name)
-    base_of_twin = {i: members.index((seed, 0.0)) for i, (seed, p) in enumerate(members) if p}
+    progress = ProgressLog(log, steps, len(members), every=int(config["progress_every"]), label=label)
+    index = {(spec["name"], seed, p): i for i, (spec, seed, p) in enumerate(members)}
+    base_of_twin = {i: index[(spec["name"], seed, 0.0)] for i, (spec, seed, p) in enumerate(members) if p}
     if engine == "batched":
         from .engine import train_batched as train_runs
     else:
         train_runs = train_reference_runs
     start = time.perf_counter()
     results_list = train_runs(nets, gens, Xtr, Ytr, steps=steps, batch_size=batch_size,
-                              lr_schedule=spec["lr_schedule"], recorders=recorders, device=device,
+                              lr_schedule=lr_schedule, recorders=recorders, device=device,
                               divergence=divergence, progress=progress, twins=base_of_twin)
     wall = time.perf_counter() - start
 
-    twins = {seed: res for (seed, p), res in zip(members, results_list) if p}
+    twin_of = {base: i for i, base in base_of_twin.items()}
     all_metrics = []
-    for i, (seed, perturbation) in enumerate(members):
+    for i, (spec, seed, perturbation) in enumerate(members):
         if perturbation:
             continue
+        name = spec["name"]
         res, net, rec = results_list[i], nets[i], recorders[i]
-        metrics = _write_run(config, spec, name, seed, res, twins.get(seed), net, rec, before[i], splits, device,
+        twin = results_list[twin_of[i]] if i in twin_of else None
+        metrics = _write_run(config, spec, name, seed, res, twin, net, rec, before[i], splits, device,
                              results, wall / len(members), scratch, plan)
         all_metrics.append(metrics)
         status = metrics["status"] + (f" at step {metrics['diverged_at']}: {metrics['diverged_rule']}"
@@ -189,27 +263,31 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
         "seed": seed,
         "model": spec["model"],
         "batchnorm": bool(spec["batchnorm"]),
+        "norm": spec.get("norm"),
+        "activation": spec.get("activation"),
+        "weight_init": spec.get("weight_init"),
+        "batch_size": spec["batch_size"],
         "steps": spec["max_steps"],
         "steps_done": res.steps_done,
         "status": "diverged" if diverged else "ok",
         "diverged_at": res.diverged_at,
         "diverged_rule": res.diverged_rule,
         "step0_loss": step0,
-        "init_loss": before["init_loss"],
         "expected_init_loss": EXPECTED_INIT_LOSS,
-        "sat97_init": before["sat97_init"],
-        "sat99_init": before["sat99_init"],
+        **before,  # init_loss, the activation's shares and the Jacobian's spectrum at init
         "snapshot_step": snapshot_step(plan, res.steps_done),
         "seconds": seconds,
     }
     if diverged:
         nan = float("nan")
-        metrics.update(train_loss=nan, val_loss=nan, test_loss=nan, sat97_final=nan, sat99_final=nan)
+        metrics.update(train_loss=nan, val_loss=nan, test_loss=nan,
+                       **{f"{share}_final": nan for share in activation_shares(spec["activation"])})
         if net.batchnorm_layers():
-            metrics.update(train_loss_calibrated=nan, val_loss_calibrated=nan, test_loss_calibrated=nan)
+            metrics.update(train_loss_calibrated=nan, val_loss_calibrated=nan, test_loss_calibrated=nan,
+                           val_loss_batch_stats=nan)
         samples = []
     else:
-        metrics.update(_final_evaluation(net, splits, device, scratch))
+        metrics.update(_final_evaluation(net, spec, splits, device, scratch))
         samples = sample_names(net, splits["itos"], int(splits["block_size"]), int(config["samples"]), seed)
     twin_losses = None
     if twin is not None:

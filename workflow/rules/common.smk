@@ -4,7 +4,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from actgrad.config import ConfigError, complete, resolve_base, training_cost, variant_spec
-from actgrad.rundir import RUN_FILES, run_files
+from actgrad.rundir import RUN_FILES, run_files, training_jobs
 
 # The schema is workflow/schemas/config.schema.yaml; errors name the key and what is allowed,
 # and stop the workflow before any job runs.
@@ -20,6 +20,8 @@ except ConfigError as e:
 
 VARIANTS = list(config["variants"])
 SPECS = {v: variant_spec(config, v) for v in VARIANTS}
+# Training job name -> the variants it trains (config key training_jobs).
+TRAIN_JOBS = training_jobs(config)
 # Where the steps write, relative to the working directory; a run's own layout is actgrad.rundir's.
 RESULTS = "results"
 FIGURES = f"{RESULTS}/figures"

@@ -1,19 +1,22 @@
-# Stage 3-4: one job per variant; its seeds (and sensitivity twins) train side by side as one
-# batched model. A variant may have its own seeds, so each variant gets its own rule.
-for _variant in VARIANTS:
-    _spec = SPECS[_variant]
+# Stage 3-4: the training jobs. By default one job per variant: its seeds (and sensitivity twins) train
+# side by side as one batched model. With `training_jobs: architecture` the variants that differ only in
+# drawn values (init scales, gain, seeds) train in one job, batched together (actgrad.runs.training_jobs).
+# A job may have its own variants and seeds, so each job gets its own rule.
+for _job, _members in TRAIN_JOBS.items():
+    _specs = {v: SPECS[v] for v in _members}
 
     rule:
         name:
-            f"train_{_variant}"
+            f"train_{_job}"
         input:
             splits="data/splits.pt",
         output:
-            run_outputs(_variant),
+            [path for v in _members for path in run_outputs(v)],
         params:
-            variant=_variant,
-            # The variant's complete settings: change one and only that variant trains again.
-            spec=_spec,
+            # The variants' complete settings: change one and only its job trains again. (A job of one variant
+            # keeps the params it always had, so that an existing study does not retrain.)
+            **({"variant": _job, "spec": _specs[_job]} if len(_members) == 1
+               else {"variants": _members, "spec": _specs}),
             # ... and so do the study-wide settings that shape a run's outputs.
             settings={key: config[key] for key in ("engine", "device", "samples", "stats", "divergence",
                                                    "block_size", "split_seed")},
@@ -22,15 +25,15 @@ for _variant in VARIANTS:
             results=lambda wildcards, output: RESULTS,
         threads: config["threads"]
         # The most work first: a long job left to run alone at the end would leave CPUs idle.
-        priority: round(training_cost(_spec, config["block_size"]))
+        priority: round(sum(training_cost(spec, config["block_size"]) for spec in _specs.values()))
         resources:
             # A cluster job that ran out of memory or time asks for twice as much when retried.
             mem_mb=lambda wildcards, attempt: config["resources"]["train_mem_mb"] * attempt,
             runtime=lambda wildcards, attempt: config["resources"]["train_runtime"] * attempt,
             gpu=config["resources"]["train_gpus"],
         log:
-            f"logs/train/{_variant}.log",
+            f"logs/train/{_job}.log",
         benchmark:
-            f"benchmarks/train/{_variant}.tsv"
+            f"benchmarks/train/{_job}.tsv"
         script:
             "../scripts/train.py"

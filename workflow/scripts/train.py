@@ -1,9 +1,10 @@
-from actgrad.runs import train_variant
+from actgrad.runs import train_variants
 from actgrad.steps import as_step
 
 # Torch gets the threads Snakemake granted (fewer than asked when --cores is smaller).
 config = dict(snakemake.config, threads=snakemake.threads)
-as_step(snakemake, lambda log: train_variant(config, snakemake.params.variant, snakemake.input.splits,
-                                             snakemake.params.results, log=log,
-                                             # a retried cluster job is checked against its larger grant
-                                             mem_mb=snakemake.resources.mem_mb))
+variants = snakemake.params.get("variants") or [snakemake.params.variant]  # a job of several, or of one
+as_step(snakemake, lambda log: train_variants(config, variants, snakemake.input.splits,
+                                              snakemake.params.results, log=log,
+                                              # a retried cluster job is checked against its larger grant
+                                              mem_mb=snakemake.resources.mem_mb))

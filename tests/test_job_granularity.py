@@ -1,0 +1,164 @@
+"""How the study is cut into jobs (issue 14, section 1 and 5): training several variants in one job changes
+no number, the config key chooses the cut, and the figure jobs look as they did without importing seaborn."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from conftest import LECTURE_SEED, REPO, run_snakemake, tiny_config, write_config
+
+from actgrad.config import complete, load, variant_spec
+from actgrad.rundir import RUN_FILES, batch_key, run_dir, training_jobs
+
+STATS = {"every": 10, "update_every": 5, "histogram_every": 10, "snapshot_steps": [0, 10], "bins": 10}
+
+
+def _config(names_path, **overrides):
+    deep = {"model": "deep", "n_layers": 2, "n_hidden": 16}
+    variants = {
+        "g_half": dict(deep, batchnorm=False, gain=0.5),
+        "g_three": dict(deep, batchnorm=False, gain=3.0, sensitivity_twin=True),
+        "bn": dict(deep, batchnorm=True, gain=1.0),
+        "wide": dict(deep, batchnorm=False, gain=0.5, n_hidden=24),
+    }
+    return complete(tiny_config(names_path, seeds=[LECTURE_SEED, 1], max_steps=30, samples=2, stats=STATS,
+                                engine="batched", variants=variants, **overrides))
+
+
+def test_variants_that_differ_only_in_drawn_values_share_a_job(names_path):
+    config = _config(names_path, training_jobs="architecture")
+    assert training_jobs(config) == {"g_half_and_1": ["g_half", "g_three"], "bn": ["bn"], "wide": ["wide"]}
+    assert training_jobs(config, "variant") == {v: [v] for v in config["variants"]}
+    assert training_jobs(complete(dict(config, training_jobs="variant"))) == {v: [v] for v in config["variants"]}
+    with pytest.raises(ValueError, match="training_jobs: 'each' unknown"):
+        training_jobs(config, "each")
+
+
+def test_the_batch_key_ignores_exactly_the_drawn_values(names_path):
+    config = _config(names_path)
+    half, three, bn = (variant_spec(config, v) for v in ("g_half", "g_three", "bn"))
+    assert batch_key(half) == batch_key(three)
+    assert batch_key(half) != batch_key(bn)
+    assert batch_key(half) != batch_key(dict(half, max_steps=31))
+    assert batch_key(half) != batch_key(dict(half, lr_schedule=[{"from_step": 0, "lr": 0.05}]))
+
+
+def test_a_bad_training_jobs_value_is_named(tmp_path, names_path):
+    from actgrad.config import ConfigError
+
+    with pytest.raises(ConfigError, match="training_jobs"):
+        _config(names_path, training_jobs="per_seed")
+
+
+def _run_files(results, variant, seed):
+    d = run_dir(results, variant, seed)
+    return {name: (d / name).read_bytes() for name in RUN_FILES}
+
+
+def test_a_runs_numbers_do_not_depend_on_the_variants_that_share_its_job(tmp_path, names_path):
+    """Trained alone and trained beside another variant (with its twins), every file but the timing is the same."""
+    from actgrad.data import save_splits
+    from actgrad.runs import train_variants
+
+    config = dict(_config(names_path), device="cpu")
+    splits = tmp_path / "splits.pt"
+    save_splits(names_path, splits, tmp_path / "splits.json")
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    for v in ("g_half", "g_three"):
+        train_variants(config, [v], splits, alone, log=lambda m: None)
+    metrics = train_variants(config, ["g_half", "g_three"], splits, together, log=lambda m: None)
+    assert [(m["variant"], m["seed"]) for m in metrics] == [(v, s) for v in ("g_half", "g_three")
+                                                             for s in (LECTURE_SEED, 1)]
+    for v in ("g_half", "g_three"):
+        for seed in (LECTURE_SEED, 1):
+            a, b = _run_files(alone, v, seed), _run_files(together, v, seed)
+            for name in ("losses.parquet", "stats.parquet", "histograms.parquet"):
+                pd.testing.assert_frame_equal(pd.read_parquet(run_dir(alone, v, seed) / name),
+                                              pd.read_parquet(run_dir(together, v, seed) / name), check_exact=True)
+            assert a["samples.txt"] == b["samples.txt"] and a["saturation.npz"] == b["saturation.npz"]
+            pa = torch.load(run_dir(alone, v, seed) / "params.pt")
+            pb = torch.load(run_dir(together, v, seed) / "params.pt")
+            assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+            ma, mb = (json.loads(x["metrics.json"]) for x in (a, b))
+            ma.pop("seconds"), mb.pop("seconds")
+            assert ma == mb
+    twin = pd.read_parquet(run_dir(together, "g_three", 1) / "losses.parquet")
+    assert "twin_loss" in twin and twin.twin_loss.notna().all()  # the twins found their bases
+    assert "twin_loss" not in pd.read_parquet(run_dir(together, "g_half", 1) / "losses.parquet")
+
+
+def test_variants_that_cannot_share_a_job_are_refused(tmp_path, names_path):
+    from actgrad.runs import train_variants
+
+    with pytest.raises(ValueError, match="cannot train together"):
+        train_variants(_config(names_path), ["g_half", "bn"], tmp_path / "none.pt", tmp_path)
+
+
+def _training_rules(proc) -> set[str]:
+    return set(re.findall(r"^rule (train_\w+):", proc.stdout, flags=re.MULTILINE))
+
+
+def test_the_workflow_trains_a_job_per_group_and_a_change_retrains_its_group(tmp_path, names_path):
+    """With training_jobs: architecture the gains share a job; a plain rerun after a change to one of them
+    retrains that job only, and the default cut gives every variant its own job again."""
+    config = tiny_config(names_path, seeds=[LECTURE_SEED], max_steps=20, samples=1, stats=STATS,
+                         engine="batched", training_jobs="architecture",
+                         variants={"a": {"model": "deep", "n_layers": 2, "n_hidden": 16, "gain": 0.5},
+                                   "b": {"model": "deep", "n_layers": 2, "n_hidden": 16, "gain": 2.0},
+                                   "m": {"init": {"C": 1, "W1": 0.2, "b1": 0.01, "W2": 0.01, "b2": 0}}})
+    path = write_config(tmp_path, config)
+    proc = run_snakemake(tmp_path, "-n", configfile=path)
+    assert _training_rules(proc) == {"train_a_and_1", "train_m"}
+    run_snakemake(tmp_path, *[str(run_dir("results", v, LECTURE_SEED) / "metrics.json") for v in "abm"],
+                  configfile=path)
+    assert _training_rules(run_snakemake(tmp_path, "-n", configfile=path)) == set()
+    config["variants"]["b"]["gain"] = 3.0
+    write_config(tmp_path, config)
+    assert _training_rules(run_snakemake(tmp_path, "-n", configfile=path)) == {"train_a_and_1"}
+    config["training_jobs"] = "variant"
+    write_config(tmp_path, config)
+    assert _training_rules(run_snakemake(tmp_path, "-n", configfile=path)) == {"train_a", "train_b"}
+
+
+def test_the_figures_theme_is_seaborns():
+    """figures.py sets seaborn's look without importing it; here seaborn itself says what that look is."""
+    code = """
+import matplotlib, copy
+matplotlib.use("Agg")
+from actgrad import figures
+assert "seaborn" not in __import__("sys").modules and "scipy" not in __import__("sys").modules
+figures.style()
+ours = copy.deepcopy(dict(matplotlib.rcParams))
+codes = {c: matplotlib.colors.to_rgb(c) for c in "bgrmyck"}
+palettes = [figures.color_palette(n) for n in ("deep", "tab10", "Set2", "Dark2")]
+palettes += [figures.color_palette("viridis", n) for n in (3, 5, 9)]
+import seaborn as sns
+matplotlib.rcdefaults()
+sns.set_theme(context="notebook", style="whitegrid", font_scale=0.85, rc={k: ours[k] for k in (
+    "axes.titleweight", "axes.titlesize", "legend.fontsize", "legend.framealpha", "figure.dpi", "savefig.dpi",
+    "axes.spines.top", "axes.spines.right", "font.family")})
+theirs = dict(matplotlib.rcParams)
+differ = sorted(k for k in theirs if ours[k] != theirs[k] and k != "image.cmap")
+assert not differ, differ
+assert codes == {c: matplotlib.colors.to_rgb(c) for c in "bgrmyck"}
+expected = [list(sns.color_palette(n)) for n in ("deep", "tab10", "Set2", "Dark2")]
+expected += [list(sns.color_palette("viridis", n_colors=n)) for n in (3, 5, 9)]
+assert palettes == expected, (palettes, expected)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_smoke_study_trains_batched_jobs():
+    """config/smoke.yaml, the quick check of the whole study, cuts its training by architecture."""
+    config = load(REPO / "config" / "smoke.yaml")
+    jobs = training_jobs(config)
+    assert config["training_jobs"] == "architecture"
+    assert len(jobs) < len(config["variants"])
+    assert sorted(v for members in jobs.values() for v in members) == sorted(config["variants"])
+    for members in jobs.values():
+        assert len({batch_key(variant_spec(config, v)) for v in members}) == 1, members
