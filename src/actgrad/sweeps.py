@@ -14,12 +14,21 @@ Names are ``SWEEP__PART__PART``, one part per grid key in the grid's order: ``ga
 (``lr_schedule: {fast: [...], slow: [...]}``). A name depends only on the sweep's name and the
 point's own values, so adding values to a grid only adds variants: the others keep their names
 and settings, and Snakemake trains only the new points.
+
+A grid key that is no variant key is a *bundle*: labelled sets of variant keys that change
+together, one grid value each, named by the label. Batch sizes at a fixed number of examples seen::
+
+    grid: {schedule: {batch4: {batch_size: 4, max_steps: 24000}, batch32: {batch_size: 32, max_steps: 3000}}}
+
+A bundle's point records the keys it sets (``{batch_size: 4, max_steps: 24000}``);
+:func:`grid_point` gives a point's coordinates in its grid, the bundle's label among them.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import itertools
 import re
 
@@ -46,6 +55,57 @@ def sweepable_keys(schema: dict | None = None) -> list[str]:
     return list(schema["properties"]["sweeps"]["additionalProperties"]["properties"]["grid"]["properties"])
 
 
+@functools.cache
+def _sweepable() -> frozenset[str]:
+    return frozenset(sweepable_keys())
+
+
+def is_bundle(key: str) -> bool:
+    """Whether grid key ``key`` is a bundle (no variant key) rather than a variant key."""
+    return key not in _sweepable()
+
+
+def _unknown_keys(where: str, unknown: list[str], allowed: list[str], note: str = "") -> ConfigError:
+    hints = [f"did you mean {close[0]!r} for {key!r}?" for key in unknown
+             if (close := difflib.get_close_matches(key, allowed, n=1))]
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return ConfigError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}{hint}; "
+                       f"allowed keys: {', '.join(sorted(allowed))}{note}")
+
+
+def _check_bundles(name: str, grid: dict) -> None:
+    """The grid keys that are no variant keys, as bundles: a mapping of labels, each a mapping of variant keys,
+    every label setting the same keys, no key set by two grid keys."""
+    allowed = sorted(_sweepable())
+    bundles = [key for key in grid if is_bundle(key)]
+    malformed = [key for key in bundles if not (isinstance(grid[key], dict) and grid[key]
+                                                and all(isinstance(v, dict) for v in grid[key].values()))]
+    if malformed:
+        raise _unknown_keys(f"sweeps/{name}/grid", malformed, allowed,
+                            "; or a bundle of keys set together: NAME: {label: {key: value, ...}, ...}")
+    owner = {key: key for key in grid if not is_bundle(key)}
+    for bundle in bundles:
+        labels = grid[bundle]
+        first = next(iter(labels))
+        for label, keys in labels.items():
+            where = f"sweeps/{name}/grid/{bundle}/{label}"
+            if not isinstance(label, str) or not _PART.match(label):
+                raise ConfigError(f"{where}: a bundle's label is letters and digits, words joined by single "
+                                  "underscores (it names the variants)")
+            if not keys:
+                raise ConfigError(f"{where}: is empty; give at least 1 key")
+            unknown = [k for k in keys if k not in _sweepable()]
+            if unknown:
+                raise _unknown_keys(where, unknown, allowed)
+            if set(keys) != set(labels[first]):
+                raise ConfigError(f"{where}: sets {', '.join(sorted(keys))}, but {first} sets "
+                                  f"{', '.join(sorted(labels[first]))}: every label of a bundle sets the same keys")
+        for key in labels[first]:
+            if key in owner:
+                raise ConfigError(f"sweeps/{name}/grid/{bundle}: sets {key!r}, which grid/{owner[key]} sets too")
+            owner[key] = bundle
+
+
 def _number_text(value: int | float) -> str:
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         value = int(value)
@@ -70,7 +130,7 @@ def _value_part(key: str, value) -> str:
 def _grid_values(sweep: str, key: str, values) -> list[tuple[str, object]]:
     """``(name part, value)`` of each value of one grid key, in the grid's order."""
     where = f"sweeps/{sweep}/grid/{key}"
-    if isinstance(values, dict):  # labelled values: the label is the name part
+    if isinstance(values, dict):  # labelled values, or a bundle's labelled keys: the label is the name part
         return list(values.items())
     parts = []
     for value in values:
@@ -98,6 +158,10 @@ def _check_structure(sweeps: dict, schema: dict) -> None:
     """The ``sweeps`` section against its schema, before anything is generated from it."""
     section = {"type": "object", "properties": {"sweeps": schema["properties"]["sweeps"]},
                "definitions": schema["definitions"]}
+    if isinstance(sweeps, dict):
+        for name, sweep in sweeps.items():
+            if isinstance(sweep, dict) and isinstance(sweep.get("grid"), dict):
+                _check_bundles(name, sweep["grid"])
     try:
         validate({"sweeps": sweeps, "variants": {}}, section)
     except ConfigError as e:
@@ -127,6 +191,8 @@ def _start(name: str, sweep: dict, listed: dict) -> dict:
 
 def format_value(value) -> str:
     """A swept value as the names and descriptions show it: true/false, floats to 4 significant digits."""
+    if isinstance(value, dict):  # a bundle's keys
+        return ", ".join(f"{key} {format_value(v)}" for key, v in value.items())
     if isinstance(value, bool):
         return "true" if value else "false"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -134,8 +200,10 @@ def format_value(value) -> str:
 
 def _point_description(sweep_name: str, sweep: dict, combination) -> str:
     """One sentence for the report: the sweep's description and the point's values (or labels)."""
-    values = ", ".join(f"{key} {part if isinstance(value, (dict, list)) else format_value(value)}"
-                       for key, (part, value) in zip(sweep["grid"], combination))
+    values = ", ".join(
+        f"{key} {part} ({format_value(value)})" if is_bundle(key) else
+        f"{key} {part if isinstance(value, (dict, list)) else format_value(value)}"
+        for key, (part, value) in zip(sweep["grid"], combination))
     lead = sweep.get("description", f"Sweep {sweep_name}").rstrip(".")
     return f"{lead}: {values}."
 
@@ -147,7 +215,9 @@ def generate(name: str, sweep: dict, listed: dict) -> dict:
     columns = [_grid_values(name, key, sweep["grid"][key]) for key in keys]
     variants = {}
     for combination in itertools.product(*columns):
-        point = {key: value for key, (_, value) in zip(keys, combination)}
+        point = {}
+        for key, (_, value) in zip(keys, combination):
+            point.update(value if is_bundle(key) else {key: value})  # a bundle sets its keys
         variant = start
         for key, value in point.items():
             variant = merge(variant, _nested(key, value))
@@ -210,6 +280,24 @@ def expand_sweeps(config: dict) -> dict:
                  for name in mentioned]
         raise ConfigError("\n  ".join([str(e)] + notes)) from None
     return out
+
+
+def grid_point(config: dict, name: str) -> dict:
+    """A generated variant's coordinates in its sweep's grid, by grid key: the point's value, or for a bundle
+    the label whose keys the point has. Without its sweep in ``config``, the point itself."""
+    record = config["variants"][name]["sweep"]
+    point = record["point"]
+    grid = ((config.get("sweeps") or {}).get(record["name"]) or {}).get("grid") or {}
+    if not any(is_bundle(key) for key in grid):
+        return dict(point)
+    coordinates = {}
+    for key, values in grid.items():
+        if is_bundle(key):
+            coordinates[key] = next(label for label, keys in values.items()
+                                    if all(point.get(k) == v for k, v in keys.items()))
+        else:
+            coordinates[key] = point[key]
+    return coordinates
 
 
 def sweep_groups(config: dict) -> dict[str | None, list[str]]:
