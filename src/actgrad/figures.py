@@ -231,8 +231,23 @@ def _layers(frame: pd.DataFrame, kind: str) -> list[str]:
     return sorted(frame[frame.kind == kind].layer.unique(), key=natural_key)
 
 
+def activation_words(stats: pd.DataFrame) -> dict:
+    """How a run's figures name its activation and the share of it that does not respond: tanh's saturation
+    (|h| > 0.97, the map at 0.99), or for ReLU and GELU the share at or below zero (the runs record
+    ``nonpositive_pct`` instead of ``saturated_pct`` for them, and their map is h <= 0)."""
+    if "nonpositive_pct" in set(stats.stat):
+        names = stats[stats.kind == "activation"].layer.str.rstrip("0123456789")
+        name = names.iloc[0] if len(names) else "relu"
+        return {"name": name, "share": "nonpositive_pct", "legend": "≤0", "note": "h≤0", "map": "h ≤ 0",
+                "white": "at or below 0"}
+    return {"name": "tanh", "share": "saturated_pct", "legend": "saturated", "note": "|h|>0.97", "map": "|h| > 0.99",
+            "white": "saturated"}
+
+
 def init_figure(hists: pd.DataFrame, saturation: dict[str, np.ndarray], stats: pd.DataFrame, title: str = ""):
-    """Step 0: the first tanh layer's activation and pre-activation histograms, and the saturation maps."""
+    """Step 0: the first tanh layer's activation and pre-activation histograms, and the saturation maps (ReLU and
+    GELU: the share and the map of outputs at or below zero, :func:`activation_words`)."""
+    words = activation_words(stats)
     layers = list(saturation) or _layers(hists, "activation")
     n_maps = max(1, len(saturation))
     fig = plt.figure(figsize=(10, 5.6 if n_maps == 1 else 5.4), layout="constrained")
@@ -240,7 +255,8 @@ def init_figure(hists: pd.DataFrame, saturation: dict[str, np.ndarray], stats: p
     ax_act, ax_pre = top.subplots(1, 2)
     first = layers[0] if layers else None
     deep = len(layers) > 1
-    for ax, kind, label in ((ax_act, "activation", "tanh output h"), (ax_pre, "preactivation", "pre-activation")):
+    for ax, kind, label in ((ax_act, "activation", f"{words['name']} output h"),
+                            (ax_pre, "preactivation", "pre-activation")):
         h = _hist(hists, kind, first, 0) if first else pd.DataFrame()
         if h.empty:
             no_data(ax)
@@ -254,7 +270,7 @@ def init_figure(hists: pd.DataFrame, saturation: dict[str, np.ndarray], stats: p
         ax.set_ylabel("fraction of values")
         note = f"mean {fmt(mean, '+.2f')}\nstd {fmt(std, '.2f')}"
         if kind == "activation":
-            note += f"\n|h|>0.97: {fmt(stat_at(stats, kind, first, 'saturated_pct', 0), '.1f')}%"
+            note += f"\n{words['note']}: {fmt(stat_at(stats, kind, first, words['share'], 0), '.1f')}%"
             ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
         ax.text(0.5 if kind == "activation" else 0.98, 0.95, note, transform=ax.transAxes, va="top",
                 ha="center" if kind == "activation" else "right", fontsize=8,
@@ -268,15 +284,15 @@ def init_figure(hists: pd.DataFrame, saturation: dict[str, np.ndarray], stats: p
         ax.grid(False)
         dead = int(m.all(axis=0).sum())
         if n_maps == 1:
-            ax.set_title(f"{layer}: |h| > 0.99 over the first batch - {100 * m.mean():.1f}% white (saturated), "
-                         f"{dead} dead unit(s) (all-white columns)")
+            ax.set_title(f"{layer}: {words['map']} over the first batch - {100 * m.mean():.1f}% white "
+                         f"({words['white']}), {dead} dead unit(s) (all-white columns)")
         else:
             ax.set_title(f"{layer}: {100 * m.mean():.0f}% white" + (f", {dead} dead" if dead else ""), fontsize=9)
         ax.set_xlabel("hidden unit")
         if i == 0:
             ax.set_ylabel("example in batch")
     if n_maps > 1:
-        bottom.suptitle("|h| > 0.99 over the first batch, every layer (white = saturated)", fontsize=9.5)
+        bottom.suptitle(f"{words['map']} over the first batch, every layer (white = {words['white']})", fontsize=9.5)
     if title:
         fig.suptitle(title, fontsize=11, x=0.01, ha="left")
     return fig
@@ -311,7 +327,8 @@ def distribution_figure(hists: pd.DataFrame, stats: pd.DataFrame, kind: str, ste
             continue
         ax.set_title(f"step {step:,}")
         ax.set_ylabel("density")
-        ax.set_xlabel({"activation": "tanh output", "activation_grad": "gradient of the loss w.r.t. tanh output",
+        act = activation_words(stats)["name"]
+        ax.set_xlabel({"activation": f"{act} output", "activation_grad": f"gradient of the loss w.r.t. {act} output",
                        "weight_grad": "gradient of the loss w.r.t. the weight"}[kind])
         if kind != "activation":
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
@@ -325,9 +342,10 @@ def distribution_figure(hists: pd.DataFrame, stats: pd.DataFrame, kind: str, ste
 
 def _legend(kind: str, layer: str, stats: pd.DataFrame, step: int) -> str:
     if kind == "activation":
+        words = activation_words(stats)
         return (f"{layer}: mean {fmt(stat_at(stats, kind, layer, 'mean', step), '+.2f')}, "
                 f"std {fmt(stat_at(stats, kind, layer, 'std', step), '.2f')}, "
-                f"saturated {fmt(stat_at(stats, kind, layer, 'saturated_pct', step), '.1f')}%")
+                f"{words['legend']} {fmt(stat_at(stats, kind, layer, words['share'], step), '.1f')}%")
     if kind == "activation_grad":
         return (f"{layer}: mean {fmt(stat_at(stats, kind, layer, 'mean', step), '+.1e')}, "
                 f"std {fmt(stat_at(stats, kind, layer, 'std', step), '.1e')}")
@@ -409,14 +427,15 @@ def variant_figures(run_paths, outputs: dict[str, str | os.PathLike], log=print)
     later = run.snapshot_step  # recorded once by the training job, so that the report shows the same step
     steps = [0] + ([later] if later is not None else [])
     suffix = f" - {name}, seed {run.seed}"
+    act = activation_words(stats)["name"]
     if run.diverged_at is not None:
         suffix += f" (diverged at step {run.diverged_at})"
     makers = {
         "init": lambda: init_figure(hists, run.saturation(), stats),
         "activations": lambda: distribution_figure(hists, stats, "activation", steps,
-                                                   "activation distribution per tanh layer" + suffix),
+                                                   f"activation distribution per {act} layer" + suffix),
         "activation_grads": lambda: distribution_figure(hists, stats, "activation_grad", steps,
-                                                        "gradient distribution per tanh layer" + suffix),
+                                                        f"gradient distribution per {act} layer" + suffix),
         "weight_grads": lambda: distribution_figure(hists, stats, "weight_grad", steps,
                                                     "weight-gradient distribution per 2-D parameter" + suffix),
         "updates": lambda: updates_figure(stats, "update:data ratio per weight matrix" + suffix),

@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from . import inference
+from .config import variant_spec
 from .conventions import (
     EXPECTED_INIT_LOSS,
     GLOBAL_FIGURES,
@@ -37,7 +38,7 @@ from .conventions import (
     sweep_title,
 )
 from .data import DataError, atomic_write_bytes
-from .summary import TABLES, lecture_seed_of
+from .summary import TABLES, lecture_seed_of, norm_sweeps
 from .sweeps import sweep_groups
 
 # Where each per-variant figure sits on the page: the init figure beside the samples, the
@@ -169,6 +170,29 @@ def _final_state(state: dict) -> dict:
     return {k: state[k] for k in ("all_diverged", "dtext", "lecture_diverged")}
 
 
+# The share of activation values that do not respond, per activation: (variants.csv metric, what it is called).
+# Saturation is a tanh notion; a ReLU or GELU unit at or below zero passes (almost) no gradient.
+ACTIVATION_SHARES = {"tanh": ("sat97", "saturated"), "relu": ("nonpositive", "≤ 0"), "gelu": ("nonpositive", "≤ 0")}
+
+
+def share_cells(activation: str, v, all_diverged: bool) -> dict:
+    """The comparison table's "saturated" cells for a variant's activation: tanh's |t| > 0.97, else at or below 0."""
+    metric, label = ACTIVATION_SHARES.get(activation, ACTIVATION_SHARES["tanh"])
+    sub = "" if activation == "tanh" else label
+    final = {"text": "diverged", "sub": "", "cls": "diverged"} if all_diverged else \
+        {"text": pct(v.get(f"{metric}_final_mean")), "sub": sub, "cls": ""}
+    return {"sat_init": {"text": pct(v.get(f"{metric}_init_mean")), "sub": sub, "cls": ""}, "sat_final": final,
+            "share_label": "saturated" if activation == "tanh" else f"{activation} {label}"}
+
+
+def share_heading(config: dict) -> str:
+    """The heading of the comparison table's share columns: tanh's saturation, or both kinds when the study mixes."""
+    activations = {variant_spec(config, name)["activation"] for name in config["variants"]}
+    if activations <= {"tanh"}:
+        return "saturated"
+    return "≤ 0" if "tanh" not in activations else "saturated<br>or ≤ 0"
+
+
 def comparison_rows(config: dict, variants: pd.DataFrame, summary: pd.DataFrame, refs: pd.DataFrame) -> list[dict]:
     rows = []
     for name in config["variants"]:
@@ -188,9 +212,7 @@ def comparison_rows(config: dict, variants: pd.DataFrame, summary: pd.DataFrame,
             "step0_loss": before_cell(v, "step0_loss"),
             "train_loss": final_cell(v, "train_loss", **_final_state(state)),
             "val_loss": final_cell(v, "val_loss", **_final_state(state)),
-            "sat_init": {"text": pct(v.get("sat97_init_mean")), "sub": "", "cls": ""},
-            "sat_final": ({"text": "diverged", "sub": "", "cls": "diverged"} if state["all_diverged"] else
-                          {"text": pct(v.get("sat97_final_mean")), "sub": "", "cls": ""}),
+            **share_cells(variant_spec(config, name)["activation"], v, state["all_diverged"]),
         }
         for quantity in ("train", "val"):
             ref = refs[(refs.variant == name) & refs.quantity.str.startswith(f"{quantity} loss")] \
@@ -340,10 +362,11 @@ def _shade(value, vmax=100.0) -> str:
 
 
 def _layer_cells(layers: pd.DataFrame, step) -> list[dict]:
-    """One shaded cell per layer: the saturated share at ``step`` (the summary's layer order)."""
+    """One shaded cell per layer: the saturated share at ``step`` (ReLU, GELU: at or below zero), in the summary's
+    layer order."""
     if not finite(step) or layers.empty:
         return []
-    sel = layers[(layers.stat == "saturated_pct") & (layers.step == int(step))]
+    sel = layers[layers.stat.isin(("saturated_pct", "nonpositive_pct")) & (layers.step == int(step))]
     return [{"layer": r.layer, "text": f"{r.value:.0f}", "style": _shade(r.value)} for r in sel.itertuples()]
 
 
@@ -376,6 +399,7 @@ def deep_rows(config: dict, summary: pd.DataFrame, variants: pd.DataFrame, deep_
             "variant": name, "description": config["variants"][name].get("description", ""),
             "early_step": _step(d.snapshot_step), "last_step": _step(d.last_step),
             "sat_early": _layer_cells(layers, d.snapshot_step), "sat_last": _layer_cells(layers, d.last_step),
+            "share": share_cells(variant_spec(config, name)["activation"], v, False)["share_label"],
             "grad_first": _sci(d.grad_std_first), "grad_last": _sci(d.grad_std_last),
             "grad_ratio": num(d.grad_ratio, 2),
             "grad_verdict": d.grad_verdict if isinstance(d.grad_verdict, str) else "",
@@ -586,7 +610,8 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
             "status_cls": row["status_cls"] if row else "",
             "facts": [("init loss", row["init_loss"]["text"] if row else "—"),
                       ("final val loss", row["val_loss"]["text"] if row else "—"),
-                      ("saturated at init", row["sat_init"]["text"] if row else "—")],
+                      (f"{row['share_label'] if row else 'saturated'} at init",
+                       row["sat_init"]["text"] if row else "—")],
             "samples": samples[samples.variant == name]["name"].tolist() if not samples.empty else [],
             "init": figure(figures_dir, captions_dir, "init", name),
             "diagnostics": [f for f in (figure(figures_dir, captions_dir, k, name) for k in DIAGNOSTICS) if f],
@@ -622,12 +647,165 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
         "theory": theory_groups(config, _csv(results / TABLES["theory"])),
         "theory_caption": read_caption(captions_dir, THEORY_CAPTION),
         "sweeps": sweep_sections(config, _csv(results / TABLES["sweeps"]), figures_dir, captions_dir, set(featured)),
+        "share_heading": share_heading(config),
+        "jacobian": jacobian_rows(_csv(results / TABLES["jacobian"])),
+        "normalisation": normalisation_section(config, _csv(results / TABLES["normalisation"])),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
         "versions": package_versions(),
         "data_sha256": data_sha,
         "git_commit": git_commit(repo),
         "runtime": runtime_of(summary),
     }
+
+
+# -- issue 19: the Jacobian at init, and what BatchNorm's coupling costs ----------------------------------------
+NORM_NAMES = {"batchnorm": "BatchNorm", "layernorm": "LayerNorm", "none": "no normalisation"}
+# A difference counts as real beyond this many standard errors of the difference (about 95 %).
+STANDARD_ERRORS = 2.0
+# The gain "matters" for a norm where its gains' mean losses span more than this many seed sds.
+GAIN_SPREAD_SEEDS = 3.0
+
+
+def jacobian_rows(jacobian: pd.DataFrame) -> list[dict]:
+    """results/jacobian.csv as the report's table: singular values' mean and spread (mean ± sd over seeds), and
+    the relative spread of the squares beside the theory for Gaussian and orthogonal weights."""
+    rows = []
+    for r in jacobian.itertuples():
+        rows.append({
+            "variant": r.variant, "norm": NORM_NAMES.get(r.norm, r.norm), "activation": r.activation,
+            "weights": r.weight_init, "gain": f"{float(r.gain):.4g}", "seeds": int(r.seeds),
+            "sv_mean": mean_std(r.sv_mean_mean, r.sv_mean_sd, 3), "sv_std": mean_std(r.sv_std_mean, r.sv_std_sd, 3),
+            "sv_range": f"{_fmt(r.sv_min_mean, '.2g')} – {_fmt(r.sv_max_mean, '.3g')}",
+            "rel_spread": mean_std(r.rel_spread_sq_mean, r.rel_spread_sq_sd, 2),
+            "gaussian": _fmt(r.predicted_rel_spread_sq_gaussian, ".2f"),
+            "orthogonal": _fmt(r.predicted_rel_spread_sq_orthogonal, ".2f"),
+            "theory": r.theory if isinstance(r.theory, str) else "",
+        })
+    return rows
+
+
+def _cell_runs(row) -> int:
+    return int(row.finished) if finite(row.finished) else 0
+
+
+def _difference(a, b) -> tuple[float, float]:
+    """Mean of ``a`` minus mean of ``b`` (normalisation.csv rows) and its standard error (NaN under 2 runs)."""
+    diff = float(a.val_loss_mean) - float(b.val_loss_mean)
+    na, nb = _cell_runs(a), _cell_runs(b)
+    if na < 2 or nb < 2 or not (finite(a.val_loss_sd) and finite(b.val_loss_sd)):
+        return diff, float("nan")
+    return diff, math.sqrt(float(a.val_loss_sd) ** 2 / na + float(b.val_loss_sd) ** 2 / nb)
+
+
+def _beyond_noise(diff: float, se: float) -> bool:
+    return finite(diff) and finite(se) and abs(diff) > STANDARD_ERRORS * se
+
+
+def _layernorm_answer(cells: dict) -> str:
+    sizes = sorted(b for (n, b) in cells if n == "batchnorm" and ("layernorm", b) in cells)
+    if not sizes:
+        return "The study has no batch size with both BatchNorm and LayerNorm variants: not asked here."
+    same, better, worse, parts = [], [], [], []
+    for b in sizes:
+        bn, ln = cells[("batchnorm", b)], cells[("layernorm", b)]
+        diff, se = _difference(ln, bn)
+        if not _beyond_noise(diff, se):
+            same.append(b)
+        else:
+            (better if diff < 0 else worse).append(b)
+        parts.append(f"batch {b}: LayerNorm {mean_std(ln.val_loss_mean, ln.val_loss_sd)} against BatchNorm "
+                     f"{mean_std(bn.val_loss_mean, bn.val_loss_sd)} ({num(diff, 4, signed=True)}"
+                     + (f", standard error {num(se, 4)})" if finite(se) else ")"))
+    verdicts = [f"{what} at batch size{'s' if len(bs) > 1 else ''} {', '.join(map(str, bs))}"
+                for what, bs in (("matches BatchNorm within the runs' spread", same), ("is better", better),
+                                 ("is worse", worse)) if bs]
+    return (f"LayerNorm {'; it '.join(verdicts)} (final validation loss, mean ± sd over every gain and seed; a "
+            f"difference counts beyond {STANDARD_ERRORS:g} standard errors). " + "; ".join(parts) + ".")
+
+
+def _batchnorm_answer(cells: dict) -> str:
+    bn = {b: r for (n, b), r in cells.items() if n == "batchnorm"}
+    if not bn:
+        return "The study has no BatchNorm variants: not asked here."
+    sizes = sorted(bn, reverse=True)
+    gaps = "; ".join(f"batch {b}: {num(bn[b].val_loss_mean)} with the running statistics, "
+                     f"{num(bn[b].val_loss_batch_stats_mean)} with each minibatch's own "
+                     f"(gap {num(bn[b].gap_mean, 4, signed=True)})" for b in sizes)
+    if len(sizes) < 2:
+        return f"One batch size only, so no trend to read: {gaps}."
+    against = "LayerNorm at the same batch size" if any(n == "layernorm" for n, _ in cells) else \
+        "BatchNorm's own best batch size"
+    best = min(sizes, key=lambda b: float(bn[b].val_loss_mean) if finite(bn[b].val_loss_mean) else math.inf)
+    broken = []
+    for b in sizes:
+        other = cells.get(("layernorm", b)) if "LayerNorm" in against else bn[best]
+        if other is None or other is bn[b]:
+            continue
+        diff, se = _difference(bn[b], other)
+        if _beyond_noise(diff, se) and diff > 0:
+            broken.append(b)
+    if broken:
+        lead = (f"BatchNorm falls behind {against} beyond the runs' spread at batch size"
+                f"{'s' if len(broken) > 1 else ''} {', '.join(map(str, sorted(broken, reverse=True)))}: here it "
+                f"breaks down at batch {max(broken)}" + (" and below" if min(sizes) < max(broken) else ""))
+    else:
+        lead = f"At no batch size here does BatchNorm fall behind {against} beyond the runs' spread"
+    return (f"{lead}. Evaluated with each minibatch's own statistics instead of the running ones (the coupling of "
+            f"examples at evaluation), the validation loss moves by: {gaps}.")
+
+
+def _gain_answer(cells: dict) -> str:
+    parts = []
+    for norm in ("batchnorm", "layernorm", "none"):
+        rows = [(b, r) for (n, b), r in sorted(cells.items()) if n == norm]
+        if not rows:
+            continue
+        if all(len(str(r.gains).split(";")) < 2 for _, r in rows):
+            parts.append(f"{NORM_NAMES[norm]}: one gain only, not asked")
+            continue
+        spread = max(rows, key=lambda br: float(br[1].gain_spread) if finite(br[1].gain_spread) else -1)
+        b, r = spread
+        ratio = float(r.gain_spread) / float(r.seed_sd) if finite(r.gain_spread) and finite(r.seed_sd) and \
+            float(r.seed_sd) > 0 else float("nan")
+        irrelevant = all(finite(x.gain_spread) and finite(x.seed_sd) and
+                         float(x.gain_spread) <= GAIN_SPREAD_SEEDS * float(x.seed_sd) for _, x in rows)
+        verdict = "the gain is irrelevant within the seeds' noise" if irrelevant else "the gain matters"
+        parts.append(f"{NORM_NAMES[norm]}: {verdict} (the gains {str(r.gains).replace(';', ', ')} span at most "
+                     f"{num(r.gain_spread, 4)} in mean final val loss, at batch {b}, against a seed sd of "
+                     f"{num(r.seed_sd, 4)}" + (f": {ratio:.1f}x" if finite(ratio) else "") + ")")
+    if not parts:
+        return "No deep variants: not asked here."
+    return (f"Per normalisation (the gain counts as irrelevant where its means span at most {GAIN_SPREAD_SEEDS:g} "
+            f"seed sds at every batch size): " + "; ".join(parts) + ".")
+
+
+def normalisation_section(config: dict, table: pd.DataFrame) -> dict | None:
+    """The section "What BatchNorm's coupling costs" where a sweep varies the normalisation: the final validation
+    loss by norm x batch size (results/normalisation.csv) and one paragraph per question, from those numbers."""
+    if table.empty or not norm_sweeps(config):
+        return None
+    cells = {(str(r.norm), int(r.batch_size)): r for r in table.itertuples()}
+    sizes = sorted({b for _, b in cells})
+    rows = []
+    for norm in dict.fromkeys(n for n, _ in cells):
+        row_cells = []
+        for b in sizes:
+            r = cells.get((norm, b))
+            if r is None:
+                row_cells.append({"text": "—", "sub": ""})
+                continue
+            sub = f"{_cell_runs(r)} of {int(r.runs)} runs"
+            if finite(r.gap_mean):
+                sub += f" · batch statistics {num(r.val_loss_batch_stats_mean)} (gap {num(r.gap_mean, 4, signed=True)})"
+            elif norm == "layernorm":
+                sub += " · batch statistics: the same (no running statistics)"
+            row_cells.append({"text": mean_std(r.val_loss_mean, r.val_loss_sd), "sub": sub})
+        rows.append({"norm": NORM_NAMES.get(norm, norm), "cells": row_cells})
+    examples = sorted({e for r in cells.values() for e in str(r.examples).split(";")})
+    return {"sizes": sizes, "rows": rows, "examples": ", ".join(f"{int(e):,}" for e in examples),
+            "answers": [("Does LayerNorm match BatchNorm here?", _layernorm_answer(cells)),
+                        ("At which batch size does BatchNorm break down?", _batchnorm_answer(cells)),
+                        ("Is the gain irrelevant under both?", _gain_answer(cells))]}
 
 
 def render(template_path, context: dict) -> str:

@@ -21,17 +21,21 @@ from .config import variant_spec
 from .conventions import EXPECTED_INIT_LOSS, natural_key
 from .data import atomic_write_bytes
 from .rundir import Run, read_runs
-from .sweeps import sweep_groups
+from .sweeps import grid_point, sweep_groups
 
 LECTURE_SEED = 2147483647
 RUN_COLUMNS = ["variant", "seed", "model", "batchnorm", "steps", "steps_done", "status", "diverged_at",
                "step0_loss", "init_loss", "expected_init_loss", "train_loss", "val_loss", "test_loss",
                "train_loss_calibrated", "val_loss_calibrated", "test_loss_calibrated",
-               "sat97_init", "sat97_final", "sat99_init", "sat99_final", "twin_final_abs_delta", "seconds"]
+               "sat97_init", "sat97_final", "sat99_init", "sat99_final", "twin_final_abs_delta", "seconds",
+               # issue 19: the activation's own shares, BatchNorm's batch-statistics evaluation, the Jacobian
+               "norm", "activation", "weight_init", "batch_size", "nonpositive_init", "nonpositive_final",
+               "val_loss_batch_stats", "jacobian_sv_mean", "jacobian_sv_std", "jacobian_sv_min", "jacobian_sv_max",
+               "jacobian_sv_mean_sq", "jacobian_sv_std_sq"]
 SPREAD_METRICS = ["step0_loss", "init_loss", "train_loss", "val_loss", "test_loss", "sat97_init", "sat97_final",
-                  "sat99_init", "sat99_final"]
+                  "sat99_init", "sat99_final", "nonpositive_init", "nonpositive_final", "val_loss_batch_stats"]
 # Measured before the first step: a run that diverged later still has them.
-BEFORE_TRAINING = {"step0_loss", "init_loss", "sat97_init", "sat99_init"}
+BEFORE_TRAINING = {"step0_loss", "init_loss", "sat97_init", "sat99_init", "nonpositive_init"}
 # The variant's settings that the study-level tables carry beside every row.
 STUDY_SETTINGS = ("model", "batchnorm", "gain", "activation")
 # What the summary writes: the keys write_summary takes, and each file's name under results/.
@@ -39,7 +43,7 @@ TABLES = {
     "summary": "summary.csv", "variants": "variants.csv", "significance": "significance.csv",
     "references": "reference_check.csv", "deep_layers": "deep_layers.csv", "deep_variants": "deep_variants.csv",
     "samples": "samples.csv", "stats": "stats.parquet", "histograms": "histograms.parquet", "chaos": "chaos.csv",
-    "theory": "theory.csv", "sweeps": "sweeps.csv",
+    "theory": "theory.csv", "sweeps": "sweeps.csv", "jacobian": "jacobian.csv", "normalisation": "normalisation.csv",
 }
 # A deep net's gradient at the first tanh layer against the last one's, at step 0.
 VANISHING_BELOW, EXPLODING_ABOVE = 0.5, 2.0
@@ -96,7 +100,7 @@ def sweep_grids(config: dict) -> dict[str, list[list[str]]]:
     for sweep, names in groups.items():
         if sweep is None:
             continue
-        points = {name: config["variants"][name]["sweep"]["point"] for name in names}
+        points = {name: grid_point(config, name) for name in names}  # a bundle is one axis, by its labels
         axes = list(points[names[0]])
         values: dict[str, list] = {axis: [] for axis in axes}
         for point in points.values():
@@ -192,12 +196,19 @@ def gradient_verdict(ratio: float) -> str:
             "exploding towards the input" if ratio > EXPLODING_ABOVE else "stable")
 
 
+def layer_share_stat(activation: str) -> str:
+    """The per-layer statistic that says how much of a layer does not respond: tanh's saturated share (|t| > 0.97),
+    ReLU's and GELU's share at or below zero (actgrad.stats records both names)."""
+    return "saturated_pct" if activation == "tanh" else "nonpositive_pct"
+
+
 def deep_tables(config: dict, runs_by_variant: dict[str, list[Run]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The deep networks layer by layer, over seeds: ``deep_layers`` (tidy: variant, layer, step, stat, value)
     and ``deep_variants`` (one row per deep variant).
 
-    Per layer: the saturated share at the snapshot step (the one the figures show, recorded by the lecture
-    seed's run) and at the last step, and the gradient's std at step 0. Per variant: the first tanh layer's
+    Per layer: the saturated share (for ReLU and GELU the share at or below zero: :func:`layer_share_stat`) at
+    the snapshot step (the one the figures show, recorded by the lecture seed's run) and at the last step, and
+    the gradient's std at step 0. Per variant: the first tanh layer's
     gradient against the last one's and the verdict, the median log10 update:data ratio of the weights over
     every recorded step, and the dead units (summed over layers) at init and at the end.
     """
@@ -210,10 +221,11 @@ def deep_tables(config: dict, runs_by_variant: dict[str, list[Run]]) -> tuple[pd
         act = stats[stats.kind == "activation"]
         last = int(act.step.max()) if len(act) else None
         snapshot = lecture_run(runs).snapshot_step
-        saturated = act[act.stat == "saturated_pct"]
+        share = layer_share_stat(variant_spec(config, name)["activation"])
+        saturated = act[act.stat == share]
         for step in dict.fromkeys(s for s in (snapshot, last) if s is not None):
             per_layer = saturated[saturated.step == step].groupby("layer").value.mean()
-            layer_rows += [(name, layer, step, "saturated_pct", per_layer[layer])
+            layer_rows += [(name, layer, step, share, per_layer[layer])
                            for layer in sorted(per_layer.index, key=natural_key)]
         grads = stats[(stats.kind == "activation_grad") & (stats.stat == "std") & (stats.step == 0)]
         grads = grads.groupby("layer").value.mean()
@@ -590,7 +602,129 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
     }
     tables["theory"] = theory_table(config, tables["stats"])
     tables["sweeps"] = sweep_table(config, runs, tables["stats"])
+    tables["jacobian"] = jacobian_table(config, runs)
+    tables["normalisation"] = normalisation_table(config, runs)
     for name, df in tables.items():
         path = Path(outputs[name])
         atomic_write_bytes(path, _parquet_bytes(df) if path.suffix == ".parquet" else _csv_bytes(df))
     return tables
+
+
+# -- issue 19: the Jacobian at init, and what BatchNorm's coupling costs --------------------------------------
+JACOBIAN_COLUMNS = [
+    "variant", "sweep", "model", "norm", "activation", "weight_init", "gain", "n_layers", "seeds",
+    "sv_mean_mean", "sv_mean_sd", "sv_std_mean", "sv_std_sd", "sv_min_mean", "sv_max_mean",
+    "mean_sq_mean", "rel_spread_sq_mean", "rel_spread_sq_sd",
+    "predicted_mean_sq", "predicted_rel_spread_sq_gaussian", "predicted_rel_spread_sq_orthogonal", "theory",
+]
+
+
+def jacobian_theory(spec: dict) -> dict:
+    """Pennington et al.'s prediction for a variant's hidden stack (:func:`actgrad.theory.jacobian_spectrum`): the
+    mean squared singular value for its own weights and the relative spread std/mean of the squares for Gaussian
+    and orthogonal weights, or why there is none. It counts the hidden layers as square and wide, and leaves out
+    the last (scaled, 100 -> 27) layer; the relative spread does not depend on a layer's scale."""
+    from . import theory
+
+    if spec["model"] != "deep":
+        return {"theory": "none for the one-hidden-layer net"}
+    if spec["norm"] != "none":
+        return {"theory": f"none with {spec['norm']} (the prediction is for unnormalised layers)"}
+    if spec["activation"] not in theory.ACTIVATIONS:
+        return {"theory": f"none for {spec['activation']}"}
+    out = {"theory": f"{spec['n_layers']} square {spec['activation']} layers at gain {spec['gain']:.4g}"}
+    for weights in ("gaussian", "orthogonal"):
+        p = theory.jacobian_spectrum(spec["n_layers"], float(spec["gain"]), spec["activation"], weights)
+        out[f"predicted_rel_spread_sq_{weights}"] = p["std_sq"] / p["mean_sq"] if p["mean_sq"] > 0 else np.nan
+        if weights == spec.get("weight_init", "gaussian"):
+            out["predicted_mean_sq"] = p["mean_sq"]
+    return out
+
+
+def jacobian_table(config: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """The input-output Jacobian's singular values at init per variant (``results/jacobian.csv``): mean and sd over
+    seeds of each run's mean, spread, smallest and largest singular value (one batch of 32 training examples), and
+    the relative spread of the squares, std/mean, beside :func:`jacobian_theory`'s prediction."""
+    rows = []
+    for name in config["variants"]:
+        sub = runs[runs.variant == name] if "jacobian_sv_mean" in runs else runs.iloc[0:0]
+        sub = sub[sub.jacobian_sv_mean.notna()] if len(sub) else sub
+        if sub.empty:
+            continue
+        spec = variant_spec(config, name)
+
+        def stat(column, how="mean", sub=sub):
+            values = sub[column].astype(float)
+            return values.mean() if how == "mean" else (values.std(ddof=1) if len(values) > 1 else np.nan)
+
+        rel = (sub.jacobian_sv_std_sq.astype(float) / sub.jacobian_sv_mean_sq.astype(float))
+        rows.append({
+            "variant": name, "sweep": config["variants"][name].get("sweep", {}).get("name"), "model": spec["model"],
+            "norm": spec["norm"], "activation": spec["activation"], "weight_init": spec.get("weight_init", "gaussian"),
+            "gain": spec["gain"], "n_layers": spec.get("n_layers", 1), "seeds": len(sub),
+            "sv_mean_mean": stat("jacobian_sv_mean"), "sv_mean_sd": stat("jacobian_sv_mean", "sd"),
+            "sv_std_mean": stat("jacobian_sv_std"), "sv_std_sd": stat("jacobian_sv_std", "sd"),
+            "sv_min_mean": stat("jacobian_sv_min"), "sv_max_mean": stat("jacobian_sv_max"),
+            "mean_sq_mean": stat("jacobian_sv_mean_sq"),
+            "rel_spread_sq_mean": rel.mean(), "rel_spread_sq_sd": rel.std(ddof=1) if len(rel) > 1 else np.nan,
+            **jacobian_theory(spec),
+        })
+    return pd.DataFrame(rows, columns=JACOBIAN_COLUMNS)
+
+
+NORMALISATION_COLUMNS = [
+    "norm", "batch_size", "steps", "examples", "gains", "variants", "runs", "finished", "val_loss_mean",
+    "val_loss_sd", "val_loss_batch_stats_mean", "val_loss_batch_stats_sd", "gap_mean", "gap_sd", "gap_max",
+    "gain_spread", "seed_sd", "by_gain",
+]
+
+
+def norm_sweeps(config: dict) -> list[str]:
+    """The sweeps that vary the normalisation (``norm`` or ``batchnorm``, directly or in a bundle)."""
+    return [sweep for sweep, names in sweep_groups(config).items()
+            if sweep is not None and len({variant_spec(config, name)["norm"] for name in names}) > 1]
+
+
+def normalisation_table(config: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """The deep nets' final validation loss by norm x batch size (``results/normalisation.csv``), each cell over
+    every gain and seed of it: mean and sd over the finished runs; for BatchNorm the loss with each minibatch's own
+    statistics and its gap to the running statistics' (``gap``: batch minus running, per run); the spread over
+    gains (largest minus smallest of the gains' means) against the seeds' (pooled sd within a gain); and each
+    gain's mean (``by_gain``: ``gain:mean`` joined by ``;``). Over the variants of the sweeps that vary the
+    normalisation (:func:`norm_sweeps`), else over every deep variant; empty without deep variants."""
+    rows = []
+    cells: dict[tuple[str, int], list[str]] = {}
+    sweeps = norm_sweeps(config)
+    specs = {name: variant_spec(config, name) for name, v in config["variants"].items()
+             if not sweeps or v.get("sweep", {}).get("name") in sweeps}
+    for name, spec in specs.items():
+        if spec["model"] == "deep":
+            cells.setdefault((spec["norm"], spec["batch_size"]), []).append(name)
+    norm_order = {"batchnorm": 0, "layernorm": 1, "none": 2}
+    for (norm, batch_size), names in sorted(cells.items(), key=lambda kv: (norm_order.get(kv[0][0], 3), kv[0][1])):
+        sub = runs[runs.variant.isin(names)]
+        ok = sub[sub.status == "ok"]
+        val = ok.val_loss.astype(float)
+        batch = ok.val_loss_batch_stats.astype(float) if "val_loss_batch_stats" in ok else pd.Series(dtype=float)
+        gap = (batch - val).dropna()
+        gains = sorted({float(specs[n]["gain"]) for n in names})
+        by_gain = {g: ok[ok.variant.isin([n for n in names if float(specs[n]["gain"]) == g])].val_loss.astype(float)
+                   for g in gains}
+        means = [v.mean() for v in by_gain.values() if len(v)]
+        variances = [v.var(ddof=1) for v in by_gain.values() if len(v) > 1]
+        steps = sorted({specs[n]["max_steps"] for n in names})
+        rows.append({
+            "norm": norm, "batch_size": batch_size, "steps": ";".join(map(str, steps)),
+            "examples": ";".join(str(s * batch_size) for s in steps), "gains": ";".join(f"{g:.4g}" for g in gains),
+            "variants": ";".join(names), "runs": len(sub), "finished": len(ok),
+            "val_loss_mean": val.mean() if len(val) else np.nan, "val_loss_sd": val.std(ddof=1) if len(val) > 1
+            else np.nan,
+            "val_loss_batch_stats_mean": batch.mean() if batch.notna().any() else np.nan,
+            "val_loss_batch_stats_sd": batch.std(ddof=1) if batch.notna().sum() > 1 else np.nan,
+            "gap_mean": gap.mean() if len(gap) else np.nan, "gap_sd": gap.std(ddof=1) if len(gap) > 1 else np.nan,
+            "gap_max": gap.max() if len(gap) else np.nan,
+            "gain_spread": max(means) - min(means) if len(means) > 1 else np.nan,
+            "seed_sd": math.sqrt(sum(variances) / len(variances)) if variances else np.nan,
+            "by_gain": ";".join(f"{g:.4g}:{v.mean()!r}" for g, v in by_gain.items() if len(v)),
+        })
+    return pd.DataFrame(rows, columns=NORMALISATION_COLUMNS)
