@@ -1,10 +1,8 @@
 """How the study is cut into jobs (issue 14, section 1 and 5): training several variants in one job changes
-no number, the config key chooses the cut, and the figure jobs look as they did without importing seaborn."""
+no number, the config key chooses the cut."""
 
 import json
 import re
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -122,35 +120,6 @@ def test_the_workflow_trains_a_job_per_group_and_a_change_retrains_its_group(tmp
     config["training_jobs"] = "variant"
     write_config(tmp_path, config)
     assert _training_rules(run_snakemake(tmp_path, "-n", configfile=path)) == {"train_a", "train_b"}
-
-
-def test_the_figures_theme_is_seaborns():
-    """figures.py sets seaborn's look without importing it; here seaborn itself says what that look is."""
-    code = """
-import matplotlib, copy
-matplotlib.use("Agg")
-from actgrad import figures
-assert "seaborn" not in __import__("sys").modules and "scipy" not in __import__("sys").modules
-figures.style()
-ours = copy.deepcopy(dict(matplotlib.rcParams))
-codes = {c: matplotlib.colors.to_rgb(c) for c in "bgrmyck"}
-palettes = [figures.color_palette(n) for n in ("deep", "tab10", "Set2", "Dark2")]
-palettes += [figures.color_palette("viridis", n) for n in (3, 5, 9)]
-import seaborn as sns
-matplotlib.rcdefaults()
-sns.set_theme(context="notebook", style="whitegrid", font_scale=0.85, rc={k: ours[k] for k in (
-    "axes.titleweight", "axes.titlesize", "legend.fontsize", "legend.framealpha", "figure.dpi", "savefig.dpi",
-    "axes.spines.top", "axes.spines.right", "font.family")})
-theirs = dict(matplotlib.rcParams)
-differ = sorted(k for k in theirs if ours[k] != theirs[k] and k != "image.cmap")
-assert not differ, differ
-assert codes == {c: matplotlib.colors.to_rgb(c) for c in "bgrmyck"}
-expected = [list(sns.color_palette(n)) for n in ("deep", "tab10", "Set2", "Dark2")]
-expected += [list(sns.color_palette("viridis", n_colors=n)) for n in (3, 5, 9)]
-assert palettes == expected, (palettes, expected)
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_the_smoke_study_trains_batched_jobs():

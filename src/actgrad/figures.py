@@ -32,8 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from matplotlib.colors import Normalize, to_rgb  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 
 from .conventions import GLOBAL_FIGURES, VARIANT_FIGURES, natural_key  # noqa: E402
 from .data import atomic_write_bytes  # noqa: E402
@@ -72,57 +72,14 @@ def param_label(name: str) -> str:
     return name.removeprefix("layers.")
 
 
-# -- seaborn's look, without importing seaborn ----------------------------------------------------
-# seaborn imports scipy.stats: a second of CPU in every figure job, for a theme and a few palettes. These are
-# seaborn 0.13's values (tests/test_job_granularity.py checks them against seaborn itself): its "deep" palette
-# and what set_theme(context="notebook", style="whitegrid", font_scale=0.85) sets, less the default colormap
-# ("rocket", which only seaborn registers; every image here names its own).
-DEEP = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
-# How many colours a qualitative matplotlib colormap holds (seaborn takes exactly those, not a resampling).
-QUALITATIVE = {"tab10": 10, "Set2": 8, "Dark2": 8}
-_TICKS = {"color": ".15", "labelsize": 9.35, "major.size": 6.0, "major.width": 1.25, "minor.size": 4.0,
-          "minor.width": 1.0}
-SEABORN_THEME = {
-    "axes.axisbelow": True, "axes.edgecolor": ".8", "axes.grid": True, "axes.labelcolor": ".15",
-    "axes.labelsize": 10.2, "axes.linewidth": 1.25, "axes.titlesize": 10.2,
-    "font.sans-serif": ["Arial", "DejaVu Sans", "Liberation Sans", "Bitstream Vera Sans", "sans-serif"],
-    "font.size": 10.2, "grid.color": ".8", "grid.linewidth": 1.0, "legend.fontsize": 9.35,
-    "legend.title_fontsize": 10.2, "lines.solid_capstyle": "round", "patch.edgecolor": "w",
-    "patch.force_edgecolor": True, "text.color": ".15", "xtick.bottom": False, "ytick.left": False,
-    **{f"{axis}.{key}": value for axis in ("xtick", "ytick") for key, value in _TICKS.items()},
-}
-
-
-def color_palette(name: str, n_colors: int | None = None) -> list[tuple]:
-    """seaborn's ``color_palette(name, n_colors)`` for "deep", the qualitative maps above and continuous maps."""
-    if name == "deep":
-        return [to_rgb(c) for c in DEEP][:n_colors]
-    if name in QUALITATIVE:
-        bins = np.linspace(0, 1, QUALITATIVE[name])[:n_colors]
-    else:  # evenly spaced samples of a continuous map, its two ends left out
-        bins = np.linspace(0, 1, int(n_colors or 6) + 2)[1:-1]
-    return [tuple(float(x) for x in rgb) for rgb in colormaps[name](bins)[:, :3]]
-
-
-# ... and its colour codes: "b", "g", "r", "m", "y", "c" are "deep" colours, "k" a near-black.
-COLOR_CODES = dict(zip("bgrmyck", [DEEP[i] for i in (0, 2, 3, 4, 8, 9)] + [(0.1, 0.1, 0.1)]))
-
-
-def set_theme(rc: dict) -> None:
-    matplotlib.rcParams.update({**SEABORN_THEME, "axes.prop_cycle": matplotlib.cycler(color=color_palette("deep"))})
-    matplotlib.rcParams.update(rc)
-    for code, color in COLOR_CODES.items():
-        matplotlib.colors.colorConverter.colors[code] = to_rgb(color)
-
-
 def layer_colors(n: int) -> list:
     if n <= 1:
-        return [color_palette("deep")[0]]
-    return color_palette("viridis", n_colors=n) if n > 2 else color_palette("deep")[:n]
+        return [sns.color_palette("deep")[0]]
+    return sns.color_palette("viridis", n_colors=n) if n > 2 else sns.color_palette("deep")[:n]
 
 
 def variant_palette(variants: list[str]) -> dict[str, tuple]:
-    pal = color_palette("tab10") + color_palette("Set2") + color_palette("Dark2")
+    pal = sns.color_palette("tab10") + sns.color_palette("Set2") + sns.color_palette("Dark2")
     return {v: pal[i % len(pal)] for i, v in enumerate(variants)}
 
 
@@ -173,9 +130,10 @@ def no_data(ax, text="not recorded"):
 
 
 def style() -> None:
-    set_theme(rc={"axes.titleweight": "bold", "axes.titlesize": 10.5, "legend.fontsize": 7.5,
-                  "legend.framealpha": 0.85, "figure.dpi": DPI, "savefig.dpi": DPI,
-                  "axes.spines.top": False, "axes.spines.right": False, "font.family": "DejaVu Sans"})
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.85,
+                  rc={"axes.titleweight": "bold", "axes.titlesize": 10.5, "legend.fontsize": 7.5,
+                      "legend.framealpha": 0.85, "figure.dpi": DPI, "savefig.dpi": DPI,
+                      "axes.spines.top": False, "axes.spines.right": False, "font.family": "DejaVu Sans"})
 
 
 def png_bytes(fig) -> bytes:
@@ -262,7 +220,7 @@ def init_figure(hists: pd.DataFrame, saturation: dict[str, np.ndarray], stats: p
             no_data(ax)
             continue
         edges = np.append(h.bin_left.to_numpy(), h.bin_right.iloc[-1])
-        color = color_palette("deep")[0 if kind == "activation" else 1]
+        color = sns.color_palette("deep")[0 if kind == "activation" else 1]
         ax.stairs(h.fraction.to_numpy(), edges, fill=True, color=color, alpha=0.85)
         mean, std = stat_at(stats, kind, first, "mean", 0), stat_at(stats, kind, first, "std", 0)
         ax.set_title(f"{label} of {first}" + (f" (1st of {len(layers)})" if deep else "") + ", step 0")
@@ -607,7 +565,7 @@ def sensitivity_figure(deltas: dict[str, list[tuple[int, np.ndarray]]]):
                              sharey=True)
     if not variants:
         no_data(axes[0, 0], "no sensitivity twins")
-    seed_colors = color_palette("deep")
+    seed_colors = sns.color_palette("deep")
     for ax, v in zip(axes.flat, variants):
         for i, (seed, d) in enumerate(deltas[v]):
             d = pd.Series(np.asarray(d, dtype=float)).replace([np.inf, -np.inf], np.nan)
@@ -782,7 +740,7 @@ SWEEP_PANELS = [
 _CURVE_COLUMNS = {"last_activation_std": "last_activation_std", "last_saturated_pct": "last_saturation_pct",
                   "grad_ratio_first_last": "grad_ratio_first_last"}
 GAIN_TICKS = (0.1, 0.25, 0.5, 1, 5 / 3, 3, 5, 10)
-_BN_COLORS = {"no BatchNorm": color_palette("deep")[0], "BatchNorm": color_palette("deep")[3]}
+_BN_COLORS = {"no BatchNorm": sns.color_palette("deep")[0], "BatchNorm": sns.color_palette("deep")[3]}
 
 
 def sweep_axes(rows: pd.DataFrame, keys: list[str]) -> tuple[str, list[str]]:
