@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from actgrad import data, train
+from actgrad import data, reference
 from actgrad.engine import train_batched
 from actgrad.stats import StatsPlan, StatsRecorder
 
@@ -80,7 +80,7 @@ def outcome(results, nets, gens, recorders) -> dict:
 
 
 def run_case(spec: dict, batch_size: int, use_kernels: bool, Xtr, Ytr) -> dict:
-    nets, gens = map(list, zip(*[train.init_network(spec, seed, 3) for seed in SEEDS]))
+    nets, gens = map(list, zip(*[reference.init_network(spec, seed, 3) for seed in SEEDS]))
     out = {}
     for phase, steps in (("init", STEPS_FROM_INIT), ("trained", STEPS_FROM_TRAINED)):
         recorders = [StatsRecorder(plan(steps)) for _ in nets]
@@ -91,7 +91,7 @@ def run_case(spec: dict, batch_size: int, use_kernels: bool, Xtr, Ytr) -> dict:
 
 
 def run_nan_case(use_kernels: bool, Xtr, Ytr) -> dict:
-    nets, gens = map(list, zip(*[train.init_network(SHALLOW_BN, seed, 3) for seed in (1, 2, 3)]))
+    nets, gens = map(list, zip(*[reference.init_network(SHALLOW_BN, seed, 3) for seed in (1, 2, 3)]))
     with torch.no_grad():
         nets[1].layers["linear2"].weight[0, 0] = float("nan")
     recorders = [StatsRecorder(plan(120)) for _ in nets]

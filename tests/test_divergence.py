@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import LECTURE_SEED
 
-from actgrad import train
+from actgrad import reference
 from actgrad.divergence import NON_FINITE, DivergenceRule
 from actgrad.engine import train_batched
 from actgrad.networks import LECTURE_NETWORKS
@@ -65,8 +65,8 @@ def test_a_badly_initialised_net_that_recovers_is_not_flagged(splits):
     """The lecture's `original` init starts at loss 27.9, confidently wrong, and trains normally."""
     Xtr, Ytr = splits["splits"]["train"]
     spec = dict(LECTURE_NETWORKS["shallow"], init={"C": 1, "W1": 1, "b1": 1, "W2": 1, "b2": 1})
-    net, g = train.init_network(spec, LECTURE_SEED, 3)
-    res = train.train_reference(net, g, Xtr, Ytr, steps=1200, batch_size=32, lr_schedule=spec["lr_schedule"])
+    net, g = reference.init_network(spec, LECTURE_SEED, 3)
+    res = reference.train_reference(net, g, Xtr, Ytr, steps=1200, batch_size=32, lr_schedule=spec["lr_schedule"])
     assert res.losses[0] > 27 and res.diverged_at is None and res.diverged_rule is None
     assert res.steps_done == 1200
 
@@ -77,9 +77,9 @@ def test_a_deep_net_stuck_far_above_the_uniform_guess_is_flagged(engine, splits)
     Xtr, Ytr = splits["splits"]["train"]
     spec = dict(LECTURE_NETWORKS["deep"], gain=1000.0)
     schedule = [{"from_step": 0, "lr": 100.0}]
-    net, g = train.init_network(spec, 1, 3)
+    net, g = reference.init_network(spec, 1, 3)
     if engine == "reference":
-        res = train.train_reference(net, g, Xtr, Ytr, steps=1500, batch_size=32, lr_schedule=schedule)
+        res = reference.train_reference(net, g, Xtr, Ytr, steps=1500, batch_size=32, lr_schedule=schedule)
     else:
         [res] = train_batched([net], [g], Xtr, Ytr, steps=1500, batch_size=32, lr_schedule=schedule)
     assert torch.isfinite(res.losses).all() and res.losses[1:].min() > 10 * UNIFORM
@@ -92,12 +92,12 @@ def test_both_engines_agree_on_where_and_why(splits):
     rule = DivergenceRule(loss_multiple=10, window=30)
     spec = dict(LECTURE_NETWORKS["deep"], n_layers=2, n_hidden=32, gain=1000.0)
     schedule = [{"from_step": 0, "lr": 100.0}]
-    nets, gens = zip(*[train.init_network(spec, seed, 3) for seed in (1, 2)])
+    nets, gens = zip(*[reference.init_network(spec, seed, 3) for seed in (1, 2)])
     batched = train_batched(list(nets), list(gens), Xtr, Ytr, steps=200, batch_size=32, lr_schedule=schedule,
                             divergence=rule, divergence_check_every=25)
     for seed, res in zip((1, 2), batched):
-        net, g = train.init_network(spec, seed, 3)
-        ref = train.train_reference(net, g, Xtr, Ytr, steps=200, batch_size=32, lr_schedule=schedule,
+        net, g = reference.init_network(spec, seed, 3)
+        ref = reference.train_reference(net, g, Xtr, Ytr, steps=200, batch_size=32, lr_schedule=schedule,
                                     divergence=rule, divergence_check_every=25)
         assert (res.diverged_at, res.diverged_rule, res.steps_done) == (ref.diverged_at, ref.diverged_rule,
                                                                         ref.steps_done)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actgrad import train
+from actgrad import reference
 from actgrad.engine import architecture, group_size, train_batched
 from actgrad.networks import LECTURE_NETWORKS
 from actgrad.stats import NetworkHooks, StatsPlan, StatsRecorder
@@ -31,16 +31,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def reference(spec, seed, Xtr, Ytr, steps, callbacks_for=None, **kwargs):
-    net, g = train.init_network(spec, seed, 3)
+def reference_run(spec, seed, Xtr, Ytr, steps, callbacks_for=None, **kwargs):
+    net, g = reference.init_network(spec, seed, 3)
     callbacks = [callbacks_for(net)] if callbacks_for else []
-    res = train.train_reference(net, g, Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE,
-                                callbacks=callbacks, **kwargs)
+    res = reference.train_reference(net, g, Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE,
+                                    callbacks=callbacks, **kwargs)
     return res, net, g
 
 
 def engine(specs_seeds, Xtr, Ytr, steps, **kwargs):
-    nets, gens = zip(*[train.init_network(spec, seed, 3) for spec, seed in specs_seeds])
+    nets, gens = zip(*[reference.init_network(spec, seed, 3) for spec, seed in specs_seeds])
     results = train_batched(list(nets), list(gens), Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE,
                             **kwargs)
     return results, nets, gens
@@ -72,7 +72,7 @@ def test_one_model_trains_as_the_reference_engine(name, splits):
     """Two thousand steps: the losses stay within float rounding of the reference's (measured: < 3e-6)."""
     Xtr, Ytr = splits["splits"]["train"]
     steps = 2000
-    ref, ref_net, ref_g = reference(NETWORKS[name], SEED, Xtr, Ytr, steps)
+    ref, ref_net, ref_g = reference_run(NETWORKS[name], SEED, Xtr, Ytr, steps)
     [res], [net], [g] = engine([(NETWORKS[name], SEED)], Xtr, Ytr, steps)
     assert res.steps_done == steps and res.diverged_at is None and res.losses.dtype == torch.float32
     # Same parameters, same first minibatch: the same first loss, to float rounding.
@@ -106,7 +106,7 @@ def test_one_model_trains_as_the_reference_engine(name, splits):
 ], ids=["b1_drawn_not_added", "relu", "deep_relu_bn"])
 def test_other_layers_and_bias_modes_train_as_the_reference(spec, splits):
     Xtr, Ytr = splits["splits"]["train"]
-    ref, ref_net, _ = reference(spec, SEED, Xtr, Ytr, 300)
+    ref, ref_net, _ = reference_run(spec, SEED, Xtr, Ytr, 300)
     [res], [net], _ = engine([(spec, SEED)], Xtr, Ytr, 300)
     assert (res.losses - ref.losses).abs().max().item() < 1e-5
     assert max_param_diff(net, ref_net) < 1e-5
@@ -165,7 +165,7 @@ def test_divergence_is_reported_and_does_not_touch_the_others(splits):
     results, nets, gens = engine(members, Xtr, Ytr, steps)
     outcomes = []
     for (spec, seed), res, net, g in zip(members, results, nets, gens):
-        ref, ref_net, ref_g = reference(spec, seed, Xtr, Ytr, steps)
+        ref, ref_net, ref_g = reference_run(spec, seed, Xtr, Ytr, steps)
         assert (res.diverged_at, res.diverged_rule) == (ref.diverged_at, ref.diverged_rule)
         assert res.steps_done == ref.steps_done == len(res.losses)
         assert torch.equal(g.get_state(), ref_g.get_state())  # drawn up to where it stopped
@@ -178,7 +178,7 @@ def test_divergence_is_reported_and_does_not_touch_the_others(splits):
 
 def test_a_nan_model_is_taken_out_of_the_batch(splits):
     Xtr, Ytr = splits["splits"]["train"]
-    nets, gens = zip(*[train.init_network(NETWORKS["shallow_bn"], seed, 3) for seed in (1, 2, 3)])
+    nets, gens = zip(*[reference.init_network(NETWORKS["shallow_bn"], seed, 3) for seed in (1, 2, 3)])
     with torch.no_grad():
         nets[1].layers["linear2"].weight[0, 0] = float("nan")
     results = train_batched(list(nets), list(gens), Xtr, Ytr, steps=120, batch_size=32, lr_schedule=SCHEDULE,
@@ -209,7 +209,7 @@ def test_statistics_match_the_hooks_on_the_reference_engine(name, splits):
                          last_step=steps - 1)
 
     ref_rec = StatsRecorder(plan())
-    reference(NETWORKS[name], SEED, Xtr, Ytr, steps, callbacks_for=lambda net: NetworkHooks(net, ref_rec))
+    reference_run(NETWORKS[name], SEED, Xtr, Ytr, steps, callbacks_for=lambda net: NetworkHooks(net, ref_rec))
     rec = StatsRecorder(plan())
     engine([(NETWORKS[name], SEED), (NETWORKS[name], 5)], Xtr, Ytr, steps, recorders=[rec, None])
     ref_stats, ref_hists = _frames(ref_rec)
@@ -231,7 +231,7 @@ def test_statistics_match_the_hooks_on_the_reference_engine(name, splits):
 
 def test_engine_refuses_to_batch_different_architectures(splits):
     Xtr, Ytr = splits["splits"]["train"]
-    nets, gens = zip(*[train.init_network(NETWORKS[n], 1, 3) for n in ("shallow", "shallow_bn")])
+    nets, gens = zip(*[reference.init_network(NETWORKS[n], 1, 3) for n in ("shallow", "shallow_bn")])
     assert architecture(nets[0]) != architecture(nets[1])
     with pytest.raises(ValueError, match="architecture"):
         train_batched(list(nets), list(gens), Xtr, Ytr, steps=5, batch_size=32, lr_schedule=SCHEDULE)
@@ -251,7 +251,7 @@ def test_group_size_is_the_cache_budget_over_what_the_engine_allocates(splits):
     the shallow ones."""
     sizes = {}
     for name, spec in NETWORKS.items():
-        net, _ = train.init_network(spec, 1, 3)
+        net, _ = reference.init_network(spec, 1, 3)
         sizes[name] = group_size(architecture(net), 32, 3)
     assert min(sizes.values()) >= 10
     assert sizes["deep_bn"] < sizes["deep"] < sizes["shallow_bn"] <= sizes["shallow"]
@@ -262,7 +262,7 @@ def test_group_size_is_the_cache_budget_over_what_the_engine_allocates(splits):
 def _twin_runs(trainer, spec, perturbation, Xtr, Ytr, steps=200, every=50):
     """Seeds 1 and 2 with their twins (models 2 and 3), statistics every ``every`` steps on the bases."""
     members = [(1, 0.0), (2, 0.0), (1, perturbation), (2, perturbation)]
-    nets, gens = zip(*[train.init_network(spec, seed, 3, w1_perturbation=p) for seed, p in members])
+    nets, gens = zip(*[reference.init_network(spec, seed, 3, w1_perturbation=p) for seed, p in members])
     plan = StatsPlan(every=every, update_every=every, histogram_every=steps, snapshot_steps=(), bins=5,
                      last_step=steps - 1)
     recorders = [StatsRecorder(plan), StatsRecorder(plan), None, None]
@@ -270,7 +270,7 @@ def _twin_runs(trainer, spec, perturbation, Xtr, Ytr, steps=200, every=50):
                    recorders=recorders, twins={2: 0, 3: 1})
 
 
-@pytest.mark.parametrize("trainer", [train_batched, train.train_reference_runs], ids=["batched", "reference"])
+@pytest.mark.parametrize("trainer", [train_batched, reference.train_reference_runs], ids=["batched", "reference"])
 def test_a_twin_without_perturbation_stays_at_distance_zero(trainer, splits):
     Xtr, Ytr = splits["splits"]["train"]
     results = _twin_runs(trainer, NETWORKS["shallow_bn"], 0.0, Xtr, Ytr)
@@ -284,14 +284,14 @@ def test_a_real_twin_drifts_away_and_both_engines_measure_the_same_drift(splits)
     Xtr, Ytr = splits["splits"]["train"]
     spec = NETWORKS["deep_bn"]
     batched = _twin_runs(train_batched, spec, 1e-3, Xtr, Ytr)
-    reference_ = _twin_runs(train.train_reference_runs, spec, 1e-3, Xtr, Ytr)
+    reference_ = _twin_runs(reference.train_reference_runs, spec, 1e-3, Xtr, Ytr)
     for base in (0, 1):
         steps, distances = batched[base].extra["param_distance"]
         ref_steps, ref_distances = reference_[base].extra["param_distance"]
         assert steps.tolist() == ref_steps.tolist() == [0, 50, 100, 150, 199]
         assert np.isfinite(distances).all() and (distances > 0).all() and distances[-1] > distances[0]
         # step 0 is the perturbation itself: 1e-3 x |W1|, to the float32 rounding of W1 x 1.001 (6e-8 / 1e-3)
-        net, _ = train.init_network(spec, base + 1, 3)
+        net, _ = reference.init_network(spec, base + 1, 3)
         assert distances[0] == pytest.approx(1e-3 * net.layers["linear1"].weight.norm().item(), rel=1e-4)
         assert distances == pytest.approx(ref_distances, rel=1e-3)
 

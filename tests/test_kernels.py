@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_engine import NETWORKS, SCHEDULE
 
-from actgrad import kernels, train
+from actgrad import kernels, reference
 from actgrad.engine import train_batched
 from actgrad.stats import StatsPlan, StatsRecorder
 
@@ -36,7 +36,7 @@ def fresh_kernels():
 
 
 def _train(spec, seeds, Xtr, Ytr, steps, use_kernels, batch_size=32):
-    nets, gens = zip(*[train.init_network(spec, seed, 3) for seed in seeds])
+    nets, gens = zip(*[reference.init_network(spec, seed, 3) for seed in seeds])
     recorders = [StatsRecorder(StatsPlan(every=20, update_every=10, histogram_every=40, snapshot_steps=(0, 20),
                                          bins=20, last_step=steps - 1)) for _ in seeds]
     results = train_batched(list(nets), list(gens), Xtr, Ytr, steps=steps, batch_size=batch_size,
@@ -83,7 +83,7 @@ def test_kernels_train_as_the_pytorch_operations(name, batch_size, splits):
 def test_a_diverging_model_is_still_seen_through_the_kernels(splits):
     """NaN must propagate through the kernels (they are built without -ffast-math)."""
     Xtr, Ytr = splits["splits"]["train"]
-    nets, gens = zip(*[train.init_network(NETWORKS["deep_bn"], seed, 3) for seed in (1, 2)])
+    nets, gens = zip(*[reference.init_network(NETWORKS["deep_bn"], seed, 3) for seed in (1, 2)])
     with torch.no_grad():
         nets[1].layers["linear3"].weight[0, 0] = float("nan")
     results = train_batched(list(nets), list(gens), Xtr, Ytr, steps=50, batch_size=32, lr_schedule=SCHEDULE,

@@ -7,7 +7,7 @@ import torch
 from conftest import LECTURE_SEED, REPO
 
 from actgrad import config as cfg
-from actgrad import lecture, train
+from actgrad import evaluation, lecture, reference
 from actgrad.divergence import DivergenceRule
 from actgrad.model import BatchNorm1d, Scratch
 
@@ -25,13 +25,13 @@ def spec(name, **changes):
 
 def test_a_spec_whose_norm_and_batchnorm_disagree_builds_nothing():
     with pytest.raises(ValueError, match="batchnorm: False contradicts norm: batchnorm"):
-        train.init_network(dict(cfg.variant_spec(DEFAULT, "deep_bn_gain1"), batchnorm=False), 1, 3)
+        reference.init_network(dict(cfg.variant_spec(DEFAULT, "deep_bn_gain1"), batchnorm=False), 1, 3)
 
 
 def first_loss(s, splits, seed=LECTURE_SEED):
-    net, g = train.init_network(s, seed, 3)
+    net, g = reference.init_network(s, seed, 3)
     Xtr, Ytr = splits["splits"]["train"]
-    return train.train_reference(net, g, Xtr, Ytr, steps=1, batch_size=32, lr_schedule=s["lr_schedule"]).losses[0]
+    return reference.train_reference(net, g, Xtr, Ytr, steps=1, batch_size=32, lr_schedule=s["lr_schedule"]).losses[0]
 
 
 def test_initial_losses_of_the_default_variants(splits):
@@ -56,8 +56,8 @@ def test_mlp_training_is_bit_for_bit_the_lectures(name, lecture_kwargs, splits):
     Xtr, Ytr = splits["splits"]["train"]
     ref, ref_params = lecture.mlp_loop(Xtr, Ytr, steps=200, **lecture_kwargs)
     s = spec(name)
-    net, g = train.init_network(s, LECTURE_SEED, 3)
-    res = train.train_reference(net, g, Xtr, Ytr, steps=200, batch_size=32, lr_schedule=s["lr_schedule"])
+    net, g = reference.init_network(s, LECTURE_SEED, 3)
+    res = reference.train_reference(net, g, Xtr, Ytr, steps=200, batch_size=32, lr_schedule=s["lr_schedule"])
     assert torch.equal(res.losses, torch.tensor(ref))
     assert torch.equal(net.layers["linear1"].weight.data, ref_params["W1"].data)
     if s["batchnorm"]:
@@ -71,8 +71,8 @@ def test_deep_training_is_bit_for_bit_the_lectures(batchnorm, gain, splits):
     Xtr, Ytr = splits["splits"]["train"]
     ref, C, layers = lecture.deep_loop(Xtr, Ytr, steps=50, batchnorm=batchnorm, gain=gain)
     s = spec("deep_bn_gain1", batchnorm=batchnorm, gain=gain)
-    net, g = train.init_network(s, LECTURE_SEED, 3)
-    res = train.train_reference(net, g, Xtr, Ytr, steps=50, batch_size=32, lr_schedule=s["lr_schedule"])
+    net, g = reference.init_network(s, LECTURE_SEED, 3)
+    res = reference.train_reference(net, g, Xtr, Ytr, steps=50, batch_size=32, lr_schedule=s["lr_schedule"])
     assert torch.equal(res.losses, torch.tensor(ref))
     assert torch.equal(net.layers["embedding"].weight.data, C.data)
     assert torch.equal(net.layers["linear6"].weight.data, layers[-2 if batchnorm else -1].weight.data)
@@ -82,7 +82,7 @@ def test_deep_training_is_bit_for_bit_the_lectures(batchnorm, gain, splits):
 
 def test_hidden_bias_settings_and_the_random_stream():
     base = spec("fix_tanh")
-    nets = {mode: train.init_network(dict(base, hidden_bias=mode), LECTURE_SEED, 3)[0]
+    nets = {mode: reference.init_network(dict(base, hidden_bias=mode), LECTURE_SEED, 3)[0]
             for mode in ("added", "drawn_not_added", "not_drawn")}
     added, unused, absent = (nets[m].layers for m in ("added", "drawn_not_added", "not_drawn"))
     # (a) and (b) draw identical parameters; (b) keeps b1 but neither adds nor trains it.
@@ -127,7 +127,7 @@ def test_batchnorm_forward_and_running_statistics():
 def test_calibration_matches_the_lectures_pass_over_the_training_split(splits):
     Xtr, _ = splits["splits"]["train"]
     s = spec("batchnorm")
-    net, _ = train.init_network(s, LECTURE_SEED, 3)
+    net, _ = reference.init_network(s, LECTURE_SEED, 3)
     net.calibrate_batchnorm(Xtr)
     with torch.no_grad():
         hpreact = net.layers["embedding"](Xtr) @ net.layers["linear1"].weight
@@ -140,8 +140,8 @@ def test_calibration_matches_the_lectures_pass_over_the_training_split(splits):
 def test_calibration_in_chunks_gives_the_same_statistics_and_logits(variant, splits):
     Xtr, _ = splits["splits"]["train"]
     X = Xtr[:20000]
-    whole, _ = train.init_network(spec(variant), LECTURE_SEED, 3)
-    chunked, _ = train.init_network(spec(variant), LECTURE_SEED, 3)
+    whole, _ = reference.init_network(spec(variant), LECTURE_SEED, 3)
+    chunked, _ = reference.init_network(spec(variant), LECTURE_SEED, 3)
     logits = whole.calibrate_batchnorm(X)
     logits_chunked = chunked.calibrate_batchnorm(X, chunk=3000)  # not a divisor of the rows
     assert torch.equal(logits, logits_chunked)
@@ -154,11 +154,11 @@ def test_evaluations_sharing_a_scratch_give_what_fresh_ones_give(splits):
     X, Y = Xtr[:20000], Ytr[:20000]  # more rows than one chunk
     scratch = Scratch()
     for seed in (LECTURE_SEED, 1):
-        fresh, _ = train.init_network(spec("deep_bn_gain1"), seed, 3)
-        shared, _ = train.init_network(spec("deep_bn_gain1"), seed, 3)
-        assert train.evaluate(fresh, X, Y, calibrate=True) == train.evaluate(shared, X, Y, calibrate=True,
+        fresh, _ = reference.init_network(spec("deep_bn_gain1"), seed, 3)
+        shared, _ = reference.init_network(spec("deep_bn_gain1"), seed, 3)
+        assert evaluation.evaluate(fresh, X, Y, calibrate=True) == evaluation.evaluate(shared, X, Y, calibrate=True,
                                                                              scratch=scratch)
-        assert train.evaluate(fresh, X[:9000], Y[:9000]) == train.evaluate(shared, X[:9000], Y[:9000],
+        assert evaluation.evaluate(fresh, X[:9000], Y[:9000]) == evaluation.evaluate(shared, X[:9000], Y[:9000],
                                                                            scratch=scratch)
         for (_, a), (_, b) in zip(fresh.batchnorm_layers(), shared.batchnorm_layers()):
             assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_spread, b.running_spread)
@@ -169,10 +169,10 @@ def test_evaluations_sharing_a_scratch_give_what_fresh_ones_give(splits):
 def test_saturation_is_the_share_of_activations_above_each_threshold(splits):
     Xtr, Ytr = splits["splits"]["train"]
     X, Y = Xtr[:20000], Ytr[:20000]
-    net, _ = train.init_network(spec("deep_gain3"), LECTURE_SEED, 3)
+    net, _ = reference.init_network(spec("deep_gain3"), LECTURE_SEED, 3)
     with torch.no_grad():
         net.layers["embedding"].weight[5, 3] = float("nan")  # NaN is above no threshold
-    _, sat = train.evaluate(net, X, Y, saturation=(0.97, 0.99))
+    _, sat = evaluation.evaluate(net, X, Y, saturation=(0.97, 0.99))
     acts = []
     handles = [layer.register_forward_hook(lambda m, i, o: acts.append(o)) for _, layer in net.activation_layers()]
     with torch.no_grad():
@@ -184,12 +184,12 @@ def test_saturation_is_the_share_of_activations_above_each_threshold(splits):
     assert sat == {t: 100.0 * int((magnitude > t).sum()) / magnitude.numel() for t in (0.97, 0.99)}
     # At the threshold itself (as a float32) and around it
     edge = torch.tensor([0.97, 0.9700001, 0.96999997, float("inf"), float("nan"), -1.0])
-    assert train._count(edge, torch.gt, 0.97, torch.empty_like(edge)) == int((edge > 0.97).sum()) == 2
-    assert train._count(edge, torch.le, 0.97, torch.empty_like(edge)) == int((edge <= 0.97).sum()) == 3
+    assert evaluation._count(edge, torch.gt, 0.97, torch.empty_like(edge)) == int((edge > 0.97).sum()) == 2
+    assert evaluation._count(edge, torch.le, 0.97, torch.empty_like(edge)) == int((edge <= 0.97).sum()) == 3
     # The same shares by name, and a ReLU net's share at or below zero
-    _, named = train.evaluate(net, X, Y, shares=("sat97", "sat99"))
+    _, named = evaluation.evaluate(net, X, Y, shares=("sat97", "sat99"))
     assert named == {"sat97": sat[0.97], "sat99": sat[0.99]}
-    relu, _ = train.init_network(spec("deep_gain3", activation="relu"), LECTURE_SEED, 3)
+    relu, _ = reference.init_network(spec("deep_gain3", activation="relu"), LECTURE_SEED, 3)
     outs = []
     handles = [layer.register_forward_hook(lambda m, i, o: outs.append(o)) for _, layer in relu.activation_layers()]
     with torch.no_grad():
@@ -197,25 +197,25 @@ def test_saturation_is_the_share_of_activations_above_each_threshold(splits):
     for h in handles:
         h.remove()
     values = torch.cat([o.flatten() for o in outs])
-    _, shares = train.evaluate(relu, X, Y, shares=("nonpositive",))
+    _, shares = evaluation.evaluate(relu, X, Y, shares=("nonpositive",))
     assert shares == {"nonpositive": 100.0 * int((values <= 0).sum()) / values.numel()}
     assert 40 < shares["nonpositive"] < 60  # about half of a ReLU net's units are off at init
     with pytest.raises(ValueError, match="nonnegative"):
-        train.evaluate(relu, X, Y, shares=("nonnegative",))
+        evaluation.evaluate(relu, X, Y, shares=("nonnegative",))
 
 
 def test_learning_rate_schedule():
     schedule = [{"from_step": 0, "lr": 0.1}, {"from_step": 100000, "lr": 0.01}]
-    assert train.learning_rate(schedule, 99999) == 0.1
-    assert train.learning_rate(schedule, 100000) == 0.01
+    assert reference.learning_rate(schedule, 99999) == 0.1
+    assert reference.learning_rate(schedule, 100000) == 0.01
 
 
 def test_divergence_stops_the_run_and_names_the_step_and_the_rule(splits):
     Xtr, Ytr = splits["splits"]["train"]
     s = spec("fix_tanh", lr_schedule=[{"from_step": 0, "lr": 1e4}])
-    net, g = train.init_network(s, LECTURE_SEED, 3)
+    net, g = reference.init_network(s, LECTURE_SEED, 3)
     rule = DivergenceRule(loss_multiple=10, window=20)
-    res = train.train_reference(net, g, Xtr, Ytr, steps=1000, batch_size=32, lr_schedule=s["lr_schedule"],
+    res = reference.train_reference(net, g, Xtr, Ytr, steps=1000, batch_size=32, lr_schedule=s["lr_schedule"],
                                 divergence_check_every=10, divergence=rule)
     assert res.diverged_at is not None and res.diverged_at < 1000
     assert res.steps_done == res.diverged_at + 1 == len(res.losses)

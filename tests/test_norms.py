@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import LECTURE_SEED, REPO
 
 from actgrad import config as cfg
-from actgrad import train
+from actgrad import reference
 from actgrad.engine import ops, train_batched
 from actgrad.engine.layout import Layer
 from actgrad.model import GELU, LayerNorm, jacobian_spectrum, orthogonal_like
@@ -102,12 +102,12 @@ def test_orthogonal_weights_are_orthogonal_times_the_gain():
     assert torch.allclose(wide @ wide.T, 100 / 30 * torch.eye(30), atol=1e-5)  # orthonormal rows, scaled
     assert torch.allclose(narrow.T @ narrow, torch.eye(27), atol=1e-5)  # orthonormal columns
     # The deep net: gain on every Linear but the last, last_layer_scale on the last; the mlp: gain on W1 and W2.
-    net, _ = train.init_network(dict(DEEP, batchnorm=False, weight_init="orthogonal", gain=1.7), 1, 3)
+    net, _ = reference.init_network(dict(DEEP, batchnorm=False, weight_init="orthogonal", gain=1.7), 1, 3)
     W = {name: layer.weight.detach() for name, layer in net.layers.items() if name.startswith("linear")}
     assert torch.allclose(W["linear3"].T @ W["linear3"], 1.7 ** 2 * torch.eye(100), atol=1e-4)
     assert torch.allclose(W["linear1"] @ W["linear1"].T, 1.7 ** 2 * 100 / 30 * torch.eye(30), atol=1e-4)
     assert torch.allclose(W["linear6"].T @ W["linear6"], 0.1 ** 2 * torch.eye(27), atol=1e-6)
-    mlp, _ = train.init_network(dict(SHALLOW, init=dict(FIXED_INIT, W2="orthogonal"), gain=2.0), 1, 3)
+    mlp, _ = reference.init_network(dict(SHALLOW, init=dict(FIXED_INIT, W2="orthogonal"), gain=2.0), 1, 3)
     W2 = mlp.layers["linear2"].weight.detach()
     assert torch.allclose(W2.T @ W2, 4.0 * torch.eye(27), atol=1e-4)
 
@@ -115,8 +115,8 @@ def test_orthogonal_weights_are_orthogonal_times_the_gain():
 def test_orthogonal_draws_leave_the_random_stream_where_it_was():
     for gaussian, orthogonal in ((DEEP, dict(DEEP, weight_init="orthogonal")),
                                  (SHALLOW, dict(SHALLOW, init=dict(FIXED_INIT, W1="orthogonal")))):
-        a, ga = train.init_network(gaussian, LECTURE_SEED, 3)
-        b, gb = train.init_network(orthogonal, LECTURE_SEED, 3)
+        a, ga = reference.init_network(gaussian, LECTURE_SEED, 3)
+        b, gb = reference.init_network(orthogonal, LECTURE_SEED, 3)
         assert torch.equal(ga.get_state(), gb.get_state())  # the minibatches are the same
         assert torch.equal(a.layers["embedding"].weight, b.layers["embedding"].weight)
         assert not torch.equal(a.layers["linear1"].weight, b.layers["linear1"].weight)
@@ -124,18 +124,18 @@ def test_orthogonal_draws_leave_the_random_stream_where_it_was():
 
 def test_norm_key_builds_the_networks_batchnorm_builds_and_layernorm_where_batchnorm_was():
     for spec in (SHALLOW_BN, DEEP_BN):
-        old, _ = train.init_network(spec, 5, 3)
+        old, _ = reference.init_network(spec, 5, 3)
         without_flag = {k: v for k, v in spec.items() if k != "batchnorm"}
-        new, _ = train.init_network(dict(without_flag, norm="batchnorm"), 5, 3)
+        new, _ = reference.init_network(dict(without_flag, norm="batchnorm"), 5, 3)
         assert old.state_dict().keys() == new.state_dict().keys()
         assert all(torch.equal(old.state_dict()[k], new.state_dict()[k]) for k in old.state_dict())
-    deep_ln, _ = train.init_network(dict(DEEP_BN, batchnorm=False, norm="layernorm"), 5, 3)
+    deep_ln, _ = reference.init_network(dict(DEEP_BN, batchnorm=False, norm="layernorm"), 5, 3)
     names = list(deep_ln.layers)
     assert names[:4] == ["embedding", "linear1", "layernorm1", "tanh1"] and names[-2:] == ["linear6", "layernorm6"]
     assert all(deep_ln.layers[n].bias is None for n in names if n.startswith("linear"))  # the norm's shift instead
     assert torch.equal(deep_ln.layers["layernorm6"].gamma, torch.full((27,), 0.1))  # last_layer_scale
     assert not deep_ln.batchnorm_layers() and len(deep_ln.layernorm_layers()) == 6
-    shallow_ln, _ = train.init_network(dict(SHALLOW, norm="layernorm"), 5, 3)
+    shallow_ln, _ = reference.init_network(dict(SHALLOW, norm="layernorm"), 5, 3)
     assert list(shallow_ln.layers) == ["embedding", "linear1", "layernorm1", "tanh1", "linear2"]
     # LayerNorm is F.layer_norm, per example: the same in training and evaluation, examples independent
     x = torch.randn(8, 200) * 4 + 2
@@ -205,12 +205,12 @@ def test_each_option_trains_in_the_batched_engine_as_in_the_reference(name, kern
         pytest.skip("no C compiler: the C-kernel build is tested in test_kernels")
     Xtr, Ytr = splits["splits"]["train"]
     spec, steps = OPTIONS[name], 300
-    nets, gens = map(list, zip(*[train.init_network(spec, seed, 3) for seed in (LECTURE_SEED, 7)]))
+    nets, gens = map(list, zip(*[reference.init_network(spec, seed, 3) for seed in (LECTURE_SEED, 7)]))
     results = train_batched(nets, gens, Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE,
                             kernels=kernels)
     for seed, res, net, g in zip((LECTURE_SEED, 7), results, nets, gens):
-        ref_net, ref_g = train.init_network(spec, seed, 3)
-        ref = train.train_reference(ref_net, ref_g, Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE)
+        ref_net, ref_g = reference.init_network(spec, seed, 3)
+        ref = reference.train_reference(ref_net, ref_g, Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE)
         assert res.steps_done == ref.steps_done == steps
         assert (res.losses - ref.losses).abs().max().item() < 1e-5
         assert res.losses[-50:].mean() < res.losses[0] - 0.3  # it trained
@@ -253,11 +253,11 @@ def test_statistics_of_a_gelu_net_match_between_the_engines(name, splits):
 
     spec = OPTIONS[name]
     ref_rec = StatsRecorder(plan(), activation_range=None)
-    net, g = train.init_network(spec, LECTURE_SEED, 3)
+    net, g = reference.init_network(spec, LECTURE_SEED, 3)
     hooks = NetworkHooks(net, ref_rec)
-    train.train_reference(net, g, Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE, callbacks=[hooks])
+    reference.train_reference(net, g, Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE, callbacks=[hooks])
     rec = StatsRecorder(plan(), activation_range=None)
-    nets, gens = map(list, zip(*[train.init_network(spec, LECTURE_SEED, 3)]))
+    nets, gens = map(list, zip(*[reference.init_network(spec, LECTURE_SEED, 3)]))
     train_batched(nets, gens, Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=SCHEDULE, recorders=[rec])
     ours, theirs = (r.stats_frame().set_index(["step", "layer", "kind", "stat"]).value for r in (rec, ref_rec))
     assert list(ours.index) == list(theirs.index)
@@ -274,7 +274,7 @@ def test_statistics_of_a_gelu_net_match_between_the_engines(name, splits):
 def test_jacobian_spectrum_is_that_of_each_examples_jacobian(name, splits):
     Xtr, _ = splits["splits"]["train"]
     X = Xtr[:32]
-    net, _ = train.init_network(OPTIONS[name], 3, 3)
+    net, _ = reference.init_network(OPTIONS[name], 3, 3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     spectrum = jacobian_spectrum(net, X)
     assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
@@ -316,7 +316,7 @@ def test_orthogonal_weights_narrow_the_jacobian_spectrum(splits):
     for weights in ("gaussian", "orthogonal"):
         rel = []
         for seed in range(4):
-            net, _ = train.init_network(dict(DEEP, gain=1.0, last_layer_scale=1.0, weight_init=weights), seed, 3)
+            net, _ = reference.init_network(dict(DEEP, gain=1.0, last_layer_scale=1.0, weight_init=weights), seed, 3)
             s = jacobian_spectrum(net, Xtr[32 * seed:32 * (seed + 1)])
             rel.append(s["std_sq"] / s["mean_sq"])
         spreads[weights] = sum(rel) / len(rel)
@@ -326,7 +326,7 @@ def test_orthogonal_weights_narrow_the_jacobian_spectrum(splits):
 def test_layernorm_and_gelu_modules_are_what_the_engine_recognises():
     from actgrad.engine import architecture
 
-    net, _ = train.init_network(OPTIONS["deep_gelu_ln_orthogonal"], 1, 3)
+    net, _ = reference.init_network(OPTIONS["deep_gelu_ln_orthogonal"], 1, 3)
     arch = architecture(net)
     assert [L.kind for L in arch[1:4]] == ["linear", "layernorm", "act"] and arch[3].flavour == "gelu"
     assert isinstance(net.layers["gelu1"], GELU) and isinstance(net.layers["layernorm1"], LayerNorm)

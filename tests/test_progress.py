@@ -6,7 +6,7 @@ from datetime import datetime
 import pytest
 import torch
 
-from actgrad import train
+from actgrad import reference
 from actgrad.engine import train_batched
 from actgrad.networks import LECTURE_NETWORKS
 from actgrad.progress import ProgressLog, duration
@@ -49,7 +49,7 @@ def test_lines_are_due_every_so_many_steps_and_at_the_end():
 
 def test_the_batched_engine_logs_its_runs_losses_at_the_interval(splits):
     Xtr, Ytr = splits["splits"]["train"]
-    nets, gens = zip(*[train.init_network(LECTURE_NETWORKS["shallow"], seed, 3) for seed in (1, 2, 3)])
+    nets, gens = zip(*[reference.init_network(LECTURE_NETWORKS["shallow"], seed, 3) for seed in (1, 2, 3)])
     lines = []
     progress = ProgressLog(lines.append, total_steps=230, n_models=3, every=50, label="job")
     results = train_batched(list(nets), list(gens), Xtr, Ytr, steps=230, batch_size=32, lr_schedule=SCHEDULE,
@@ -63,19 +63,19 @@ def test_the_batched_engine_logs_its_runs_losses_at_the_interval(splits):
         assert m.group(4) == "230" and m.group(2) is None
         assert float(m.group(5)) == pytest.approx(at.mean().item(), abs=0.006)
         assert (float(m.group(7)), float(m.group(8))) == pytest.approx((at.min().item(), at.max().item()), abs=0.006)
-        assert float(m.group(9)) == train.learning_rate(SCHEDULE, step - 1)
+        assert float(m.group(9)) == reference.learning_rate(SCHEDULE, step - 1)
         assert int(m.group(10).replace(",", "")) > 0
     assert parsed[-1].group(11) == "0s"
 
 
 def test_the_reference_loop_logs_each_run_in_turn(splits):
     Xtr, Ytr = splits["splits"]["train"]
-    nets, gens = zip(*[train.init_network(LECTURE_NETWORKS["shallow"], seed, 3) for seed in (1, 2)])
+    nets, gens = zip(*[reference.init_network(LECTURE_NETWORKS["shallow"], seed, 3) for seed in (1, 2)])
     lines = []
     progress = ProgressLog(lines.append, total_steps=100, n_models=2, every=50, label="job")
     recorders = [StatsRecorder(StatsPlan(every=50, update_every=50, histogram_every=50, snapshot_steps=(), bins=5))
                  for _ in nets]
-    results = train.train_reference_runs(list(nets), list(gens), Xtr, Ytr, steps=100, batch_size=32,
+    results = reference.train_reference_runs(list(nets), list(gens), Xtr, Ytr, steps=100, batch_size=32,
                                          lr_schedule=SCHEDULE, recorders=recorders, progress=progress)
     parsed = [LINE.match(line) for line in lines]
     assert all(parsed), lines

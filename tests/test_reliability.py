@@ -822,7 +822,7 @@ def _fake_step(tmp_path, rule: str, inputs: list[str]):
 
 def _run_step(tmp_path, capsys, rule, inputs, fn) -> tuple[str, str]:
     """Run ``fn`` through as_step; the step's terminal output and its log."""
-    from actgrad.steps import as_step
+    from actgrad.workflow_step import as_step
 
     with pytest.raises(SystemExit) as exit_:
         as_step(_fake_step(tmp_path, rule, inputs), fn)

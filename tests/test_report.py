@@ -374,7 +374,7 @@ def test_a_deep_nets_activation_legends_fit_side_by_side():
     ("actgrad.figures", ["torch"]),
     ("actgrad.summary", ["torch", "matplotlib", "scipy.stats"]),
     ("actgrad.report", ["torch", "matplotlib", "scipy.stats"]),
-    ("actgrad.steps", ["torch"]),
+    ("actgrad.workflow_step", ["torch"]),
 ])
 def test_the_light_steps_import_nothing_they_do_not_use(module, unwanted):
     """Every figure, summary and report job is a fresh Python: torch would cost each 1.4 s of CPU to
@@ -420,9 +420,8 @@ def test_reference_rows_classify_and_count():
 
 def test_report_renders_from_tables_without_figures_or_runs(tmp_path):
     """Missing figures, no runs on disk, NaN everywhere: the page still renders, nothing says nan."""
-    from actgrad.report import write_report
-
     from actgrad.config import apply_defaults
+    from actgrad.report import write_report
 
     # the report is handed a completed config, as the workflow completes it
     config = apply_defaults({"title": "empty <study>", "seeds": [LECTURE_SEED],

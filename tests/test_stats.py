@@ -5,7 +5,7 @@ import torch
 from conftest import LECTURE_SEED, REPO
 
 from actgrad import config as cfg
-from actgrad import lecture, train
+from actgrad import lecture, reference
 from actgrad.stats import NetworkHooks, StatsPlan, StatsRecorder
 
 DEFAULT = cfg.load(REPO / "config" / "config.yaml")
@@ -37,11 +37,11 @@ def test_deep_batchnorm_statistics_at_step_1000_are_the_lectures(splits):
     Xtr, Ytr = splits["splits"]["train"]
     ref_losses, _, layers = lecture.deep_loop(Xtr, Ytr, steps=1001, batchnorm=True, gain=1.0)
     spec = cfg.variant_spec(DEFAULT, "deep_bn_gain1")
-    net, g = train.init_network(spec, LECTURE_SEED, 3)
+    net, g = reference.init_network(spec, LECTURE_SEED, 3)
     rec = StatsRecorder(StatsPlan(every=1000, update_every=1000, histogram_every=1000, snapshot_steps=(0, 1000),
                                   bins=50, last_step=1000))
     hooks = NetworkHooks(net, rec)
-    res = train.train_reference(net, g, Xtr, Ytr, steps=1001, batch_size=32, lr_schedule=spec["lr_schedule"],
+    res = reference.train_reference(net, g, Xtr, Ytr, steps=1001, batch_size=32, lr_schedule=spec["lr_schedule"],
                                 callbacks=[hooks])
     assert torch.equal(res.losses, torch.tensor(ref_losses))
     stats = rec.stats_frame()

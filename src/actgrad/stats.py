@@ -25,7 +25,7 @@ DEAD = 0.99  # the lecture's threshold in the saturation map: |t| > 0.99 for eve
 
 def activation_shares(activation: str) -> tuple[str, ...]:
     """The shares of activation values (in %) that describe an activation at init and at the end, by the name
-    :func:`actgrad.train.evaluate` computes them and a run's metrics carry them (``<name>_init``,
+    :func:`actgrad.evaluation.evaluate` computes them and a run's metrics carry them (``<name>_init``,
     ``<name>_final``): saturation is a tanh notion (sat97, sat99: |t| above 0.97 and 0.99); for ReLU and
     GELU it is the share at or below zero (nonpositive: where a ReLU passes no gradient)."""
     return ("sat97", "sat99") if activation == "tanh" else ("nonpositive",)

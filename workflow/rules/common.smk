@@ -56,6 +56,6 @@ localrules:
 
 
 # `kill -INT <snakemake>` stops running jobs too, as Ctrl-C in a terminal does (Snakemake alone waits for them).
-from actgrad.steps import forward_interrupts_to_jobs
+from actgrad.workflow_step import forward_interrupts_to_jobs
 
 forward_interrupts_to_jobs()

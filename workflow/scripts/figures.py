@@ -1,5 +1,5 @@
 from actgrad.figures import global_figures, variant_figures
-from actgrad.steps import as_step
+from actgrad.workflow_step import as_step
 
 outputs = dict(snakemake.output.items())
 if snakemake.rule == "figures_global":

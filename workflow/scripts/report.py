@@ -1,5 +1,5 @@
 from actgrad.report import write_report
-from actgrad.steps import as_step
+from actgrad.workflow_step import as_step
 
 as_step(snakemake, lambda log: write_report(snakemake.config, snakemake.params.results, snakemake.params.figures,
                                             snakemake.input.template, snakemake.output[0],

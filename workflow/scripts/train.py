@@ -1,5 +1,5 @@
 from actgrad.runs import train_variants
-from actgrad.steps import as_step
+from actgrad.workflow_step import as_step
 
 # Torch gets the threads Snakemake granted (fewer than asked when --cores is smaller).
 config = dict(snakemake.config, threads=snakemake.threads)

@@ -10,7 +10,7 @@ autograd graph), and every intermediate tensor lives in a workspace allocated on
 
 Each model starts from its :class:`~actgrad.model.Network`'s parameters and draws its
 minibatches from its own generator exactly as the lecture does, so its losses are the
-reference loop's (:func:`actgrad.train.train_reference`) up to float rounding. At the end
+reference loop's (:func:`actgrad.reference.train_reference`) up to float rounding. At the end
 the trained parameters and BatchNorm running statistics are written back into each Network.
 
 Reading order, top down:

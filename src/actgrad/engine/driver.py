@@ -10,8 +10,8 @@ import torch
 from ..divergence import Divergence, DivergenceRule
 from ..model import Network
 from ..progress import ProgressLog
+from ..reference import ParameterDistances, TrainResult, learning_rate
 from ..stats import StatsRecorder
-from ..train import ParameterDistances, TrainResult, learning_rate
 from .batch import BatchedModels
 from .layout import architecture, check_same
 from .state import ModelState
@@ -120,11 +120,11 @@ def train_batched(nets: list[Network], gens: list[torch.Generator], Xtr: torch.T
     the lecture does (``torch.randint(0, n, (batch_size,), generator=g)`` per step). Each
     model stops where ``divergence`` (by default :class:`~actgrad.divergence.DivergenceRule`)
     says it diverged, checked every ``divergence_check_every`` steps and at the last step,
-    exactly as :func:`~actgrad.train.train_reference` does; the others go on. ``recorders[i]``,
+    exactly as :func:`~actgrad.reference.train_reference` does; the others go on. ``recorders[i]``,
     if given, is called at the steps its plan asks for; ``progress`` gets a line every so
     many steps. ``twins`` maps a sensitivity twin's index to its base model's: the base's
     result then carries ``extra['param_distance']``, the (steps, distances) between the two
-    models' parameters at its statistics steps (see :class:`~actgrad.train.ParameterDistances`).
+    models' parameters at its statistics steps (see :class:`~actgrad.reference.ParameterDistances`).
     At the end every network holds its trained parameters and BatchNorm running statistics
     (on ``device``).
 

@@ -1,18 +1,20 @@
-"""The reference: the lecture's training loop, run by run, and the evaluation and sampling of a trained net.
+"""The reference: the lecture's training loop, run by run, and what both engines share.
 
 The loop is the lecture's, line for line: one generator draws the parameters, then every
 minibatch's indices; forward, ``p.grad = None``, backward, ``p.data += -lr * p.grad``.
 Statistics and anything else that watches the run are callbacks (see
 :mod:`actgrad.stats`); the loop only tells them where it is. :func:`train_reference_runs`
 trains several runs this way with the arguments and results of the batched engine
-(:func:`actgrad.engine.train_batched`), which must agree with it to float rounding.
+(:func:`actgrad.engine.train_batched`), which must agree with it to float rounding. The
+network's initial draw (:func:`init_network`), the learning-rate schedule and a run's
+:class:`TrainResult` are the same for both engines. Evaluating and sampling a trained net is
+:mod:`actgrad.evaluation`'s.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .divergence import Divergence, DivergenceRule
-from .model import Network, Scratch, apply_in_chunks, build_network
+from .model import Network, build_network
 from .progress import ProgressLog
-from .stats import DEAD, SATURATION, NetworkHooks, StatsRecorder
+from .stats import NetworkHooks, StatsRecorder
 
 
 def learning_rate(schedule: list[dict], step: int) -> float:
@@ -214,104 +216,3 @@ def train_reference_runs(nets: list[Network], gens: list[torch.Generator], Xtr: 
     for base in twins.values():
         results[base].extra["param_distance"] = distances.trace(base)
     return results
-
-
-@contextmanager
-def kept_running_stats(net: Network):
-    """Whatever happens inside, the BatchNorm running statistics are as before afterwards."""
-    saved = {n: (bn.running_mean.clone(), bn.running_spread.clone()) for n, bn in net.batchnorm_layers()}
-    try:
-        yield
-    finally:
-        for n, bn in net.batchnorm_layers():
-            bn.running_mean, bn.running_spread = saved[n]
-
-
-EVAL_CHUNK = 8192  # rows per forward pass: small enough to stay in cache, 5x faster than one pass
-
-
-# The shares evaluate() can count (actgrad.stats.activation_shares names them per activation):
-# (on |t| or t, compared above or at-or-below, threshold).
-SHARES = {"sat97": ("abs", torch.gt, SATURATION), "sat99": ("abs", torch.gt, DEAD), "nonpositive": ("t", torch.le, 0.0)}
-
-
-@torch.no_grad()
-def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool = False,
-             saturation: tuple[float, ...] = (), shares: tuple[str, ...] = (),
-             scratch: Scratch | None = None) -> tuple[float, dict]:
-    """Cross-entropy over a whole split in evaluation mode, and optionally shares of the activation values.
-
-    With ``calibrate`` every BatchNorm first takes the statistics of ``X`` as its running
-    statistics (the lecture's calibration pass over the training split) and keeps them;
-    that needs the whole split at once. Otherwise the logits are computed in chunks and
-    joined, which gives the same logits as one pass. ``saturation`` lists thresholds: the
-    share (in %) of all activation values, every layer together, with |t| above each, keyed
-    by threshold. ``shares`` names shares of :data:`SHARES` (``stats.activation_shares(activation)``
-    gives the ones that fit a net), keyed by name, in % of all activation values.
-    Pass one ``scratch`` to a series of evaluations to spare each its own large tensors.
-    """
-    unknown = set(shares) - set(SHARES)
-    if unknown:
-        raise ValueError(f"shares: {sorted(unknown)} unknown; known are {sorted(SHARES)}")
-    tests = [(t, "abs", torch.gt, t) for t in saturation] + [(name, *SHARES[name]) for name in shares]
-    counted = {key: 0 for key, *_ in tests}
-    total = [0]
-
-    def count(module, inputs, output):
-        total[0] += output.numel()
-        magnitude = output.abs() if any(on == "abs" for _, on, _, _ in tests) else None
-        flags = torch.empty_like(output)
-        for key, on, compare, threshold in tests:
-            counted[key] += _count(magnitude if on == "abs" else output, compare, threshold, flags)
-
-    handles = [layer.register_forward_hook(count) for _, layer in net.activation_layers()] if tests else []
-    was_training = net.training
-    scratch = scratch if scratch is not None else Scratch()
-    try:
-        net.eval()
-        if calibrate:
-            logits = net.calibrate_batchnorm(X, chunk=EVAL_CHUNK, scratch=scratch)
-        else:
-            logits = apply_in_chunks(list(net.layers.values()), X, EVAL_CHUNK, scratch)
-        loss = F.cross_entropy(logits, Y).item()
-    finally:
-        for h in handles:
-            h.remove()
-        net.train(was_training)
-    return loss, ({key: 100.0 * n / total[0] for key, n in counted.items()} if total[0] else {})
-
-
-def _count(x: torch.Tensor, compare, threshold: float, flags: torch.Tensor) -> int:
-    """How many values of ``x`` pass ``compare(x, threshold)`` (``torch.gt``, ``torch.le``; NaN passes neither),
-    with ``flags`` (like ``x``) as room.
-
-    The same comparison as ``x > threshold``, but into a float 0/1 mask, which PyTorch
-    vectorises and a bool mask it does not: 4x faster. Summing the mask in its own dtype
-    is exact while every partial sum is a whole number that the dtype holds exactly.
-    """
-    compare(x, threshold, out=flags)
-    exact = flags.numel() <= 2 / torch.finfo(flags.dtype).eps  # 2**24 in float32
-    return int(flags.sum()) if exact else int(torch.count_nonzero(flags))
-
-
-@torch.no_grad()
-def sample_names(net: Network, itos: dict[int, str], block_size: int, n: int, seed: int,
-                 max_length: int = 50) -> list[str]:
-    """The lecture's sampler: a generator seeded ``seed + 10``, one character at a time until '.'."""
-    g = torch.Generator().manual_seed(seed + 10)
-    net.eval()
-    device = next(net.parameters()).device
-    names = []
-    for _ in range(n):
-        out, context = [], [0] * block_size
-        while len(out) < max_length:
-            logits = net(torch.tensor([context], device=device))
-            probs = F.softmax(logits, dim=1).cpu()
-            ix = torch.multinomial(probs, num_samples=1, generator=g).item()
-            context = context[1:] + [ix]
-            if ix == 0:
-                break
-            out.append(ix)
-        names.append("".join(itos[i] for i in out))
-    net.train()
-    return names
