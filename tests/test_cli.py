@@ -18,7 +18,7 @@ def test_validate_accepts_the_shipped_configs(capsys):
 
 def test_validate_names_the_bad_key(tmp_path, names_path, capsys):
     config = tiny_config(names_path)
-    config["variants"]["fix_tanh"]["activation"] = "gelu"
+    config["variants"]["fix_tanh"]["activation"] = "swish"
     assert cli.main(["validate", str(write_config(tmp_path, config))]) == 1
     err = capsys.readouterr().err
     assert "variants/fix_tanh/activation" in err and "tanh" in err and "relu" in err
