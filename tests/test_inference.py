@@ -380,11 +380,14 @@ def test_chaos_verdict():
     chaotic = inf.chaos_verdict(twin_gaps=[sd, 0.5 * sd, 1.5 * sd], seed_values=seeds)
     assert chaotic["chaotic"] is True and "seed spread" in chaotic["basis"]
     assert inf.chaos_verdict(twin_gaps=[1e-5] * 5, seed_values=seeds)["chaotic"] is False
-    # One seed: the parameter trace decides, against growth by 1 / perturbation.
+    # One seed: the parameter trace decides, against growth by 0.1 / perturbation (1e6 here).
     steps = np.arange(0, 10_001, 1000)
-    fast = 1e-7 * np.exp(2e-3 * steps)   # grows by e^20 = 4.9e8 > 1e7
+    fast = 1e-7 * np.exp(2e-3 * steps)   # grows by e^20 = 4.9e8
     slow = 1e-7 * (1 + steps / 100)       # grows by 101
     by_trace = inf.chaos_verdict(seed_values=[2.16], steps=steps, distances=fast, perturbation=1e-7)
     assert by_trace["chaotic"] is True and by_trace["lyapunov_end"] == pytest.approx(2e-3)
     assert inf.chaos_verdict(steps=steps, distances=slow, perturbation=1e-7)["chaotic"] is False
+    # the lecture notes' original run grew 4.7e6-fold: chaotic; just under the threshold is not
+    assert inf.chaos_verdict(steps=[0, 200_000], distances=[1.0, 4.7e6], perturbation=1e-7)["chaotic"] is True
+    assert inf.chaos_verdict(steps=[0, 200_000], distances=[1.0, 0.99e6], perturbation=1e-7)["chaotic"] is False
     assert inf.chaos_verdict()["chaotic"] is None

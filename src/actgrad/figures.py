@@ -37,6 +37,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 
 from .conventions import GLOBAL_FIGURES, VARIANT_FIGURES, natural_key  # noqa: E402
 from .data import atomic_write_bytes  # noqa: E402
+from .inference import CHAOS_SEPARATION  # noqa: E402
 from .rundir import Run, read_runs  # noqa: E402
 from .summary import lecture_run, twin_trace  # noqa: E402
 
@@ -605,7 +606,8 @@ def lyapunov_figure(traces: dict[str, list[tuple[int, np.ndarray, np.ndarray]]],
     """The twins as a rate: lambda(t) = ln(d(t)/d(0)) / t per variant (left) and the growth d(t)/d(0) (right).
 
     ``traces``: variant -> [(seed, steps, distances)]. Thin lines are seeds, the thick line their mean;
-    the right panel's dashed line is 1/perturbation, where the twins are as far apart as W1 itself.
+    the right panel's dashed line is 0.1/perturbation, where the twins are a tenth of W1 itself apart
+    (the one-seed chaos rule of :func:`actgrad.inference.chaos_verdict`).
     """
     from .inference import lyapunov_exponents
 
@@ -631,7 +633,7 @@ def lyapunov_figure(traces: dict[str, list[tuple[int, np.ndarray, np.ndarray]]],
             ax.plot(frame.index, frame.mean(axis=1), color=palette[v], lw=1.8, label=v)
         eps = perturbations.get(v)
         if eps:
-            ax_growth.axhline(1 / eps, color=palette[v], ls="--", lw=0.9)
+            ax_growth.axhline(CHAOS_SEPARATION / eps, color=palette[v], ls="--", lw=0.9)
     ax_rate.axhline(0, color="0.4", lw=0.8)
     ax_rate.set_ylabel("λ(t) = ln(d(t) / d(0)) / t  [per step]")
     ax_rate.set_title("Lyapunov estimate: growth rate of the twins' distance")
