@@ -149,6 +149,8 @@ def test_diverged_variant_is_shown_not_crashed(study):
     assert "diverged at step" in row and "nan" not in row.lower()
     assert ">nan<" not in html.lower() and "None</td>" not in html
     assert "no samples (the run diverged)" in html
+    # the headline says what diverged means: the study's rule (window 5 here), not only NaN
+    assert "runs\n      diverged (loss NaN or infinite, or above 32.96 for 5 steps)" in html
 
 
 def test_significance_section_shows_each_pair(study):

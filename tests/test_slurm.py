@@ -142,8 +142,14 @@ def test_profile_dry_run(names_path, tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_pipeline_on_slurm_matches_local_run(slurm, names_path, tmp_path):
-    config = tiny_config(names_path, resources=RESOURCES, threads=THREADS)
+    from actgrad.sweeps import expand_sweeps
+
+    # The listed variants and a tiny sweep: each sweep point is a training job of its own.
+    sweep = {"base": {"model": "deep", "n_layers": 2, "n_hidden": 16, "batchnorm": False}, "grid": {"gain": [0.5, 2]}}
+    config = tiny_config(names_path, resources=RESOURCES, threads=THREADS, sweeps={"g": sweep})
     configfile = write_config(tmp_path, config)
+    variants = list(expand_sweeps(config)["variants"])
+    assert [v for v in variants if v.startswith("g__")] == ["g__gain0p5", "g__gain2"]
     local_dir, cluster_dir = tmp_path / "local", tmp_path / "slurm"
     local_dir.mkdir()
     cluster_dir.mkdir()
@@ -176,7 +182,7 @@ def test_pipeline_on_slurm_matches_local_run(slurm, names_path, tmp_path):
     by_comment = {job["comment"]: job for job in jobs}
     assert len(by_comment) == len(jobs), f"a job was submitted twice: {jobs}"
     rules_on_slurm = {job["comment"].removeprefix("rule_").split("_wildcards_")[0] for job in jobs}
-    training = {f"train_{variant}" for variant in config["variants"]}
+    training = {f"train_{variant}" for variant in variants}
     assert training <= rules_on_slurm, f"training jobs missing from SLURM's jobs: {jobs}"
     for rule in LOCAL_RULES:
         assert rule not in rules_on_slurm, f"{rule} is a localrule but went to SLURM: {jobs}"
@@ -200,18 +206,18 @@ def test_pipeline_on_slurm_matches_local_run(slurm, names_path, tmp_path):
         assert f"rule {rule}:" in job_log and "1 of 1 steps (100%) done" in job_log, job_log[-3000:]
 
     # -- the same results as the local run -----------------------------------------------------------
-    for variant in config["variants"]:
+    for variant in variants:
         for seed in config["seeds"]:
             run = cluster_dir / "results" / "runs" / variant / f"seed{seed}"
             assert (run / "metrics.json").exists() and (run / "params.pt").exists(), run
     on_slurm = read_summary(cluster_dir / "results" / "summary.csv")
     locally = read_summary(local_dir / "results" / "summary.csv")
-    assert len(on_slurm) == len(config["variants"]) * len(config["seeds"])
+    assert len(on_slurm) == len(variants) * len(config["seeds"])
     pd.testing.assert_frame_equal(on_slurm, locally, check_exact=True)
     report = cluster_dir / "report" / "report.html"
     assert report.exists()
     html = report.read_text()
-    missing = [v for v in config["variants"] if v not in html]
+    missing = [v for v in variants if v not in html]
     assert not missing, f"the report does not name the variant(s) {missing}"
     print(f"SLURM run and local run: {elapsed:.0f} s; SLURM jobs: "
           + ", ".join(f"{j['id']} {j['name']} {j['comment']} {j['state']}" for j in jobs))

@@ -635,6 +635,9 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
         "lecture_seed": lecture_seed_of(seeds) if seeds else None,
         "steps": ", ".join(f"{s:,}" for s in steps) or "—",
         "n_diverged": n_diverged,
+        # the rule of actgrad.divergence, in the headline's words
+        "divergence_limit": f"{config['divergence']['loss_multiple'] * EXPECTED_INIT_LOSS:.2f}",
+        "divergence_window": f"{config['divergence']['window']:,}",
         "best": best,
         "comparison": comparison,
         "significance": significance_rows(sig), "significance_method": significance_method(sig, config),
