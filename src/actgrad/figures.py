@@ -827,9 +827,17 @@ def sweep_phase_figure(rows: pd.DataFrame, keys: list[str], curves: dict[str, pd
             ax.set_xticks(list(positions.values()), [str(v) for v in positions])
         if log_y:
             ax.set_yscale("log")
-            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            lo, hi = ax.get_ylim()
+            # 1-2-5 ticks over a decade or two; over more, decades only, or the labels run into each other
+            subs = (1.0, 2.0, 5.0) if hi / lo < 1e3 else (1.0,)
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            # a spread larger than its mean would pull the axis down to the floor: cut it a little below the
+            # lowest mean instead (its bar then runs off the bottom edge)
+            means = sel["mean"].to_numpy(float)
+            if (means > 0).any():
+                ax.set_ylim(bottom=max(lo, 0.3 * means[means > 0].min()))
         ax.set_xlabel(x_key)
         ax.set_title(label, fontsize=9.5)
     for ax in axes.flat[len(panels):]:
