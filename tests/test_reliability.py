@@ -991,7 +991,8 @@ def test_the_memory_estimate_bounds_a_real_job_from_above(names_path, splits_fil
     peak_mb = int(proc.stdout.split()[-1]) / 1024
     spec, plan = _spec_and_plan(config, "fix_tanh")
     estimate = estimate_training_memory_mb(spec, 3, N_TRAIN, 3, plan)["total"]
-    assert peak_mb < estimate < 1.6 * peak_mb, (peak_mb, estimate)
+    # an upper bound, and not a loose one: one job's peak varies by up to 1.7x between runs
+    assert peak_mb < estimate < 2.0 * peak_mb, (peak_mb, estimate)
 
 
 # ---------------------------------------------------------------------------------------------
