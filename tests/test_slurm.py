@@ -29,7 +29,7 @@ from slurm_cluster import ClusterError, SlurmCluster, ensure_installed
 PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 VENV_BIN = str(Path(sys.executable).parent)
 # What a training job asks for in this test (kept small: any CI machine's node can grant it).
-RESOURCES = {"train_mem_mb": 600, "train_runtime": 15, "train_gpus": 1}
+RESOURCES = {"train_mem_mb": 1200, "train_runtime": 15, "train_gpus": 1}
 THREADS = 1
 # Columns of results/summary.csv that measure wall-clock time, not the training itself.
 WALL_CLOCK = re.compile(r"(^|_)(seconds|secs|time|elapsed|duration|started|finished)($|_)")
