@@ -17,6 +17,17 @@ LECTURE_SEED = 2147483647
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as a training job runs it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def names_path() -> Path:
     if not NAMES.exists():

@@ -22,13 +22,8 @@ NETWORKS = {
 SEED = 2147483647
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, as the pipeline trains: small ops with several threads on a busy machine crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread, as the pipeline trains: small ops with several threads on a busy machine crawl.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_run(spec, seed, Xtr, Ytr, steps, callbacks_for=None, **kwargs):

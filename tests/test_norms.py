@@ -34,12 +34,8 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One thread, as the pipeline trains: small ops with several threads on a busy machine crawl.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def max_param_diff(a, b):

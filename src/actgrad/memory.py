@@ -132,9 +132,9 @@ def check_training_job(config: dict, spec: dict, n_train: int, block_size: int, 
     check_batch_size(spec["batch_size"], n_train, key)
     n_models = len(spec["seeds"]) * (2 if spec["sensitivity_twin"] else 1)
     estimate = estimate_training_memory_mb(spec, n_models, n_train, block_size, plan, n_examples,
-                                           engine=config.get("engine", "batched"))
+                                           engine=config["engine"])
     if limit_mb is None:
-        limit_mb = config.get("resources", {}).get("train_mem_mb", 4000)
+        limit_mb = config["resources"]["train_mem_mb"]
     if estimate["total"] > limit_mb:
         largest = max(estimate["parts"], key=estimate["parts"].get)
         raise ConfigError(

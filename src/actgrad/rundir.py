@@ -17,6 +17,7 @@ summary and the figures find them through this module.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -36,6 +37,13 @@ METRICS = "metrics.json"
 
 class RunFileError(DataError):
     """A run's file is missing or cannot be read; the message names it and how to get it back."""
+
+
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    """A table as the pipeline stores it (a run's tables and the study's): parquet, without the index."""
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
 
 
 def run_dir(results: str | os.PathLike, variant: str, seed: int) -> Path:
@@ -68,7 +76,7 @@ def training_jobs(config: dict, mode: str | None = None) -> dict[str, list[str]]
     it; ``architecture`` puts the variants that :func:`batch_key` says can train together into one job,
     named after its first variant (alone, it is that variant's job).
     """
-    mode = mode or config.get("training_jobs", "variant")
+    mode = mode or config["training_jobs"]
     names = list(config["variants"])
     if mode == "variant":
         return {name: [name] for name in names}

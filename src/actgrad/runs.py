@@ -31,7 +31,7 @@ from .memory import check_training_job
 from .model import Scratch, jacobian_spectrum
 from .progress import ProgressLog
 from .reference import init_network, resolve_device, train_reference_runs
-from .rundir import METRICS, batch_key, run_dir
+from .rundir import METRICS, batch_key, parquet_bytes, run_dir
 from .stats import StatsPlan, StatsRecorder, activation_shares
 
 # The sensitivity twins' parameter distance, as rows of the base run's stats.parquet.
@@ -123,12 +123,6 @@ def _final_evaluation(net, spec: dict, splits, device, scratch: Scratch | None =
         out["val_loss_batch_stats"] = batch_statistics_loss(net, *data["val"], batch_size=spec["batch_size"])
     out.update({f"{share}_final": found[share] for share in shares})
     return out
-
-
-def _parquet_bytes(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
 
 
 def _torch_bytes(obj) -> bytes:
@@ -308,9 +302,9 @@ def _write_run(config, spec, name, seed, res, twin, net, rec, before, splits, de
     buf = io.BytesIO()
     np.savez_compressed(buf, **maps)
     payloads = {
-        "losses.parquet": _parquet_bytes(loss_frame),
-        "stats.parquet": _parquet_bytes(_with_twin_distance(rec.stats_frame(), res.extra.get("param_distance"))),
-        "histograms.parquet": _parquet_bytes(rec.histogram_frame()),
+        "losses.parquet": parquet_bytes(loss_frame),
+        "stats.parquet": parquet_bytes(_with_twin_distance(rec.stats_frame(), res.extra.get("param_distance"))),
+        "histograms.parquet": parquet_bytes(rec.histogram_frame()),
         "saturation.npz": buf.getvalue(),
         "params.pt": _torch_bytes({k: v.detach().cpu() for k, v in net.state_dict().items()}),
         "samples.txt": ("\n".join(samples) + "\n").encode() if samples else b"",

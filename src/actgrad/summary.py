@@ -8,7 +8,6 @@ reads only what the summary and the figure step write.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ from . import inference
 from .config import variant_spec
 from .conventions import EXPECTED_INIT_LOSS, natural_key
 from .data import atomic_write_bytes
-from .rundir import Run, read_runs
+from .rundir import Run, parquet_bytes, read_runs
 from .sweeps import grid_point, sweep_groups
 
 LECTURE_SEED = 2147483647
@@ -469,7 +468,7 @@ def theory_table(config: dict, stats: pd.DataFrame) -> pd.DataFrame:
         if measured.empty:
             continue
         spec = variant_spec(config, name)
-        predicted = _predictions(spec, config.get("block_size", 3))
+        predicted = _predictions(spec, config["block_size"])
         lookup = {(r.layer, r.kind, r.stat): r.value for r in predicted.itertuples()}
         lecture = lecture_seed_of(measured.seed.unique())
         sweep = config["variants"][name].get("sweep", {}).get("name")
@@ -556,7 +555,7 @@ def sweep_table(config: dict, runs: pd.DataFrame, stats: pd.DataFrame) -> pd.Dat
             point = config["variants"][name]["sweep"]["point"]
             keys += [k for k in point if k not in keys]
             measured = sweep_point_measurements(init[init.variant == name], runs[runs.variant == name])
-            predicted = sweep_point_predictions(_predictions(variant_spec(config, name), config.get("block_size", 3)))
+            predicted = sweep_point_predictions(_predictions(variant_spec(config, name), config["block_size"]))
             for metric in SWEEP_METRICS:
                 values = measured.get(metric, np.array([]))
                 rows.append({"sweep": sweep, "variant": name, **{k: _point_value(v) for k, v in point.items()},
@@ -568,12 +567,6 @@ def sweep_table(config: dict, runs: pd.DataFrame, stats: pd.DataFrame) -> pd.Dat
 
 def _csv_bytes(df: pd.DataFrame) -> bytes:
     return df.to_csv(index=False).encode()
-
-
-def _parquet_bytes(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
 
 
 def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]) -> dict[str, pd.DataFrame]:
@@ -606,7 +599,7 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
     tables["normalisation"] = normalisation_table(config, runs)
     for name, df in tables.items():
         path = Path(outputs[name])
-        atomic_write_bytes(path, _parquet_bytes(df) if path.suffix == ".parquet" else _csv_bytes(df))
+        atomic_write_bytes(path, parquet_bytes(df) if path.suffix == ".parquet" else _csv_bytes(df))
     return tables
 
 
