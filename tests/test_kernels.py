@@ -151,3 +151,62 @@ def test_a_training_job_says_and_records_whether_it_used_the_kernels(switch, nam
     [metrics] = runs.train_variant(config, "deep_bn", tmp_path / "splits.pt", tmp_path / "results", log=lines.append)
     assert metrics["kernels"] == ("C" if switch == "on" else "PyTorch")
     assert any(line.startswith(f"[deep_bn] C kernels: {switch} (") for line in lines), lines
+
+
+# -- the evaluation's kernels: the same bits as the PyTorch operations they replace ------------------------------
+def _kernels_on_and_off(monkeypatch, fn):
+    """``fn()`` with the kernels on, then off (PyTorch operations): both results."""
+    results = []
+    for switch in ("on", "off"):
+        monkeypatch.setenv("ACTGRAD_KERNELS", switch)
+        kernels.reset()
+        results.append(fn())
+    return results
+
+
+@needs_compiler
+@pytest.mark.parametrize("take_sqrt", [False, True], ids=["var", "std"])
+def test_a_columns_spread_is_pytorchs_to_the_bit(take_sqrt, monkeypatch):
+    from actgrad.model import column_spread
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(182_625, 100, generator=g) * 3 + 1  # a training split's size
+    x[:7] *= 1e4  # a few far-off rows, where an order of summation that differs would show
+    stack = torch.randn(40, 32, 100, generator=g)  # minibatches, each on its own
+    expected = [x.std(0) if take_sqrt else x.var(0), stack.std(1) if take_sqrt else stack.var(1)]
+    for got in _kernels_on_and_off(monkeypatch, lambda: [column_spread(x, take_sqrt), column_spread(stack, take_sqrt)]):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert kernels.load() is None  # the second round ran without the kernels
+
+
+@needs_compiler
+@pytest.mark.parametrize("flavour", ["var", "std"])
+def test_batchnorm_with_running_statistics_is_pytorchs_to_the_bit(flavour, monkeypatch):
+    from actgrad.model import BatchNorm1d
+
+    g = torch.Generator().manual_seed(1)
+    bn = BatchNorm1d(100, momentum=0.001, eps=1e-5, normalize_by=flavour).eval()
+    with torch.no_grad():
+        bn.gamma.copy_(torch.rand(100, generator=g) + 0.5)
+        bn.beta.copy_(torch.randn(100, generator=g))
+        bn.running_mean = torch.randn(100, generator=g)
+        bn.running_spread = torch.rand(100, generator=g) + 0.1
+    x = torch.randn(5000, 100, generator=g) * 2
+    with torch.no_grad():
+        on, off = _kernels_on_and_off(monkeypatch, lambda: bn(x))
+    assert torch.equal(on, off)
+    assert not torch.equal(on, x)  # it did normalise
+
+
+@needs_compiler
+def test_counting_an_activations_shares_gives_pytorchs_counts(monkeypatch):
+    from actgrad.evaluation import SHARES, _counter_in_c
+
+    x = torch.tanh(torch.randn(8192, 100, generator=torch.Generator().manual_seed(2)) * 3)
+    x[0, :5] = torch.tensor([float("nan"), 0.0, -0.97, 0.97, 0.99])  # NaN passes no test; the thresholds are strict
+    tests = [(name, *SHARES[name]) for name in ("sat97", "sat99", "nonpositive")]
+    counts = _counter_in_c(tests)(x)
+    assert counts == [int((x.abs() > 0.97).sum()), int((x.abs() > 0.99).sum()), int((x <= 0).sum())]
+    monkeypatch.setenv("ACTGRAD_KERNELS", "off")
+    kernels.reset()
+    assert _counter_in_c(tests) is None  # evaluate() then counts with PyTorch operations

@@ -221,3 +221,29 @@ def test_divergence_stops_the_run_and_names_the_step_and_the_rule(splits):
     assert res.steps_done == res.diverged_at + 1 == len(res.losses)
     assert res.diverged_rule == rule.window_rule
     assert (res.losses[-rule.window:] > rule.loss_limit).all() and torch.isfinite(res.losses).all()
+
+
+@pytest.mark.parametrize("batch_size", [32, 7])
+def test_the_loss_with_each_minibatchs_statistics_is_the_loss_of_training_mode_minibatch_by_minibatch(batch_size):
+    """batch_statistics_loss runs every minibatch in one pass; here the same, one minibatch at a time in
+    training mode, as written in the lecture (the last, shorter minibatch counts too)."""
+    import torch.nn.functional as F
+
+    from actgrad.evaluation import BATCH_STATS_ORDER_SEED, batch_statistics_loss, kept_running_stats
+    from actgrad.networks import LECTURE_NETWORKS
+    from actgrad.reference import init_network
+
+    g = torch.Generator().manual_seed(3)
+    X, Y = torch.randint(0, 27, (1000, 3), generator=g), torch.randint(0, 27, (1000,), generator=g)
+    for name in ("shallow+BN", "deep+BN"):
+        net, _ = init_network(LECTURE_NETWORKS[name], 1, 3)
+        order = torch.randperm(len(X), generator=torch.Generator().manual_seed(BATCH_STATS_ORDER_SEED))
+        total = 0.0
+        with torch.no_grad(), kept_running_stats(net):
+            net.train()
+            for start in range(0, len(X), batch_size):
+                ix = order[start:start + batch_size]
+                total += F.cross_entropy(net(X[ix]), Y[ix], reduction="sum").item()
+        running = [bn.running_mean.clone() for _, bn in net.batchnorm_layers()]
+        assert batch_statistics_loss(net, X, Y, batch_size) == pytest.approx(total / len(X), rel=1e-6)
+        assert all(torch.equal(a, bn.running_mean) for a, (_, bn) in zip(running, net.batchnorm_layers()))

@@ -81,9 +81,8 @@ def test_the_jacobian_at_init_is_that_of_the_first_training_batch(study):
 def test_batchnorm_runs_record_the_loss_with_each_minibatchs_statistics(study):
     from actgrad import data
     from actgrad.config import apply_defaults, variant_spec
-    from actgrad.evaluation import evaluate
+    from actgrad.evaluation import batch_statistics_loss, evaluate
     from actgrad.reference import init_network
-    from actgrad.runs import batch_statistics_loss
     from actgrad.sweeps import expand_sweeps
 
     workdir, config = study

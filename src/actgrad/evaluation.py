@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .model import Network, Scratch, apply_in_chunks
+from .model import BatchNorm1d, Network, Scratch, apply_in_chunks
 from .stats import DEAD, SATURATION
 
 
@@ -57,9 +57,14 @@ def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool 
     tests = [(t, "abs", torch.gt, t) for t in saturation] + [(name, *SHARES[name]) for name in shares]
     counted = {key: 0 for key, *_ in tests}
     total = [0]
+    in_c = _counter_in_c(tests)
 
     def count(module, inputs, output):
         total[0] += output.numel()
+        if in_c is not None and output.dtype == torch.float32 and output.is_contiguous() and not output.is_cuda:
+            for (key, *_), n in zip(tests, in_c(output)):
+                counted[key] += n
+            return
         magnitude = output.abs() if any(on == "abs" for _, on, _, _ in tests) else None
         flags = torch.empty_like(output)
         for key, on, compare, threshold in tests:
@@ -82,6 +87,27 @@ def evaluate(net: Network, X: torch.Tensor, Y: torch.Tensor, *, calibrate: bool 
     return loss, ({key: 100.0 * n / total[0] for key, n in counted.items()} if total[0] else {})
 
 
+def _counter_in_c(tests):
+    """A function that counts ``tests`` on a CPU float32 tensor with the C kernel (the same counts in one read per
+    test), or None where the kernels are not built."""
+    from . import kernels
+
+    modes = {("abs", torch.gt): 1, ("t", torch.le): 0}
+    lib = kernels.load() if tests and all((on, compare) in modes for _, on, compare, _ in tests) else None
+    if lib is None:
+        return None
+    thresholds = torch.tensor([float(t) for *_, t in tests], dtype=torch.float32)
+    on_abs = torch.tensor([modes[(on, compare)] for _, on, compare, _ in tests], dtype=torch.int64)
+    counts = torch.zeros(len(tests), dtype=torch.int64)
+
+    def counter(x: torch.Tensor) -> list[int]:
+        lib.count_values(x.data_ptr(), x.numel(), thresholds.data_ptr(), on_abs.data_ptr(), len(tests),
+                         counts.data_ptr())
+        return counts.tolist()
+
+    return counter
+
+
 def _count(x: torch.Tensor, compare, threshold: float, flags: torch.Tensor) -> int:
     """How many values of ``x`` pass ``compare(x, threshold)`` (``torch.gt``, ``torch.le``; NaN passes neither),
     with ``flags`` (like ``x``) as room.
@@ -93,6 +119,41 @@ def _count(x: torch.Tensor, compare, threshold: float, flags: torch.Tensor) -> i
     compare(x, threshold, out=flags)
     exact = flags.numel() <= 2 / torch.finfo(flags.dtype).eps  # 2**24 in float32
     return int(flags.sum()) if exact else int(torch.count_nonzero(flags))
+
+
+# The fixed order of the split that batch_statistics_loss cuts into minibatches.
+BATCH_STATS_ORDER_SEED = 0
+
+
+@torch.no_grad()
+def batch_statistics_loss(net: Network, X: torch.Tensor, Y: torch.Tensor, batch_size: int) -> float:
+    """Cross-entropy over a split in minibatches of ``batch_size``, every BatchNorm normalising each minibatch by
+    that minibatch's own statistics (as in training), the running statistics left alone.
+
+    The split is taken in one fixed random order (consecutive examples are contexts of the same name, which a
+    training minibatch never is), so its minibatches are drawn like the training ones; a last, shorter
+    minibatch counts if it has 2 examples or more (one example has no batch spread).
+    """
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(BATCH_STATS_ORDER_SEED)).to(X.device)
+    whole = len(X) // batch_size * batch_size
+    pieces = [(order[:whole], batch_size)]
+    if len(X) - whole >= 2:
+        pieces.append((order[whole:], len(X) - whole))
+    total = sum(F.cross_entropy(_per_minibatch_forward(net, X[ix], size), Y[ix], reduction="sum").item()
+                for ix, size in pieces if len(ix))
+    return total / sum(len(ix) for ix, _ in pieces)
+
+
+def _per_minibatch_forward(net: Network, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The logits of ``x`` taken as consecutive minibatches of ``batch_size``, each BatchNorm using the statistics
+    of each minibatch: all minibatches in one pass (one Python call per layer, not per minibatch and layer)."""
+    for layer in net.layers.values():
+        if isinstance(layer, BatchNorm1d):
+            groups = x.view(-1, batch_size, x.shape[-1])
+            x = layer.normalize(groups, groups.mean(1, keepdim=True), layer.batch_spread(groups, dim=1)).view(x.shape)
+        else:
+            x = layer(x)  # every other layer treats each example on its own
+    return x
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The batched engine's fused CPU kernels (``kernels.c``): compiled on first use, loaded with ctypes.
+"""Fused CPU kernels (``kernels.c``): the batched engine's, and three for evaluating a whole split (a column's
+variance, BatchNorm with running statistics, counting values); compiled on first use, loaded with ctypes.
 
 Plain C with no Python or PyTorch headers, so any C compiler builds it in well under a
 second. The library is cached per source, flags and CPU (``-march=native``: a
@@ -87,7 +88,11 @@ def _open(path: Path):
     lib.bn_backward.argtypes = [args, ptr, ptr, ptr]
     lib.tanh_backward_bias.argtypes = [ptr, ptr, ptr, ptr, i64, i64]
     lib.embedding_backward.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64]
-    for fn in (lib.bn_forward, lib.bn_backward, lib.tanh_backward_bias, lib.embedding_backward):
+    lib.column_var.argtypes = [ptr, i64, i64, ctypes.c_double, i64, ptr, ptr, ptr]
+    lib.count_values.argtypes = [ptr, i64, ptr, ptr, i64, ptr]
+    lib.bn_eval.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64]
+    for fn in (lib.bn_forward, lib.bn_backward, lib.tanh_backward_bias, lib.embedding_backward, lib.column_var,
+               lib.count_values, lib.bn_eval):
         fn.restype = None
     return lib
 

@@ -93,15 +93,12 @@ class BatchNorm1d(nn.Module):
     def forward(self, x):
         if self.training:
             mean = x.mean(0, keepdim=True)
-            spread = x.std(0, keepdim=True) if self.normalize_by == "std" else x.var(0, keepdim=True)
+            spread = self.batch_spread(x)
         else:
             mean, spread = self.running_mean, self.running_spread
             if not torch.is_grad_enabled():
                 return self._normalize_in_place(x, mean, spread)
-        if self.normalize_by == "std":
-            out = self.gamma * (x - mean) / spread + self.beta
-        else:
-            out = self.gamma * ((x - mean) / torch.sqrt(spread + self.eps)) + self.beta
+        out = self.normalize(x, mean, spread)
         if self.training:
             with torch.no_grad():
                 m = self.momentum
@@ -111,10 +108,35 @@ class BatchNorm1d(nn.Module):
                 self.last_batch_spread = spread.detach()
         return out
 
+    def normalize(self, x, mean, spread):
+        """``x`` normalised by the given statistics, scaled and shifted: the flavour's formula."""
+        if self.normalize_by == "std":
+            return self.gamma * (x - mean) / spread + self.beta
+        return self.gamma * ((x - mean) / torch.sqrt(spread + self.eps)) + self.beta
+
+    def batch_spread(self, x, dim: int = 0):
+        """The flavour's spread of ``x`` over ``dim``, as training mode takes it (unbiased std or variance)."""
+        if dim == x.dim() - 2 and not torch.is_grad_enabled():
+            return column_spread(x, take_sqrt=self.normalize_by == "std").unsqueeze(dim)
+        return x.std(dim, keepdim=True) if self.normalize_by == "std" else x.var(dim, keepdim=True)
+
     def _normalize_in_place(self, x, mean, spread):
         # The formula above, operation for operation, in place on one temporary. Without
         # autograd nothing needs the intermediates, and on the cache-sized chunks of a
         # whole-split evaluation their three allocations took as long as the arithmetic.
+        # The C kernel does the same four operations in one pass.
+        from . import kernels
+
+        lib = kernels.load() if _plain_cpu(x) and x.dim() == 2 else None
+        if lib is not None:
+            div = spread if self.normalize_by == "std" else torch.sqrt(spread + self.eps)
+            params = [t.detach().reshape(-1).contiguous() for t in (mean, div, self.gamma, self.beta)]
+            if all(_plain_cpu(t) and t.numel() == x.shape[1] for t in params):
+                x = x.contiguous()
+                out = torch.empty_like(x)
+                lib.bn_eval(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                            *(t.data_ptr() for t in params), int(self.normalize_by == "std"))
+                return out
         out = x - mean
         if self.normalize_by == "std":
             return out.mul_(self.gamma).div_(spread).add_(self.beta)
@@ -124,8 +146,31 @@ class BatchNorm1d(nn.Module):
     def calibrate(self, x: torch.Tensor) -> None:
         """Set the running statistics to those of ``x`` (the lecture's pass over the whole training split)."""
         self.running_mean = x.mean(0, keepdim=True).view(self.running_mean.shape)
-        spread = x.std(0, keepdim=True) if self.normalize_by == "std" else x.var(0, keepdim=True)
-        self.running_spread = spread.view(self.running_spread.shape)
+        self.running_spread = column_spread(x, take_sqrt=self.normalize_by == "std").view(self.running_spread.shape)
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    """Whether the C kernels can read ``t``: a float32 tensor in CPU memory."""
+    return t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def column_spread(x: torch.Tensor, take_sqrt: bool) -> torch.Tensor:
+    """``x.std(-2)`` or ``x.var(-2)`` (unbiased): each column's spread over the rows, of a matrix or of each matrix
+    of a stack, bit for bit, by the C kernel where it is built (and not for autograd). PyTorch's Welford loop
+    runs one column at a time; on a whole training split it took most of an evaluation."""
+    from . import kernels
+
+    lib = kernels.load() if _plain_cpu(x) and x.dim() in (2, 3) and not x.requires_grad else None
+    if lib is None:
+        return x.std(-2) if take_sqrt else x.var(-2)
+    x = x.contiguous()
+    rows, cols = x.shape[-2:]
+    out = x.new_empty((*x.shape[:-2], cols))
+    mean, m2 = torch.empty(2, cols, dtype=torch.float64)
+    for matrix, spread in zip(x.view(-1, rows, cols), out.view(-1, cols)):
+        lib.column_var(matrix.data_ptr(), rows, cols, 1.0, int(take_sqrt), mean.data_ptr(), m2.data_ptr(),
+                       spread.data_ptr())
+    return out
 
 
 class LayerNorm(nn.Module):

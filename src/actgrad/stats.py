@@ -139,20 +139,20 @@ class StatsRecorder:
         return pd.DataFrame.from_records(records, columns=["step", "layer", "kind", "stat", "value"])
 
     def histogram_frame(self) -> pd.DataFrame:
-        frames = []
+        # Built as columns and made a frame once: a frame per histogram cost more than the training of a short run.
+        columns = {"step": [], "layer": [], "kind": [], "bin_left": [], "bin_right": [], "fraction": []}
         for step, layer, kind, counts, lo, hi in self._hists:
             counts = counts.float().cpu()
             n = counts.numel()
             width = (hi - lo) / n
             total = counts.sum().item() or 1.0
-            frames.append(pd.DataFrame({
-                "step": step, "layer": layer, "kind": kind,
-                "bin_left": [lo + i * width for i in range(n)],
-                "bin_right": [lo + (i + 1) * width for i in range(n)],
-                "fraction": (counts / total).tolist(),
-            }))
-        columns = ["step", "layer", "kind", "bin_left", "bin_right", "fraction"]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+            columns["step"] += [step] * n
+            columns["layer"] += [layer] * n
+            columns["kind"] += [kind] * n
+            columns["bin_left"] += [lo + i * width for i in range(n)]
+            columns["bin_right"] += [lo + (i + 1) * width for i in range(n)]
+            columns["fraction"] += (counts / total).tolist()
+        return pd.DataFrame(columns) if self._hists else pd.DataFrame(columns=list(columns))
 
     # -- internals -------------------------------------------------------------
     def _add(self, step, layer, kind, names, values):
