@@ -31,6 +31,10 @@ def test_variants_that_differ_only_in_drawn_values_share_a_job(names_path):
     config = _config(names_path, training_jobs="architecture")
     assert training_jobs(config) == {"g_half_and_1": ["g_half", "g_three"], "bn": ["bn"], "wide": ["wide"]}
     assert training_jobs(config, "variant") == {v: [v] for v in config["variants"]}
+    # ... and with training_jobs: model, every deep variant in one job, whatever its architecture
+    assert training_jobs(config, "model") == {"g_half_and_3": ["g_half", "g_three", "bn", "wide"]}
+    mixed = complete(dict(config, variants=dict(config["variants"], mlp={"model": "mlp"})))
+    assert training_jobs(mixed, "model") == {"g_half_and_3": ["g_half", "g_three", "bn", "wide"], "mlp": ["mlp"]}
     assert training_jobs(complete(dict(config, training_jobs="variant"))) == {v: [v] for v in config["variants"]}
     with pytest.raises(ValueError, match="training_jobs: 'each' unknown"):
         training_jobs(config, "each")
@@ -66,12 +70,16 @@ def test_a_runs_numbers_do_not_depend_on_the_variants_that_share_its_job(tmp_pat
     splits = tmp_path / "splits.pt"
     save_splits(names_path, splits, tmp_path / "splits.json")
     alone, together = tmp_path / "alone", tmp_path / "together"
-    for v in ("g_half", "g_three"):
+    # g_half and g_three train in one engine call; bn and wide cannot join it, and train after it, each in its own
+    variants = ("g_half", "bn", "g_three", "wide")
+    for v in variants:
         train_variants(config, [v], splits, alone, log=lambda m: None)
-    metrics = train_variants(config, ["g_half", "g_three"], splits, together, log=lambda m: None)
-    assert [(m["variant"], m["seed"]) for m in metrics] == [(v, s) for v in ("g_half", "g_three")
+    lines = []
+    metrics = train_variants(config, list(variants), splits, together, log=lines.append)
+    assert [(m["variant"], m["seed"]) for m in metrics] == [(v, s) for v in ("g_half", "g_three", "bn", "wide")
                                                              for s in (LECTURE_SEED, 1)]
-    for v in ("g_half", "g_three"):
+    assert [line.split("]")[0] for line in lines if "run(s) of 30 steps" in line] == ["[g_half +1", "[bn", "[wide"]
+    for v in variants:
         for seed in (LECTURE_SEED, 1):
             a, b = _run_files(alone, v, seed), _run_files(together, v, seed)
             for name in ("losses.parquet", "stats.parquet", "histograms.parquet"):
@@ -87,13 +95,6 @@ def test_a_runs_numbers_do_not_depend_on_the_variants_that_share_its_job(tmp_pat
     twin = pd.read_parquet(run_dir(together, "g_three", 1) / "losses.parquet")
     assert "twin_loss" in twin and twin.twin_loss.notna().all()  # the twins found their bases
     assert "twin_loss" not in pd.read_parquet(run_dir(together, "g_half", 1) / "losses.parquet")
-
-
-def test_variants_that_cannot_share_a_job_are_refused(tmp_path, names_path):
-    from actgrad.runs import train_variants
-
-    with pytest.raises(ValueError, match="cannot train together"):
-        train_variants(_config(names_path), ["g_half", "bn"], tmp_path / "none.pt", tmp_path)
 
 
 def _training_rules(proc) -> set[str]:
@@ -122,12 +123,10 @@ def test_the_workflow_trains_a_job_per_group_and_a_change_retrains_its_group(tmp
     assert _training_rules(run_snakemake(tmp_path, "-n", configfile=path)) == {"train_a", "train_b"}
 
 
-def test_the_smoke_study_trains_batched_jobs():
-    """config/smoke.yaml, the quick check of the whole study, cuts its training by architecture."""
+def test_the_smoke_study_trains_a_job_per_model():
+    """config/smoke.yaml, the quick check of the whole study, trains every variant of a model in one job."""
     config = load(REPO / "config" / "smoke.yaml")
     jobs = training_jobs(config)
-    assert config["training_jobs"] == "architecture"
-    assert len(jobs) < len(config["variants"])
+    assert config["training_jobs"] == "model"
     assert sorted(v for members in jobs.values() for v in members) == sorted(config["variants"])
-    for members in jobs.values():
-        assert len({batch_key(variant_spec(config, v)) for v in members}) == 1, members
+    assert [{variant_spec(config, v)["model"] for v in members} for members in jobs.values()] == [{"mlp"}, {"deep"}]

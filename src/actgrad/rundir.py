@@ -69,22 +69,28 @@ def batch_key(spec: dict) -> str:
     return json.dumps({k: v for k, v in spec.items() if k not in BATCHABLE_KEYS}, sort_keys=True, default=str)
 
 
+TRAINING_JOB_MODES = ("variant", "architecture", "model")
+
+
 def training_jobs(config: dict, mode: str | None = None) -> dict[str, list[str]]:
     """The study's training jobs: job name -> the variants it trains, in the config's order.
 
     ``mode`` (``training_jobs`` in the config): ``variant`` gives every variant a job of its own, named after
-    it; ``architecture`` puts the variants that :func:`batch_key` says can train together into one job,
-    named after its first variant (alone, it is that variant's job).
+    it; ``architecture`` puts the variants that :func:`batch_key` says can train together into one job;
+    ``model`` puts every variant of one model (``mlp``, ``deep``) into one job, which trains them group by group
+    (a group being what ``architecture`` would make a job). A job of several is named after its first variant
+    (alone, it is that variant's job).
     """
     mode = mode or config["training_jobs"]
     names = list(config["variants"])
     if mode == "variant":
         return {name: [name] for name in names}
-    if mode != "architecture":
-        raise ValueError(f"training_jobs: {mode!r} unknown; it is 'variant' or 'architecture'")
+    if mode not in TRAINING_JOB_MODES:
+        raise ValueError(f"training_jobs: {mode!r} unknown; it is one of {', '.join(map(repr, TRAINING_JOB_MODES))}")
+    key = batch_key if mode == "architecture" else (lambda spec: spec["model"])
     groups: dict[str, list[str]] = {}
     for name in names:
-        groups.setdefault(batch_key(variant_spec(config, name)), []).append(name)
+        groups.setdefault(key(variant_spec(config, name)), []).append(name)
     return {members[0] if len(members) == 1 else f"{members[0]}_and_{len(members) - 1}": members
             for members in groups.values()}
 

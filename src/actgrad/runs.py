@@ -18,7 +18,6 @@ from contextlib import nullcontext
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from . import __version__
 from .config import variant_spec
@@ -26,7 +25,7 @@ from .conventions import EXPECTED_INIT_LOSS, pick_snapshot
 from .cpus import cpu_slot
 from .data import atomic_write_bytes, load_splits
 from .divergence import DivergenceRule
-from .evaluation import evaluate, kept_running_stats, sample_names
+from .evaluation import batch_statistics_loss, evaluate, kept_running_stats, sample_names
 from .memory import check_training_job
 from .model import Scratch, jacobian_spectrum
 from .progress import ProgressLog
@@ -69,36 +68,6 @@ def _init_measurements(net, spec: dict, Xtr, Ytr, scratch: Scratch) -> dict:
     spectrum = jacobian_spectrum(net, Xtr[:JACOBIAN_EXAMPLES])
     return {"init_loss": init_loss, **{f"{share}_init": found[share] for share in shares},
             **{f"jacobian_sv_{stat}": spectrum[stat] for stat in JACOBIAN_STATS}}
-
-
-# The fixed order of the validation split that batch_statistics_loss cuts into minibatches.
-BATCH_STATS_ORDER_SEED = 0
-
-
-@torch.no_grad()
-def batch_statistics_loss(net, X: torch.Tensor, Y: torch.Tensor, batch_size: int) -> float:
-    """Cross-entropy over a split in minibatches of ``batch_size``, every BatchNorm normalising each minibatch by
-    that minibatch's own statistics (training mode), the running statistics left as they were.
-
-    The split is taken in one fixed random order (consecutive examples are contexts of the same name, which a
-    training minibatch never is), so its minibatches are drawn like the training ones; a last, shorter
-    minibatch counts if it has 2 examples or more (one example has no batch spread).
-    """
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(BATCH_STATS_ORDER_SEED)).to(X.device)
-    total, counted = 0.0, 0
-    was_training = net.training
-    with kept_running_stats(net):
-        try:
-            net.train()
-            for start in range(0, len(X), batch_size):
-                ix = order[start:start + batch_size]
-                if len(ix) < 2:
-                    break
-                total += F.cross_entropy(net(X[ix]), Y[ix], reduction="sum").item()
-                counted += len(ix)
-        finally:
-            net.train(was_training)
-    return total / counted
 
 
 def _final_evaluation(net, spec: dict, splits, device, scratch: Scratch | None = None) -> dict:
@@ -144,34 +113,40 @@ def train_variant(config: dict, name: str, splits_path: str | os.PathLike, resul
 
 def train_variants(config: dict, names: list[str], splits_path: str | os.PathLike, results: str | os.PathLike,
                    log=print, mem_mb: float | None = None) -> list[dict]:
-    """Train the variants ``names`` in one engine call, as :func:`train_variant` trains one.
+    """Train the variants ``names``, as :func:`train_variant` trains one: those with the same :func:`batch_key`
+    in one engine call, the groups one after another (in the order of their first variant).
 
-    They must have the same :func:`batch_key`. Each model draws its own parameters and minibatches
-    from its own generator, and the engine computes each model on its own, so a run's numbers do not
-    depend on which variants share its job.
+    Each model draws its own parameters and minibatches from its own generator, and the engine computes each
+    model on its own, so a run's numbers do not depend on which variants share its job.
     """
     specs = [variant_spec(config, name) for name in names]
-    keys = {batch_key(spec) for spec in specs}
-    if len(keys) > 1:
-        raise ValueError(f"variants {names} differ in more than their drawn values and cannot train together")
-    label = names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
+    groups: dict[str, list[dict]] = {}
+    for spec in specs:
+        groups.setdefault(batch_key(spec), []).append(spec)
     splits = load_splits(splits_path)
     n_train = int(splits["Ytrain"].shape[0])
     n_examples = n_train + int(splits["Ydev"].shape[0]) + int(splits["Ytest"].shape[0])
     for spec in specs:  # each variant's own batch size and bounds, named as its own
         check_training_job(config, spec, n_train, int(splits["block_size"]),
                            stats_plan(config["stats"], spec["max_steps"]), n_examples, limit_mb=float("inf"))
-    # ... and the job's memory with every model it trains (counted as seeds of the first variant).
-    models = sum(len(s["seeds"]) * (2 if s["sensitivity_twin"] else 1) for s in specs)
-    whole = dict(specs[0], seeds=list(range(models)), sensitivity_twin=False)
-    estimate = check_training_job(config, whole, n_train, int(splits["block_size"]),
-                                  stats_plan(config["stats"], whole["max_steps"]), n_examples, limit_mb=mem_mb)
-    log(f"[{label}] memory: about {estimate['total']:,.0f} MB estimated")
+    labelled = {_label([s["name"] for s in group]): group for group in groups.values()}
+    for label, group in labelled.items():
+        # ... and the job's memory with every model a group trains (counted as seeds of its first variant).
+        models = sum(len(s["seeds"]) * (2 if s["sensitivity_twin"] else 1) for s in group)
+        whole = dict(group[0], seeds=list(range(models)), sensitivity_twin=False)
+        estimate = check_training_job(config, whole, n_train, int(splits["block_size"]),
+                                      stats_plan(config["stats"], whole["max_steps"]), n_examples, limit_mb=mem_mb)
+        log(f"[{label}] memory: about {estimate['total']:,.0f} MB estimated")
     device = resolve_device(config["device"])
     threads = int(config["threads"])
-    slot = cpu_slot(threads, log=lambda m: log(f"[{label}] {m}")) if device.type == "cpu" else nullcontext()
+    slot = cpu_slot(threads, log=lambda m: log(f"[{_label(names)}] {m}")) if device.type == "cpu" else nullcontext()
     with slot:
-        return _train_variants(config, specs, label, splits, results, device, threads, log)
+        return [metrics for label, group in labelled.items()
+                for metrics in _train_variants(config, group, label, splits, results, device, threads, log)]
+
+
+def _label(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
 
 
 def _train_variants(config, specs, label, splits, results, device, threads, log) -> list[dict]:
