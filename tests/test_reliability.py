@@ -869,7 +869,7 @@ def test_a_known_problem_is_its_line_alone(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_truncated_stats_file_fails_the_figure_step_with_one_line(names_path, tmp_path):
+def test_a_truncated_stats_file_fails_the_step_that_reads_it_with_one_line(names_path, tmp_path):
     config = tiny_config(names_path, max_steps=30, seeds=[LECTURE_SEED], variants={"fix_tanh": FIX_TANH})
     configfile = write_config(tmp_path, config)
     snakemake(tmp_path, configfile, *run_targets(config))
@@ -879,13 +879,14 @@ def test_a_truncated_stats_file_fails_the_figure_step_with_one_line(names_path, 
     out = output_of(proc)
     assert proc.returncode != 0
     lines = [line for line in out.splitlines() if line.startswith("error: ")]
-    # one line naming the step, the file and what brings it back (the figures may name it themselves,
-    # or as_step finds it among the step's inputs); the profile's show-failed-logs prints the log again
+    # one line naming the step, the file and what brings it back: the figures need the summary, which reads the
+    # file first (a step may name it itself, or as_step finds it among the step's inputs); the profile's
+    # show-failed-logs prints the log again
     assert len(set(lines)) == 1, out[-3000:]
-    assert lines[0].startswith(f"error: figures_variant: results/runs/fix_tanh/seed{LECTURE_SEED}/stats.parquet"), lines
+    assert lines[0].startswith(f"error: summary: results/runs/fix_tanh/seed{LECTURE_SEED}/stats.parquet"), lines
     assert re.search(r"(rm -r|delete) results/runs/fix_tanh", lines[0]), lines
     assert "Traceback" not in out
-    log = (tmp_path / "logs" / "figures" / "fix_tanh.log").read_text()
+    log = (tmp_path / "logs" / "summary.log").read_text()
     assert log.splitlines()[-1] == lines[0]
 
 

@@ -239,7 +239,7 @@ def test_report_is_rewritten_when_the_summary_changes(study):
         summary.write_bytes(content)
         os.utime(summary, ns=(before.st_atime_ns, before.st_mtime_ns))
     out = proc.stdout + proc.stderr
-    assert re.search(r"\breport\b", out) and "figures_global" in out
+    assert re.search(r"\breport\b", out) and re.search(r"^rule figures:", out, flags=re.MULTILINE)
     assert "train_fix_tanh" not in out
 
 
@@ -490,3 +490,35 @@ def test_the_figures_show_the_snapshot_step_the_run_recorded(tmp_path, monkeypat
     monkeypatch.setattr(figures, "distribution_figure", lambda hists, stats, kind, steps, title="": shown.append(steps))
     figures.variant_figures([run / "metrics.json"], {"activations": tmp_path / "a.png"}, log=lambda m: None)
     assert shown == [[0, 199]]  # 100 would be nearer the lecture's 1,000, but the run recorded 199
+
+
+def _task(i):
+    import os
+
+    def draw(log):
+        log(f"task {i} in {os.getpid()}")
+    return draw
+
+
+def test_the_figure_step_shares_its_tasks_among_forked_workers_and_keeps_their_order():
+    from actgrad import figures
+
+    lines = list(figures._in_processes([_task(i) for i in range(6)], workers=2))
+    assert [line.split(" in ")[0] for line in lines] == [f"task {i}" for i in range(6)]
+    assert len({line.split(" in ")[1] for line in lines}) >= 2  # the first here, the others in the workers
+    serial = list(figures._in_processes([_task(i) for i in range(3)], workers=1))
+    assert len({line.split(" in ")[1] for line in serial}) == 1
+
+
+def test_a_figure_that_fails_in_a_worker_fails_the_step_with_its_own_error():
+    from actgrad import figures
+    from actgrad.rundir import RunFileError
+
+    def corrupt(log):
+        raise RunFileError("results/runs/v/seed1/stats.parquet: not a readable parquet file")
+
+    with pytest.raises(RunFileError, match="seed1/stats.parquet: not a readable"):
+        list(figures._in_processes([_task(0), _task(1), corrupt, _task(3)], workers=2))
+    # ... and the step can draw again afterwards (no worker or task left behind)
+    assert len(list(figures._in_processes([_task(i) for i in range(3)], workers=2))) == 3
+    assert figures._TASKS == []

@@ -1,8 +1,9 @@
 """The report's figures, drawn with seaborn/matplotlib from what the runs wrote.
 
 Each ``*_figure`` function takes plain data (frames, arrays, dicts) and returns a
-matplotlib ``Figure``; :func:`variant_figures` and :func:`global_figures` read the run
-files and write the PNGs the workflow asks for. Nothing here trains or evaluates.
+matplotlib ``Figure``; :func:`variant_figures`, :func:`global_figures` and :func:`theory_figures`
+read the run files and the summary's tables and write the PNGs; :func:`all_figures` draws a
+study's whole set in one step. Nothing here trains or evaluates.
 
 Per variant (the lecture seed's run unless said otherwise):
 
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
 import os
 import re
+import signal
 import warnings
 from pathlib import Path
 
@@ -35,13 +38,15 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-from .conventions import GLOBAL_FIGURES, VARIANT_FIGURES, natural_key  # noqa: E402
+from .conventions import GLOBAL_FIGURES, VARIANT_FIGURES, natural_key, sweep_figure  # noqa: E402
 from .data import atomic_write_bytes  # noqa: E402
 from .inference import CHAOS_SEPARATION  # noqa: E402
 from .rundir import Run, read_runs  # noqa: E402
 from .summary import lecture_run, twin_trace  # noqa: E402
 
 DPI = 100
+# zlib's level 8: 1.4 % larger than 9 (what PIL's optimize=True means) and 2.6x faster to write.
+PNG_COMPRESSION = 8
 UPDATE_GUIDE = -3.0  # the lecture's rule of thumb: updates about 1/1000 of the data
 HEATMAP_VMIN = -4.0  # log10 fraction: the heat-map's colour scale runs from 1/10,000 to everything
 
@@ -84,11 +89,25 @@ def variant_palette(variants: list[str]) -> dict[str, tuple]:
     return {v: pal[i % len(pal)] for i, v in enumerate(variants)}
 
 
+_GROUPS: dict[tuple, tuple[pd.DataFrame, dict]] = {}  # (id(frame), keys) -> (frame, its rows by keys)
+
+
+def groups_of(frame: pd.DataFrame, keys: tuple[str, ...]) -> dict:
+    """``frame``'s rows grouped by the columns ``keys``, made once per frame: a figure looks up dozens of groups in
+    the same statistics, and each lookup by mask read the whole frame."""
+    hit = _GROUPS.get((id(frame), keys))
+    if hit is None or hit[0] is not frame:
+        if len(_GROUPS) > 16:  # a variant's figures use two frames; keep the last few
+            _GROUPS.clear()
+        hit = _GROUPS[(id(frame), keys)] = (frame, dict(iter(frame.groupby(list(keys), sort=False))))
+    return hit[1]
+
+
 def stat_at(stats: pd.DataFrame, kind: str, layer: str, stat: str, step: int) -> float:
     if stats.empty:
         return float("nan")
-    sel = stats[(stats.kind == kind) & (stats.layer == layer) & (stats.stat == stat) & (stats.step == step)]
-    return float(sel.value.iloc[0]) if len(sel) else float("nan")
+    sel = groups_of(stats, ("kind", "layer", "stat", "step")).get((kind, layer, stat, step))
+    return float(sel.value.iloc[0]) if sel is not None and len(sel) else float("nan")
 
 
 def fmt(x: float, spec: str) -> str:
@@ -161,7 +180,7 @@ def png_bytes(fig) -> bytes:
     plt.close(fig)
     small = Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     out = io.BytesIO()
-    small.save(out, format="PNG", optimize=True)
+    small.save(out, format="PNG", compress_level=PNG_COMPRESSION)
     return out.getvalue()
 
 
@@ -180,7 +199,10 @@ def save(fig, path: str | os.PathLike) -> None:
 def _hist(hists: pd.DataFrame, kind: str, layer: str, step: int) -> pd.DataFrame:
     if hists.empty:
         return hists
-    h = hists[(hists.kind == kind) & (hists.layer == layer) & (hists.step == step)].sort_values("bin_left")
+    h = groups_of(hists, ("kind", "layer", "step")).get((kind, layer, step))
+    if h is None:
+        return hists.iloc[:0]
+    h = h.sort_values("bin_left")
     return h[np.isfinite(h.fraction)]
 
 
@@ -892,7 +914,7 @@ def theory_figures(config: dict, theory_csv, sweeps_csv, outputs: dict, log=prin
     """Write the deep-layers figure with its theory overlay and each sweep's phase diagram
     (``outputs``: "deep_layers" and/or sweep_figure(name) -> PNG path) from the summary's tables."""
     from .config import variant_spec
-    from .conventions import featured_variants, sweep_figure, sweep_names, sweep_title
+    from .conventions import featured_variants, sweep_names, sweep_title
 
     style()
     if "deep_layers" in outputs:
@@ -901,7 +923,7 @@ def theory_figures(config: dict, theory_csv, sweeps_csv, outputs: dict, log=prin
         measured, predicted = theory_layer_frames(theory)
         bn = {v for v in order if variant_spec(config, v)["batchnorm"]}
         save(deep_layers_figure(measured, order, bn, predicted), outputs["deep_layers"])
-    table = pd.read_csv(sweeps_csv) if any(k.startswith("sweep_") for k in outputs) else pd.DataFrame()
+    table = pd.read_csv(sweeps_csv) if any(k != "deep_layers" for k in outputs) else pd.DataFrame()
     for sweep in sweep_names(config):
         key = sweep_figure(sweep)
         if key not in outputs:
@@ -919,3 +941,82 @@ def theory_figures(config: dict, theory_csv, sweeps_csv, outputs: dict, log=prin
                                 "seeds, lines = mean-field theory"), outputs[key])
     for key, path in outputs.items():
         log(f"figure {key} -> {path}")
+
+
+# -- a study's figures, in one step ----------------------------------------------------------------------
+def is_theory_figure(name: str) -> bool:
+    """Whether :func:`theory_figures` draws ``name`` (from the summary's tables), not :func:`global_figures`."""
+    return name == "deep_layers" or name.startswith(sweep_figure(""))
+
+
+def all_figures(config: dict, order: list[str], run_paths, tables: dict, outputs: dict,
+                variant_outputs: dict[str, tuple[list, dict]], workers: int = 1, log=print) -> None:
+    """Every figure of a study's report: ``outputs`` (the cross-variant and theory figures, name -> PNG),
+    read from the runs ``run_paths`` and the summary's ``tables`` (summary, references, theory, sweeps:
+    paths), and ``variant_outputs`` (variant -> (its run files, figure name -> PNG)).
+
+    One step draws them all: its imports (matplotlib, seaborn, pandas: two seconds) cost more than a
+    variant's six figures, and were paid once per figure job before. With ``workers`` > 1 the step forks
+    that many processes once the imports are done, and they share the figures.
+    """
+    cross = {k: p for k, p in outputs.items() if not is_theory_figure(k)}
+    theory = {k: p for k, p in outputs.items() if is_theory_figure(k)}
+    # The variants first: the first task is drawn before the workers fork (see _in_processes), and a variant's
+    # figures use most of what the others do.
+    tasks = [lambda log, runs=runs, figures=figures: variant_figures(runs, figures, log=log)
+             for runs, figures in variant_outputs.values()]
+    if cross:
+        tasks.append(lambda log: global_figures(order, run_paths, tables["summary"], tables["references"], cross,
+                                                log=log))
+    if theory:
+        tasks.append(lambda log: theory_figures(config, tables["theory"], tables["sweeps"], theory, log=log))
+    for line in _in_processes(tasks, workers):
+        log(line)
+
+
+_TASKS: list = []  # what the forked workers of _in_processes run, by index
+
+
+def _run_task(index: int) -> list[str]:
+    lines: list[str] = []
+    _TASKS[index](lines.append)
+    return lines
+
+
+def _in_processes(tasks: list, workers: int):
+    """Run ``tasks`` (functions of a ``log``), in ``workers`` processes forked from this one where the platform
+    forks (they inherit its imports; nothing is pickled but an index and the log lines), else one after
+    another; yields each task's log lines, in the tasks' order."""
+    workers = min(workers, len(tasks))
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for task in tasks:
+            lines: list[str] = []
+            task(lines.append)
+            yield from lines
+        return
+    # The first task runs here, before the fork: what matplotlib sets up on first use (fonts, caches) is then
+    # inherited by every worker instead of being done again in each.
+    first: list[str] = []
+    tasks[0](first.append)
+    yield from first
+    global _TASKS
+    _TASKS = tasks
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_as_worker)
+    try:
+        for lines in pool.imap(_run_task, range(1, len(tasks))):
+            yield from lines
+        pool.close()  # the workers end when the queue is empty
+    except BaseException:
+        pool.terminate()  # a failed or stopped step does not wait for the other figures
+        raise
+    finally:
+        pool.join()
+        _TASKS = []
+
+
+def _as_worker() -> None:
+    # A worker inherits the step's handlers (workflow_step.as_step), which turn SIGTERM into an exception: a
+    # worker stopped by the pool then ran its exit handlers and could hang in them. The step itself handles
+    # Ctrl-C and stops its workers.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

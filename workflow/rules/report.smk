@@ -1,6 +1,5 @@
 # Stage 6: figures (PNG, per variant and across variants) and the self-contained HTML report.
 # `snakemake --report report/snakemake-report.html` collects the same figures with their captions.
-import re
 from pathlib import Path
 
 from actgrad.conventions import (SWEEP_CAPTION, THEORY_CAPTION, VARIANT_FIGURES, featured_variants, figure_path,
@@ -13,12 +12,10 @@ REPORT_TEMPLATE = REPO_DIR / "report" / "report.html.j2"
 
 # The cross-variant figures this study has (actgrad.conventions lists every figure once).
 GLOBAL_FIGURES = study_figures(SPECS.values())
-# Drawn from the summary's theory and sweep tables, not from the runs: the deep networks layer by layer with
-# the theory beside them, and one phase diagram per sweep.
+# One phase diagram per sweep, drawn from the summary's sweep table.
 SWEEP_FIGURES = [sweep_figure(s) for s in sweep_names(config)]
-THEORY_FIGURES = [name for name in GLOBAL_FIGURES if name == "deep_layers"] + SWEEP_FIGURES
 # Per-variant figures only for the variants the report shows in full: every listed one and a few chosen
-# points of each sweep (each costs a figure job; the other points are a row of their sweep's table).
+# points of each sweep (the other points are a row of their sweep's table).
 FEATURED = featured_variants(config)
 # What the per-variant figures read of each run.
 VARIANT_FIGURE_FILES = ["metrics.json", "stats.parquet", "histograms.parquet", "saturation.npz"]
@@ -27,76 +24,43 @@ VARIANT_FIGURE_FILES = ["metrics.json", "stats.parquet", "histograms.parquet", "
 report: "../report/workflow.rst"
 
 
-rule figures_variant:
+# Every figure in one job: its imports cost more than a variant's six figures, so one job per figure set
+# spent most of its time starting. It draws in as many processes as it has threads (forked after the imports).
+rule figures:
     input:
-        runs=lambda wc: run_outputs(wc.variant, VARIANT_FIGURE_FILES),
-        code=[package_code("figures"), package_code("conventions"), package_code("rundir")],
-    output:
-        **{
-            name: report(figure_path(FIGURES, name, "{variant}"), caption=f"../report/{name}.rst",
-                         category="2. Per variant", subcategory="{variant}",
-                         labels={"figure": name.replace("_", " "), "variant": "{variant}"})
-            for name in VARIANT_FIGURES
-        },
-    wildcard_constraints:
-        variant="|".join(re.escape(v) for v in FEATURED),
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=20,
-    log:
-        "logs/figures/{variant}.log",
-    script:
-        "../scripts/figures.py"
-
-
-rule figures_global:
-    input:
-        runs=all_run_outputs(["metrics.json", "losses.parquet", "stats.parquet"]),
+        runs=all_run_outputs(["metrics.json", "losses.parquet", "stats.parquet"])
+        + [path for v in FEATURED for path in run_outputs(v, VARIANT_FIGURE_FILES)],
         summary=f"{RESULTS}/summary.csv",
         references=f"{RESULTS}/reference_check.csv",
-        code=[package_code(m) for m in ("figures", "conventions", "rundir", "summary", "inference")],
+        theory=f"{RESULTS}/theory.csv",
+        sweeps=f"{RESULTS}/sweeps.csv",
+        code=[package_code(m) for m in ("figures", "conventions", "rundir", "summary", "inference", "theory")],
     output:
+        [
+            report(figure_path(FIGURES, name, v), caption=f"../report/{name}.rst", category="2. Per variant",
+                   subcategory=v, labels={"figure": name.replace("_", " "), "variant": v})
+            for v in FEATURED
+            for name in VARIANT_FIGURES
+        ],
         **{
-            name: report(figure_path(FIGURES, name), caption=f"../report/{name}.rst",
+            name: report(figure_path(FIGURES, name),
+                         caption=f"../report/{SWEEP_CAPTION if name in SWEEP_FIGURES else name}.rst",
                          category="1. Across variants", labels={"figure": name.replace("_", " ")})
-            for name in GLOBAL_FIGURES
-            if name not in THEORY_FIGURES
+            for name in GLOBAL_FIGURES + SWEEP_FIGURES
         },
     params:
         order=VARIANTS,
-    threads: 1
+        # variant -> (the run files its figures read, figure name -> PNG)
+        variant_figures={v: (run_outputs(v, VARIANT_FIGURE_FILES),
+                             {name: figure_path(FIGURES, name, v) for name in VARIANT_FIGURES}) for v in FEATURED},
+    threads: 4
     resources:
-        mem_mb=2000,
-        runtime=20,
+        mem_mb=3000,
+        runtime=30,
     log:
-        "logs/figures/global.log",
+        "logs/figures.log",
     script:
         "../scripts/figures.py"
-
-
-if THEORY_FIGURES:
-
-    rule figures_theory:
-        input:
-            theory=f"{RESULTS}/theory.csv",
-            sweeps=f"{RESULTS}/sweeps.csv",
-            code=[package_code(m) for m in ("figures", "conventions", "theory", "summary")],
-        output:
-            **{
-                name: report(figure_path(FIGURES, name),
-                             caption=f"../report/{SWEEP_CAPTION if name in SWEEP_FIGURES else name}.rst",
-                             category="1. Across variants", labels={"figure": name.replace("_", " ")})
-                for name in THEORY_FIGURES
-            },
-        threads: 1
-        resources:
-            mem_mb=2000,
-            runtime=20,
-        log:
-            "logs/figures/theory.log",
-        script:
-            "../scripts/theory_figures.py"
 
 
 rule report:

@@ -1,9 +1,10 @@
-from actgrad.figures import global_figures, variant_figures
+import os
+
+from actgrad.figures import all_figures
 from actgrad.workflow_step import as_step
 
-outputs = dict(snakemake.output.items())
-if snakemake.rule == "figures_global":
-    as_step(snakemake, lambda log: global_figures(snakemake.params.order, snakemake.input.runs, snakemake.input.summary,
-                                                  snakemake.input.references, outputs, log=log))
-else:
-    as_step(snakemake, lambda log: variant_figures(snakemake.input.runs, outputs, log=log))
+tables = {name: snakemake.input[name] for name in ("summary", "references", "theory", "sweeps")}
+workers = min(snakemake.threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+as_step(snakemake, lambda log: all_figures(snakemake.config, snakemake.params.order, snakemake.input.runs, tables,
+                                           dict(snakemake.output.items()), snakemake.params.variant_figures,
+                                           workers=workers, log=log))
