@@ -87,6 +87,34 @@ def test_bench_times_the_peers_and_prints_the_lead_over_the_best(names_path, cap
     assert best["best_peer"] == "torch.func" and best["goal_met"] == (row["lead"] >= 2)
     assert "best peer, shallow, 2 models: torch.func" in out
     assert f"goal 2x {'met' if best['goal_met'] else 'missed'}" in out
+    # ... and beside it the ceiling, a step's matmuls alone, with what a 2x lead would take of it
+    assert best["matmul_ceiling"] > 0
+    assert best["needed_share_of_ceiling"] == pytest.approx(2 * row["model_steps_per_s"] / best["matmul_ceiling"])
+    assert best["engine_share_of_ceiling"] == pytest.approx(engine_plain["model_steps_per_s"] / best["matmul_ceiling"])
+    assert f"ceiling {best['matmul_ceiling']:,.0f}" in out
+
+
+def test_the_ceiling_times_the_products_of_each_linear_layer(monkeypatch):
+    """matmul_ceiling times three batched products per Linear layer, of the layer's shapes, in two layouts."""
+    from actgrad.config import linear_shapes
+    shapes = []
+    real = torch.bmm
+
+    def bmm(a, b, out):
+        shapes.append((tuple(a.shape), tuple(b.shape), tuple(out.shape)))
+        return real(a, b, out=out)
+
+    monkeypatch.setattr(torch, "bmm", bmm)
+    spec = LECTURE_NETWORKS["deep"]
+    rate = bench.matmul_ceiling(spec, 3, block_size=3, steps=2, repeat=1)
+    assert rate > 0
+    layers = linear_shapes(spec, 3)
+    assert len(layers) == 6 and layers[0] == (30, 100) and layers[-1] == (100, 27)
+    assert len(shapes) == 2 * 3 * len(layers) * 3  # 2 layouts x (warm-up + 2 steps) x 3 products per layer
+    assert all(a[0] == b[0] == out[0] == 3 for a, b, out in shapes)  # every product over the 3 models
+    first = shapes[:3]  # examples-major: x @ W, dY @ W^T, X^T @ dY of the first layer
+    assert first == [((3, 32, 30), (3, 30, 100), (3, 32, 100)), ((3, 32, 100), (3, 100, 30), (3, 32, 30)),
+                     ((3, 30, 32), (3, 32, 100), (3, 30, 100))]
 
 
 def test_peer_model_counts_default_to_the_pipelines_five_and_join_the_engines():

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from . import data, kernels, lecture, peers
-from .config import matmul_flops_per_step, study_defaults
+from .config import linear_shapes, matmul_flops_per_step, study_defaults
 from .engine import train_batched
 from .model import build_network
 from .networks import LECTURE_NETWORKS
@@ -80,6 +80,38 @@ def sgemm_peak(device: torch.device, clock=time.perf_counter, n: int | None = No
         _sync(device)
         best = min(best, clock() - t0)
     return 2 * n ** 3 / best / 1e9
+
+
+def matmul_ceiling(spec: dict, models: int, block_size: int, clock=time.process_time, steps: int = 2000,
+                   repeat: int = 3, batch_size: int = 32) -> float:
+    """Model-steps/s of a training step's matrix products alone, on CPU: for each Linear layer, over ``models``
+    models and a minibatch, the forward product and the backward pass's two (input and weight gradient), as
+    PyTorch batched matmuls into preallocated outputs, in the faster of two layouts (examples-major as the
+    peers hold them, feature-major as the engine does); nothing else of the step. An engine built on these
+    products cannot train faster than this."""
+    best = 0.0
+    for feature_major in (False, True):
+        products = []
+        for fan_in, fan_out in linear_shapes(spec, block_size):
+            def mats(*shape):
+                return torch.randn(models, *shape)
+            if feature_major:  # (models, features, examples)
+                x, w_t, g = mats(fan_in, batch_size), mats(fan_out, fan_in), mats(fan_out, batch_size)
+                y, dx, dw = mats(fan_out, batch_size), mats(fan_in, batch_size), mats(fan_out, fan_in)
+                products += [(w_t, x, y), (w_t.transpose(1, 2), g, dx), (g, x.transpose(1, 2), dw)]
+            else:  # (models, examples, features)
+                x, w, g = mats(batch_size, fan_in), mats(fan_in, fan_out), mats(batch_size, fan_out)
+                y, dx, dw = mats(batch_size, fan_out), mats(batch_size, fan_in), mats(fan_in, fan_out)
+                products += [(x, w, y), (g, w.transpose(1, 2), dx), (x.transpose(1, 2), g, dw)]
+        for _ in range(repeat):
+            for a, b, out in products:
+                torch.bmm(a, b, out=out)
+            t0 = clock()
+            for _ in range(steps):
+                for a, b, out in products:
+                    torch.bmm(a, b, out=out)
+            best = max(best, models * steps / (clock() - t0))
+    return best
 
 
 def _sync(device: torch.device) -> None:
@@ -354,7 +386,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         results.append(dict(network=net, engine=name, device=str(dev), models=m, stats=stats,
                             model_steps_per_s=rate, ratio=rate / ref, gflops=gflops, peak_fraction=gflops / peak))
     if peer_rows:
-        results += print_peers(args, peer_rows, peer_runs, compile_seconds, best)
+        results += print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size)
     print()
     m = max(args.models)
     print(f"statistics overhead, {m} models: in these {args.steps}-step runs (stats on vs off, where snapshots at "
@@ -392,7 +424,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def print_peers(args, peer_rows, peer_runs, compile_seconds, best) -> list[dict]:
+def print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size: int) -> list[dict]:
     """The peers' table: model-steps/s beside the engine's at the same count, the lead, the best peer per network."""
     cpu = torch.device("cpu")
     print()
@@ -419,15 +451,24 @@ def print_peers(args, peer_rows, peer_runs, compile_seconds, best) -> list[dict]
                             lead_with_stats=with_stats or None, compile_seconds=compile_seconds[(net, peer, m)],
                             cpu_per_wall=cpu_wall))
     print()
+    print(f"ceiling: a step's matrix products alone (actgrad.bench.matmul_ceiling), the most model-steps/s an engine "
+          f"built on PyTorch's matmul can reach; the engine's share of it; what a {LEAD_GOAL}x lead over the best "
+          "peer would need")
     for net in args.networks:
         for m in args.peer_models:
             mine = [r for r in results if r["network"] == net and r["models"] == m]
             top = max(mine, key=lambda r: r["model_steps_per_s"])
             verdict = "met" if top["lead"] >= LEAD_GOAL else "missed"
+            ceiling = matmul_ceiling(NETWORKS[net][0], m, block_size, clock=clock_for(cpu, args.clock))
+            engine = best[(net, "engine", cpu, m, False, None)]
+            needed = LEAD_GOAL * top["model_steps_per_s"]
             print(f"best peer, {net}, {m} models: {top['peer']} at {top['model_steps_per_s']:,.0f} model-steps/s; "
-                  f"the engine leads it {top['lead']:.2f}x: goal {LEAD_GOAL}x {verdict}")
+                  f"the engine leads it {top['lead']:.2f}x: goal {LEAD_GOAL}x {verdict}; ceiling {ceiling:,.0f}, "
+                  f"the engine at {100 * engine / ceiling:.0f}% of it; {LEAD_GOAL}x needs {needed:,.0f} = "
+                  f"{100 * needed / ceiling:.0f}% of the ceiling")
             results.append(dict(network=net, models=m, best_peer=top["peer"], lead_over_best=top["lead"],
-                                goal_met=top["lead"] >= LEAD_GOAL))
+                                goal_met=top["lead"] >= LEAD_GOAL, matmul_ceiling=ceiling,
+                                engine_share_of_ceiling=engine / ceiling, needed_share_of_ceiling=needed / ceiling))
     return results
 
 

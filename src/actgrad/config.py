@@ -247,17 +247,22 @@ def variant_spec(config: dict, name: str) -> dict:
     return spec
 
 
+def linear_shapes(spec: dict, block_size: int) -> list[tuple[int, int]]:
+    """(fan_in, fan_out) of each of the network's Linear layers, input to logits."""
+    if spec["model"] == "mlp":
+        dims = [spec["n_embd"] * block_size, spec["n_hidden"], 27]
+    else:
+        dims = [spec["n_embd"] * block_size] + [spec["n_hidden"]] * spec["n_layers"] + [27]
+    return list(zip(dims[:-1], dims[1:]))
+
+
 def matmul_flops_per_step(spec: dict, block_size: int, batch_size: int = 32) -> int:
     """Forward + backward matmul FLOPs of one model-step: 3 x (2 * batch * sum of fan_in * fan_out).
 
     The backward pass does two matmuls per forward one (input gradient, weight gradient);
     elementwise work, the embedding lookup and BatchNorm are left out.
     """
-    if spec["model"] == "mlp":
-        dims = [spec["n_embd"] * block_size, spec["n_hidden"], 27]
-    else:
-        dims = [spec["n_embd"] * block_size] + [spec["n_hidden"]] * spec["n_layers"] + [27]
-    return 3 * 2 * batch_size * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    return 3 * 2 * batch_size * sum(a * b for a, b in linear_shapes(spec, block_size))
 
 
 def training_cost(spec: dict, block_size: int) -> float:
