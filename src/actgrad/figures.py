@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -957,7 +958,7 @@ def all_figures(config: dict, order: list[str], run_paths, tables: dict, outputs
 
     One step draws them all: its imports (matplotlib, seaborn, pandas: two seconds) cost more than a
     variant's six figures, and were paid once per figure job before. With ``workers`` > 1 the step forks
-    that many processes once the imports are done, and they share the figures.
+    that many processes on Linux once the imports are done, and they share the figures.
     """
     cross = {k: p for k, p in outputs.items() if not is_theory_figure(k)}
     theory = {k: p for k, p in outputs.items() if is_theory_figure(k)}
@@ -984,11 +985,12 @@ def _run_task(index: int) -> list[str]:
 
 
 def _in_processes(tasks: list, workers: int):
-    """Run ``tasks`` (functions of a ``log``), in ``workers`` processes forked from this one where the platform
-    forks (they inherit its imports; nothing is pickled but an index and the log lines), else one after
-    another; yields each task's log lines, in the tasks' order."""
+    """Run ``tasks`` (functions of a ``log``), in ``workers`` processes forked from this one on Linux (they
+    inherit its imports; nothing is pickled but an index and the log lines), else one after another; yields
+    each task's log lines, in the tasks' order. Not on macOS: its system libraries are not safe to use in a
+    forked child, which is why Python spawns there by default (and spawning would import everything again)."""
     workers = min(workers, len(tasks))
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers <= 1 or not sys.platform.startswith("linux"):
         for task in tasks:
             lines: list[str] = []
             task(lines.append)
