@@ -40,6 +40,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
 from .conventions import GLOBAL_FIGURES, VARIANT_FIGURES, natural_key, sweep_figure  # noqa: E402
+from .cpus import usable_cpus  # noqa: E402
 from .data import atomic_write_bytes  # noqa: E402
 from .inference import CHAOS_SEPARATION  # noqa: E402
 from .rundir import Run, read_runs  # noqa: E402
@@ -958,7 +959,8 @@ def all_figures(config: dict, order: list[str], run_paths, tables: dict, outputs
 
     One step draws them all: its imports (matplotlib, seaborn, pandas: two seconds) cost more than a
     variant's six figures, and were paid once per figure job before. With ``workers`` > 1 the step forks
-    that many processes on Linux once the imports are done, and they share the figures.
+    that many processes on Linux once the imports are done (no more than the CPUs it may use), and they share
+    the figures.
     """
     cross = {k: p for k, p in outputs.items() if not is_theory_figure(k)}
     theory = {k: p for k, p in outputs.items() if is_theory_figure(k)}
@@ -971,17 +973,21 @@ def all_figures(config: dict, order: list[str], run_paths, tables: dict, outputs
                                                 log=log))
     if theory:
         tasks.append(lambda log: theory_figures(config, tables["theory"], tables["sweeps"], theory, log=log))
-    for line in _in_processes(tasks, workers):
+    for line in _in_processes(tasks, min(workers, len(usable_cpus()))):
         log(line)
 
 
 _TASKS: list = []  # what the forked workers of _in_processes run, by index
 
 
-def _run_task(index: int) -> list[str]:
+def _lines_of(task) -> list[str]:
     lines: list[str] = []
-    _TASKS[index](lines.append)
+    task(lines.append)
     return lines
+
+
+def _run_task(index: int) -> list[str]:
+    return _lines_of(_TASKS[index])
 
 
 def _in_processes(tasks: list, workers: int):
@@ -989,23 +995,22 @@ def _in_processes(tasks: list, workers: int):
     inherit its imports; nothing is pickled but an index and the log lines), else one after another; yields
     each task's log lines, in the tasks' order. Not on macOS: its system libraries are not safe to use in a
     forked child, which is why Python spawns there by default (and spawning would import everything again)."""
-    workers = min(workers, len(tasks))
-    if workers <= 1 or not sys.platform.startswith("linux"):
-        for task in tasks:
-            lines: list[str] = []
-            task(lines.append)
-            yield from lines
+    if not tasks:
         return
-    # The first task runs here, before the fork: what matplotlib sets up on first use (fonts, caches) is then
+    # The first task runs here, before any fork: what matplotlib sets up on first use (fonts, caches) is then
     # inherited by every worker instead of being done again in each.
-    first: list[str] = []
-    tasks[0](first.append)
-    yield from first
+    yield from _lines_of(tasks[0])
+    rest = range(1, len(tasks))
+    workers = min(workers, len(rest))
+    if workers <= 1 or not sys.platform.startswith("linux"):
+        for i in rest:
+            yield from _lines_of(tasks[i])
+        return
     global _TASKS
     _TASKS = tasks
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_as_worker)
     try:
-        for lines in pool.imap(_run_task, range(1, len(tasks))):
+        for lines in pool.imap(_run_task, rest):
             yield from lines
         pool.close()  # the workers end when the queue is empty
     except BaseException:

@@ -146,7 +146,7 @@ class BatchNorm1d(nn.Module):
     def calibrate(self, x: torch.Tensor) -> None:
         """Set the running statistics to those of ``x`` (the lecture's pass over the whole training split)."""
         self.running_mean = x.mean(0, keepdim=True).view(self.running_mean.shape)
-        self.running_spread = column_spread(x, take_sqrt=self.normalize_by == "std").view(self.running_spread.shape)
+        self.running_spread = self.batch_spread(x).view(self.running_spread.shape)
 
 
 def _plain_cpu(t: torch.Tensor) -> bool:
