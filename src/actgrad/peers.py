@@ -96,8 +96,9 @@ def draw_indices(gens: list[torch.Generator], n_train: int, steps: int, batch_si
 # --------------------------------------------------------------------------------------------- torch.func
 
 
-def _torch_loss(plan, params, buffers, x, y):
-    """One model's mean cross-entropy on one minibatch, and its updated BatchNorm running statistics."""
+def _ensemble_loss(ops, plan, params, buffers, x, y):
+    """One model's mean cross-entropy on one minibatch, and its updated BatchNorm running statistics, with the
+    array operations of ``ops`` (:class:`_TorchOps` or :class:`_JaxOps`): the same step for either peer."""
     new_buffers = {}
     h = None
     for kind, p, settings in plan:
@@ -109,28 +110,39 @@ def _torch_loss(plan, params, buffers, x, y):
                 h = h + params[p + "bias"]
         elif kind == "batchnorm":
             normalize_by, eps, m = settings
-            mean = h.mean(0, keepdim=True)
+            mean = ops.mean(h)
             if normalize_by == "std":
-                spread = h.std(0, keepdim=True)
+                spread = ops.std(h)
                 h = params[p + "gamma"] * (h - mean) / spread + params[p + "beta"]
             else:
-                spread = h.var(0, keepdim=True)
-                h = params[p + "gamma"] * ((h - mean) / torch.sqrt(spread + eps)) + params[p + "beta"]
+                spread = ops.var(h)
+                h = params[p + "gamma"] * ((h - mean) / ops.sqrt(spread + eps)) + params[p + "beta"]
             running_mean, running_spread = buffers[p + "running_mean"], buffers[p + "running_spread"]
-            new_buffers[p + "running_mean"] = (1 - m) * running_mean + m * mean.detach().view(running_mean.shape)
-            new_buffers[p + "running_spread"] = ((1 - m) * running_spread
-                                                 + m * spread.detach().view(running_spread.shape))
+            mean, spread = ops.stop_gradient(mean), ops.stop_gradient(spread)
+            new_buffers[p + "running_mean"] = (1 - m) * running_mean + m * mean.reshape(running_mean.shape)
+            new_buffers[p + "running_spread"] = (1 - m) * running_spread + m * spread.reshape(running_spread.shape)
         elif kind == "tanh":
-            h = torch.tanh(h)
+            h = ops.tanh(h)
         else:
-            h = torch.relu(h)
-    return F.cross_entropy(h, y), new_buffers
+            h = ops.relu(h)
+    return ops.cross_entropy(h, y), new_buffers
+
+
+class _TorchOps:
+    """The batch statistics over dim 0 as BatchNorm1d takes them (unbiased), and the rest, in PyTorch."""
+
+    mean = staticmethod(lambda h: h.mean(0, keepdim=True))
+    std = staticmethod(lambda h: h.std(0, keepdim=True))
+    var = staticmethod(lambda h: h.var(0, keepdim=True))
+    sqrt, tanh, relu = torch.sqrt, torch.tanh, torch.relu
+    stop_gradient = staticmethod(torch.Tensor.detach)
+    cross_entropy = staticmethod(F.cross_entropy)
 
 
 @functools.cache
 def _torch_step(plan: tuple, compiled: bool):
     """The ensemble's step: per-model gradients by vmap(grad), then SGD on the stacked parameters."""
-    per_model = vmap(grad_and_value(functools.partial(_torch_loss, plan), has_aux=True))
+    per_model = vmap(grad_and_value(functools.partial(_ensemble_loss, _TorchOps, plan), has_aux=True))
 
     def step(params, buffers, Xtr, Ytr, ix, lr):
         grads, (loss, new_buffers) = per_model(params, buffers, Xtr[ix], Ytr[ix])
@@ -208,38 +220,42 @@ def import_jax():
     return jax
 
 
-def _jax_loss(plan, params, buffers, x, y):
-    import jax
-    import jax.numpy as jnp
+class _JaxOps:
+    """:class:`_TorchOps` in jax.numpy (std and var unbiased, ddof=1, as PyTorch's)."""
 
-    new_buffers = {}
-    h = None
-    for kind, p, settings in plan:
-        if kind == "embedding":
-            h = params[p + "weight"][x].reshape(x.shape[0], -1)
-        elif kind == "linear":
-            h = h @ params[p + "weight"]
-            if settings[0]:
-                h = h + params[p + "bias"]
-        elif kind == "batchnorm":
-            normalize_by, eps, m = settings
-            mean = h.mean(0, keepdims=True)
-            if normalize_by == "std":
-                spread = h.std(0, ddof=1, keepdims=True)
-                h = params[p + "gamma"] * (h - mean) / spread + params[p + "beta"]
-            else:
-                spread = h.var(0, ddof=1, keepdims=True)
-                h = params[p + "gamma"] * ((h - mean) / jnp.sqrt(spread + eps)) + params[p + "beta"]
-            running_mean, running_spread = buffers[p + "running_mean"], buffers[p + "running_spread"]
-            mean, spread = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(spread)
-            new_buffers[p + "running_mean"] = (1 - m) * running_mean + m * mean.reshape(running_mean.shape)
-            new_buffers[p + "running_spread"] = (1 - m) * running_spread + m * spread.reshape(running_spread.shape)
-        elif kind == "tanh":
-            h = jnp.tanh(h)
-        else:
-            h = jax.nn.relu(h)
-    log_probs = jax.nn.log_softmax(h, axis=-1)
-    return -jnp.take_along_axis(log_probs, y[:, None], axis=1).mean(), new_buffers
+    @staticmethod
+    def mean(h):
+        return h.mean(0, keepdims=True)
+
+    @staticmethod
+    def std(h):
+        return h.std(0, ddof=1, keepdims=True)
+
+    @staticmethod
+    def var(h):
+        return h.var(0, ddof=1, keepdims=True)
+
+    @staticmethod
+    def sqrt(h):
+        return import_jax().numpy.sqrt(h)
+
+    @staticmethod
+    def tanh(h):
+        return import_jax().numpy.tanh(h)
+
+    @staticmethod
+    def relu(h):
+        return import_jax().nn.relu(h)
+
+    @staticmethod
+    def stop_gradient(h):
+        return import_jax().lax.stop_gradient(h)
+
+    @staticmethod
+    def cross_entropy(logits, y):
+        jax = import_jax()
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        return -jax.numpy.take_along_axis(log_probs, y[:, None], axis=1).mean()
 
 
 @functools.cache
@@ -247,7 +263,7 @@ def _jax_train(plan: tuple):
     """The whole loop as one jitted function: lax.scan over steps of vmap(value_and_grad) and SGD."""
     jax = import_jax()
 
-    per_model = jax.vmap(jax.value_and_grad(functools.partial(_jax_loss, plan), has_aux=True))
+    per_model = jax.vmap(jax.value_and_grad(functools.partial(_ensemble_loss, _JaxOps, plan), has_aux=True))
 
     def train(params, buffers, Xtr, Ytr, ix, lrs):
         def step(carry, inputs):
