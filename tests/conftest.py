@@ -70,13 +70,19 @@ def write_config(directory: Path, config: dict, name: str = "config.yaml") -> Pa
     return path
 
 
-def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, cores: int = 2, check: bool = True,
-                  timeout: float = 900, **popen) -> subprocess.CompletedProcess:
-    """Run the real workflow of this repo with ``workdir`` as its working directory."""
+def snakemake_command(workdir: Path, *args: str, configfile: Path | None = None, cores: int = 2) -> list[str]:
+    """The command line that runs the real workflow of this repo with ``workdir`` as its working directory."""
     cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", str(cores)]
     cmd += list(args)
     if configfile is not None:
         cmd.append(f"--configfile={configfile}")  # `--configfile PATH target` would read target as a file
+    return cmd
+
+
+def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, cores: int = 2, check: bool = True,
+                  timeout: float = 900, **popen) -> subprocess.CompletedProcess:
+    """Run the real workflow of this repo with ``workdir`` as its working directory."""
+    cmd = snakemake_command(workdir, *args, configfile=configfile, cores=cores)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir, **popen)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

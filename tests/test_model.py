@@ -166,6 +166,18 @@ def test_evaluations_sharing_a_scratch_give_what_fresh_ones_give(splits):
                            shared.calibrate_batchnorm(X, chunk=3000, scratch=scratch))
 
 
+def _activation_values(net, X) -> torch.Tensor:
+    """Every activation layer's output on ``X`` in evaluation mode, flattened and joined (through forward hooks,
+    independently of evaluate())."""
+    outs = []
+    handles = [layer.register_forward_hook(lambda m, i, o: outs.append(o)) for _, layer in net.activation_layers()]
+    with torch.no_grad():
+        net.eval()(X)
+    for h in handles:
+        h.remove()
+    return torch.cat([o.flatten() for o in outs])
+
+
 def test_saturation_is_the_share_of_activations_above_each_threshold(splits):
     Xtr, Ytr = splits["splits"]["train"]
     X, Y = Xtr[:20000], Ytr[:20000]
@@ -173,13 +185,7 @@ def test_saturation_is_the_share_of_activations_above_each_threshold(splits):
     with torch.no_grad():
         net.layers["embedding"].weight[5, 3] = float("nan")  # NaN is above no threshold
     _, sat = evaluation.evaluate(net, X, Y, saturation=(0.97, 0.99))
-    acts = []
-    handles = [layer.register_forward_hook(lambda m, i, o: acts.append(o)) for _, layer in net.activation_layers()]
-    with torch.no_grad():
-        net.eval()(X)
-    for h in handles:
-        h.remove()
-    magnitude = torch.cat([a.flatten() for a in acts]).abs()
+    magnitude = _activation_values(net, X).abs()
     assert magnitude.isnan().any()
     assert sat == {t: 100.0 * int((magnitude > t).sum()) / magnitude.numel() for t in (0.97, 0.99)}
     # At the threshold itself (as a float32) and around it
@@ -190,13 +196,7 @@ def test_saturation_is_the_share_of_activations_above_each_threshold(splits):
     _, named = evaluation.evaluate(net, X, Y, shares=("sat97", "sat99"))
     assert named == {"sat97": sat[0.97], "sat99": sat[0.99]}
     relu, _ = reference.init_network(spec("deep_gain3", activation="relu"), LECTURE_SEED, 3)
-    outs = []
-    handles = [layer.register_forward_hook(lambda m, i, o: outs.append(o)) for _, layer in relu.activation_layers()]
-    with torch.no_grad():
-        relu.eval()(X)
-    for h in handles:
-        h.remove()
-    values = torch.cat([o.flatten() for o in outs])
+    values = _activation_values(relu, X)
     _, shares = evaluation.evaluate(relu, X, Y, shares=("nonpositive",))
     assert shares == {"nonpositive": 100.0 * int((values <= 0).sum()) / values.numel()}
     assert 40 < shares["nonpositive"] < 60  # about half of a ReLU net's units are off at init

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import LECTURE_SEED, NAMES_SHA256, REPO, SNAKEMAKE, run_snakemake, tiny_config, write_config
+from conftest import LECTURE_SEED, NAMES_SHA256, REPO, run_snakemake, snakemake_command, tiny_config, write_config
 
 from actgrad import data
 from actgrad.config import ConfigError, apply_defaults, validate
@@ -687,19 +687,23 @@ def _processes_in(workdir: Path) -> list[str]:
     return [line for line in ps.splitlines() if str(workdir) in line and "ps -eo" not in line]
 
 
+def _wait_until_training(proc: subprocess.Popen, log: Path, output: Path, poll: float) -> None:
+    """Until the training job's log says it is training; fails if Snakemake ends first or after 300 s."""
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "training" in log.read_text()):
+        assert proc.poll() is None, output.read_text()[-3000:]
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(poll)
+
+
 def _start_and_kill(workdir: Path, configfile: Path, targets: list[str], sig: signal.Signals) -> str:
     """Start the workflow, wait until the long variant is training, kill Snakemake's whole process group."""
-    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
-           f"--configfile={configfile}", *targets]
+    cmd = snakemake_command(workdir, *targets, configfile=configfile, cores=2)
     log = workdir / "logs" / "train" / "long.log"
     with open(workdir / "killed_run.txt", "w") as out:
         proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 300
-            while not (log.exists() and "training" in log.read_text()):
-                assert proc.poll() is None, (workdir / "killed_run.txt").read_text()[-3000:]
-                assert time.monotonic() < deadline, "training never started"
-                time.sleep(0.05)
+            _wait_until_training(proc, log, workdir / "killed_run.txt", poll=0.05)
             time.sleep(0.3)
             os.killpg(proc.pid, sig)
             proc.wait(timeout=120)
@@ -1008,17 +1012,12 @@ def test_sigint_to_snakemake_alone_stops_a_running_training_job(names_path, tmp_
                          stats={"every": 100000, "update_every": 100000, "histogram_every": 100000,
                                 "snapshot_steps": [0], "bins": 10})
     configfile = write_config(tmp_path, config)
-    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "1",
-           f"--configfile={configfile}", *run_targets(config)]
+    cmd = snakemake_command(tmp_path, *run_targets(config), configfile=configfile, cores=1)
     log = tmp_path / "logs" / "train" / "long.log"
     with open(tmp_path / "run.txt", "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 300
-            while not (log.exists() and "training" in log.read_text()):
-                assert proc.poll() is None, (tmp_path / "run.txt").read_text()[-3000:]
-                assert time.monotonic() < deadline, "training never started"
-                time.sleep(0.1)
+            _wait_until_training(proc, log, tmp_path / "run.txt", poll=0.1)
             time.sleep(1)
             os.kill(proc.pid, signal.SIGINT)  # Snakemake only, not its process group
             sent = time.monotonic()
