@@ -48,6 +48,7 @@ CASES = {
     **NETWORKS,
     "shallow_bn_table": dict(NETWORKS["shallow_bn"], hidden_bias="added"),  # a Linear bias before the BatchNorm
     "deep_relu": dict(NETWORKS["deep"], activation="relu", n_layers=2),  # no kernel for relu: torch ops
+    "shallow_unpadded": dict(NETWORKS["shallow"], n_embd=16),  # 3 x 16 inputs: the lookup needs no padding
 }
 
 
@@ -151,6 +152,45 @@ def test_a_training_job_says_and_records_whether_it_used_the_kernels(switch, nam
     [metrics] = runs.train_variant(config, "deep_bn", tmp_path / "splits.pt", tmp_path / "results", log=lines.append)
     assert metrics["kernels"] == ("C" if switch == "on" else "PyTorch")
     assert any(line.startswith(f"[deep_bn] C kernels: {switch} (") for line in lines), lines
+
+
+# -- the engine's kernels, each against the PyTorch operations it replaces --------------------------------------
+@needs_compiler
+@pytest.mark.parametrize("padding", [2, 0], ids=["padded", "unpadded"])
+def test_the_embedding_lookup_fills_the_first_linears_input_and_leaves_its_padding(padding):
+    lib = kernels.load()
+    g = torch.Generator().manual_seed(3)
+    M, B, T, E, vocab = 3, 20, 3, 10, 27
+    table = torch.randn(M * vocab, E, generator=g)
+    rows = (torch.randint(0, vocab, (M, B * T), generator=g) + torch.arange(M).view(M, 1) * vocab).view(-1)
+    out = torch.zeros(M, B, T * E + padding)
+    lib.embedding_forward(table.data_ptr(), E, rows.data_ptr(), rows.numel(), out.data_ptr(), T, out.shape[2])
+    assert torch.equal(out[:, :, :T * E], table[rows].view(M, B, T * E))
+    assert not out[:, :, T * E:].any()
+
+
+@needs_compiler
+@pytest.mark.parametrize("B", [32, 20])
+def test_the_loss_kernel_gives_pytorchs_loss_and_gradients(B):
+    """The minibatch sums of log-likelihoods, the gradient at the logits and the logits' bias gradient, as autograd
+    gives them for F.cross_entropy (feature-major logits (M, V, B))."""
+    import torch.nn.functional as F
+
+    lib = kernels.load()
+    g = torch.Generator().manual_seed(4)
+    M, V = 3, 27
+    logits = (torch.randn(M, V, B, generator=g) * 4).requires_grad_()
+    targets = torch.randint(0, V, (M, 1, B), generator=g)
+    losses = torch.stack([F.cross_entropy(logits[m].t(), targets[m, 0]) for m in range(M)])
+    losses.sum().backward()
+    with torch.no_grad():
+        logp = torch.log_softmax(logits, 1)
+        grad, loss_sums, bias_grad = logp.exp(), torch.empty(M), torch.empty(M, V)
+    lib.cross_entropy(logp.data_ptr(), grad.data_ptr(), targets.data_ptr(), M, V, B, loss_sums.data_ptr(),
+                      bias_grad.data_ptr())
+    torch.testing.assert_close(loss_sums / -B, losses.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(bias_grad, logits.grad.sum(2), rtol=1e-4, atol=1e-7)
 
 
 # -- the evaluation's kernels: the same bits as the PyTorch operations they replace ------------------------------

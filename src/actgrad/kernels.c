@@ -181,6 +181,51 @@ void tanh_backward_bias(const float *d, const float *t, float *dx, float *bias_g
     else tanh_backward_rows(d, t, dx, bias_grad, rows, B);
 }
 
+/* The embedding's lookup, C[X]: each example's T rows of the tables side by side in a row of
+ * width `stride` of emb, whose padding beyond T * E is left as it is (zero). */
+void embedding_forward(const float *table, int64_t E, const int64_t *idx, int64_t n, float *emb, int64_t T,
+                       int64_t stride)
+{
+    for (int64_t j = 0; j < n; j++)
+        memcpy(emb + (j / T) * stride + (j % T) * E, table + idx[j] * E, sizeof(float) * (size_t)E);
+}
+
+/* The mean cross-entropy of M minibatches, from logp = log_softmax(logits) (M, V, B) and its
+ * exp (passed in grad, which it overwrites): loss_out[m] = the sum of logp at the targets, and
+ * the gradient at the logits as PyTorch's log_softmax backward takes it, g - exp(logp) * sum(g)
+ * with g = -1/B at the target and 0 elsewhere (so sum(g) = -1/B); with bias_grad, the sum of each
+ * row of that gradient: the gradient of the bias of the Linear layer below (the logits'). */
+INLINE void cross_entropy_rows(const float *logp, float *grad, const int64_t *targets, int64_t M, int64_t V,
+                               const int64_t B, float *loss_out, float *bias_grad)
+{
+    const float g_target = -1.0f / (float)B;
+    for (int64_t m = 0; m < M; m++) {
+        const float *lp = logp + m * V * B;
+        float *gr = grad + m * V * B;
+        const int64_t *t = targets + m * B;
+        float total = 0.0f;
+        for (int64_t v = 0; v < V; v++) {
+            float *row = gr + v * B;
+            float row_sum = 0.0f;
+#pragma omp simd reduction(+ : row_sum)
+            for (int64_t i = 0; i < B; i++) {
+                row[i] = (t[i] == v ? g_target : 0.0f) - row[i] * g_target;
+                row_sum += row[i];
+            }
+            if (bias_grad) bias_grad[m * V + v] = row_sum;
+        }
+        for (int64_t i = 0; i < B; i++) total += lp[t[i] * B + i];
+        loss_out[m] = total;
+    }
+}
+
+void cross_entropy(const float *logp, float *grad, const int64_t *targets, int64_t M, int64_t V, int64_t B,
+                   float *loss_out, float *bias_grad)
+{
+    if (B == 32) cross_entropy_rows(logp, grad, targets, M, V, 32, loss_out, bias_grad);
+    else cross_entropy_rows(logp, grad, targets, M, V, B, loss_out, bias_grad);
+}
+
 /* The embedding's gradient, as autograd computes it for C[X]: zero, then each looked-up row
  * of the tables gets its example's gradient added, in the order of the lookups. demb holds
  * n / T rows of width `stride`, each the T context characters' E values, then padding. */

@@ -1,12 +1,14 @@
 """Wiring the ops to the state and the workspace: the backend and the fusions are chosen here, once.
 
-With the C kernels (CPU, a compiler), three neighbours share a pass:
+With the C kernels (CPU, a compiler), neighbours share a pass:
 
 * a tanh right above a BatchNorm: the BatchNorm's backward kernel takes the gradient through
   the tanh first (the tanh's own backward passes the gradient on untouched);
 * a tanh right above a Linear with a bias: the tanh's backward kernel also sums the bias
-  gradient (the Linear does not);
-* each BatchNorm's forward kernel finishes its batch statistics and updates its running ones.
+  gradient (the Linear does not); so does the loss's kernel for a Linear that gives the logits,
+  in the pass that takes the loss and its gradient (forward and backward of the loss in one);
+* each BatchNorm's forward kernel finishes its batch statistics and updates its running ones;
+* the embedding's lookup writes straight into the first Linear's zero-padded input.
 
 On PyTorch operations the last is one pass over every layer's statistics after the forward
 pass (:class:`~.ops.BatchNormStatistics`). ReLU, GELU and LayerNorm have no kernel and run on
@@ -60,9 +62,10 @@ def build_ops(arch: tuple[Layer, ...], state: ModelState, ws: Workspace, block_s
         dx = ws.flat("backward.ping" if (len(layers) - 1 - j) % 2 == 0 else "backward.pong")[:x.numel()].view(x.shape)
         if L.kind == "linear":
             w, b = state.slot(f"layers.{L.name}.weight"), (state.slot(f"layers.{L.name}.bias") if L.bias else None)
-            bias_in_tanh = use_c and L.bias and _is_tanh(above)
+            # the bias gradient summed by the tanh above, or by the loss where this Linear gives the logits
+            bias_summed_above = use_c and L.bias and (_is_tanh(above) or above is None)
             args = (L, P[w], G[w], P[b] if L.bias else None, G[b] if L.bias else None, x, ws[f"{L.name}.out"], dx)
-            sum_bias = L.bias and not bias_in_tanh
+            sum_bias = L.bias and not bias_summed_above
             if j == 0:
                 op = ops.LinearIntoEmbedding(*args, sum_bias=sum_bias, embedding=embedding)
             else:
@@ -104,5 +107,11 @@ def build_ops(arch: tuple[Layer, ...], state: ModelState, ws: Workspace, block_s
     if state.bn_layers and not use_c:
         after_forward.append(ops.BatchNormStatistics(state.bn_layers, state, ws.flat("batchnorm.running_update"),
                                                      ws.constant, x.shape[2]))
-    loss = ops.CrossEntropy(x, ws["loss.logp"], ws["loss.picked"], ws["loss.grad_logp"], ws["loss.grad_logits"])
+    loss_buffers = (x, ws["loss.logp"], ws["loss.picked"], ws["loss.grad_logp"], ws["loss.grad_logits"])
+    if use_c:
+        last = wired[-1]
+        logits_bias_grad = last.bias_grad if layers[-1].kind == "linear" and layers[-1].bias else None
+        loss = kernel_ops.CrossEntropyC(kernels, *loss_buffers, bias_grad=logits_bias_grad)
+    else:
+        loss = ops.CrossEntropy(*loss_buffers)
     return Wiring(embedding, wired, after_forward, loss)

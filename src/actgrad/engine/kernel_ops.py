@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import torch
 
 from ..kernels import BatchNormArgs
-from .ops import Embedding, Tanh
+from .ops import CrossEntropy, Embedding, Tanh
 
 
 class EmbeddingC(Embedding):
     def __init__(self, kernels, block_size: int, *buffers):
         super().__init__(*buffers)
         self.kernels, self.block_size = kernels, block_size
+        # the lookup goes straight to the first Linear's input: padded, or the looked-up rows as they are
+        self.first_input = self.padded if self.padded is not None else self.looked_up.view(self.grad_rows.shape)
+
+    def forward(self, rows):
+        """The rows of the tables into the first Linear's input, example by example: one pass."""
+        self.rows = rows
+        self.kernels.embedding_forward(self.table.data_ptr(), self.table.shape[1], rows.data_ptr(), rows.numel(),
+                                       self.first_input.data_ptr(), self.block_size, self.first_input.shape[-1])
 
     def backward(self, d, weight_t):
         """Zero, then add each lookup's rows (padding skipped): one pass."""
@@ -75,3 +84,24 @@ class TanhIntoBatchNormC(Tanh):
 
     def backward(self, d, lr):
         return d
+
+
+class CrossEntropyC(CrossEntropy):
+    """PyTorch's log-softmax and exp, then the loss sums and the gradient at the logits in one pass, with the
+    bias gradient of the Linear below where ``bias_grad`` is given (that Linear then does not sum it)."""
+
+    def __init__(self, kernels, *buffers, bias_grad=None):
+        super().__init__(*buffers)
+        self.kernels = kernels
+        self.bias_grad = bias_grad.data_ptr() if bias_grad is not None else None
+        self.logp_np, self.grad_np = self.logp.numpy(), self.grad_logits.numpy()
+        self.M, self.V = self.logits.shape[0], self.logits.shape[1]
+
+    def forward(self, targets, loss_out):
+        torch._log_softmax(self.logits, 1, False, out=self.logp)
+        np.exp(self.logp_np, out=self.grad_np)  # numpy's float32 exp: vectorised, like the tanh's
+        self.kernels.cross_entropy(self.logp.data_ptr(), self.grad_logits.data_ptr(), targets.data_ptr(), self.M,
+                                   self.V, self.B, loss_out.data_ptr(), self.bias_grad)
+
+    def backward(self, targets):
+        return self.grad_logits  # taken with the loss, in the same pass
