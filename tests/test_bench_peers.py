@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -92,6 +93,12 @@ def test_bench_times_the_peers_and_prints_the_lead_over_the_best(names_path, cap
     assert best["needed_share_of_ceiling"] == pytest.approx(2 * row["model_steps_per_s"] / best["matmul_ceiling"])
     assert best["engine_share_of_ceiling"] == pytest.approx(engine_plain["model_steps_per_s"] / best["matmul_ceiling"])
     assert f"ceiling {best['matmul_ceiling']:,.0f}" in out
+    # ... and of the sgemm peak printed above the engine's table, for the step's matmul FLOPs alone
+    peak = float(re.search(r"sgemm peak on cpu \(.*?\): ([\d.]+) GFLOP/s", out).group(1))
+    flops = bench.matmul_flops_per_step(LECTURE_NETWORKS["shallow"], 3)
+    assert best["needed_share_of_sgemm_peak"] == pytest.approx(2 * row["model_steps_per_s"] * flops / 1e9 / peak,
+                                                               rel=1e-3)
+    assert f"its matmuls alone at {100 * best['needed_share_of_sgemm_peak']:.0f}% of the sgemm peak" in out
 
 
 def test_the_ceiling_times_the_products_of_each_linear_layer(monkeypatch):

@@ -386,7 +386,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         results.append(dict(network=net, engine=name, device=str(dev), models=m, stats=stats,
                             model_steps_per_s=rate, ratio=rate / ref, gflops=gflops, peak_fraction=gflops / peak))
     if peer_rows:
-        results += print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size)
+        results += print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size,
+                               peaks.get(torch.device("cpu")) or sgemm_peak(torch.device("cpu"), cpu_clock))
     print()
     m = max(args.models)
     print(f"statistics overhead, {m} models: in these {args.steps}-step runs (stats on vs off, where snapshots at "
@@ -424,8 +425,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size: int) -> list[dict]:
-    """The peers' table: model-steps/s beside the engine's at the same count, the lead, the best peer per network."""
+def print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size: int, cpu_peak: float) -> list[dict]:
+    """The peers' table: model-steps/s beside the engine's at the same count, the lead, the best peer per network,
+    and what the goal's lead would take: of the step's matmuls alone, and of the CPU's sgemm peak (``cpu_peak``,
+    GFLOP/s) for their FLOPs with nothing else in the step."""
     cpu = torch.device("cpu")
     print()
     print(f"peers: what a user would otherwise write to train several seeds together (actgrad.peers), on CPU, the "
@@ -453,7 +456,8 @@ def print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size: i
     print()
     print(f"ceiling: a step's matrix products alone (actgrad.bench.matmul_ceiling), the most model-steps/s an engine "
           f"built on PyTorch's matmul can reach; the engine's share of it; what a {LEAD_GOAL}x lead over the best "
-          "peer would need")
+          f"peer would need, of the ceiling and, for the step's matmul FLOPs alone, of the sgemm peak "
+          f"({cpu_peak:.0f} GFLOP/s)")
     for net in args.networks:
         for m in args.peer_models:
             mine = [r for r in results if r["network"] == net and r["models"] == m]
@@ -462,13 +466,16 @@ def print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size: i
             ceiling = matmul_ceiling(NETWORKS[net][0], m, block_size, clock=clock_for(cpu, args.clock))
             engine = best[(net, "engine", cpu, m, False, None)]
             needed = LEAD_GOAL * top["model_steps_per_s"]
+            needed_of_peak = needed * matmul_flops_per_step(NETWORKS[net][0], block_size) / 1e9 / cpu_peak
             print(f"best peer, {net}, {m} models: {top['peer']} at {top['model_steps_per_s']:,.0f} model-steps/s; "
                   f"the engine leads it {top['lead']:.2f}x: goal {LEAD_GOAL}x {verdict}; ceiling {ceiling:,.0f}, "
                   f"the engine at {100 * engine / ceiling:.0f}% of it; {LEAD_GOAL}x needs {needed:,.0f} = "
-                  f"{100 * needed / ceiling:.0f}% of the ceiling")
+                  f"{100 * needed / ceiling:.0f}% of the ceiling, its matmuls alone at {100 * needed_of_peak:.0f}% "
+                  f"of the sgemm peak")
             results.append(dict(network=net, models=m, best_peer=top["peer"], lead_over_best=top["lead"],
                                 goal_met=top["lead"] >= LEAD_GOAL, matmul_ceiling=ceiling,
-                                engine_share_of_ceiling=engine / ceiling, needed_share_of_ceiling=needed / ceiling))
+                                engine_share_of_ceiling=engine / ceiling, needed_share_of_ceiling=needed / ceiling,
+                                needed_share_of_sgemm_peak=needed_of_peak))
     return results
 
 
