@@ -420,6 +420,34 @@ def test_reference_rows_classify_and_count():
     assert reference_rows(pd.DataFrame())[1]["counted"] == 0
 
 
+def test_the_comparison_tables_marks_say_each_one_thing_and_the_footnote_only_what_is_shown():
+    from actgrad.config import apply_defaults
+    from actgrad.report import comparison_rows, reference_footnotes
+
+    config = apply_defaults({"seeds": [LECTURE_SEED], "variants": {"a": {}, "b": {}}})
+    summary = pd.DataFrame([dict(variant=v, seed=LECTURE_SEED, model="mlp", steps=10, status="ok", init_loss=3.3,
+                                 step0_loss=3.3, val_loss=2.1, train_loss=2.0) for v in "ab"])
+    variants = pd.DataFrame([dict(variant=v, model="mlp", seeds=1, diverged=0, val_loss_mean=2.1) for v in "ab"])
+
+    def ref(variant, quantity, compared):
+        return dict(variant=variant, quantity=quantity, step=9, ours=2.1, reference=2.1, difference=0.0,
+                    precision=4, match=True, chaotic=False, source="s", compared=compared)
+
+    calibrated_only = pd.DataFrame([ref("a", "val loss (calibrated BN)", True), ref("b", "val loss", True)])
+    rows = comparison_rows(config, variants, summary, calibrated_only)
+    assert [r["val_ref"]["mark"] for r in rows] == ["†", ""]
+    assert rows[0]["val_ref"]["note"] == "compared with calibrated BatchNorm statistics"
+    [footnote] = reference_footnotes(rows)
+    assert footnote.startswith("marked †") and "shorter" not in footnote
+
+    both = pd.DataFrame([ref("a", "val loss (calibrated BN)", False), ref("b", "train loss", False)])
+    rows = comparison_rows(config, variants, summary, both)
+    assert rows[0]["val_ref"]["mark"] == "*†" and rows[1]["train_ref"]["mark"] == "*"
+    assert rows[1]["train_ref"]["cls"] == "muted"
+    assert [f.split(":")[0] for f in reference_footnotes(rows)] == ["greyed and marked *", "marked †"]
+    assert reference_footnotes(comparison_rows(config, variants, summary, pd.DataFrame())) == []
+
+
 def test_report_renders_from_tables_without_figures_or_runs(tmp_path):
     """Missing figures, no runs on disk, NaN everywhere: the page still renders, nothing says nan."""
     from actgrad.config import apply_defaults

@@ -193,6 +193,24 @@ def share_heading(config: dict) -> str:
     return "≤ 0" if "tanh" not in activations else "saturated<br>or ≤ 0"
 
 
+# How the comparison table marks a lecture value: (mark, the tooltip's words, the footnote's sentence).
+REFERENCE_MARKS = {
+    "shorter": ("*", "run shorter than the lecture's, so not comparable yet",
+                "greyed and marked *: this run is shorter than the lecture's 200,000 steps, so its final losses are "
+                "not comparable yet."),
+    "calibrated": ("†", "compared with calibrated BatchNorm statistics",
+                   "marked †: compared with the BatchNorm statistics calibrated over the training split, as the "
+                   "lecture did for these rows."),
+}
+
+
+def reference_footnotes(comparison: list[dict]) -> list[str]:
+    """The footnote's sentences for the marks the comparison table shows, in the order of REFERENCE_MARKS."""
+    shown = {c for row in comparison for ref in (row.get("train_ref"), row.get("val_ref")) if ref
+             for c in ref["mark"]}
+    return [sentence for mark, _, sentence in REFERENCE_MARKS.values() if mark in shown]
+
+
 def comparison_rows(config: dict, variants: pd.DataFrame, summary: pd.DataFrame, refs: pd.DataFrame) -> list[dict]:
     rows = []
     for name in config["variants"]:
@@ -226,8 +244,10 @@ def comparison_rows(config: dict, variants: pd.DataFrame, summary: pd.DataFrame,
             row[f"{quantity}_ref"] = {
                 "reference": num(r.reference, int(r.precision) if finite(r.precision) else 4),
                 "difference": num(r.difference, 4, signed=True),
-                "note": ("calibrated BatchNorm statistics; " if calibrated else "") +
-                        ("" if compared else "run shorter than the lecture's, so not comparable yet"),
+                "note": "; ".join(REFERENCE_MARKS[m][1] for m, on in (("shorter", not compared),
+                                                                      ("calibrated", calibrated)) if on),
+                "mark": "".join(REFERENCE_MARKS[m][0] for m, on in (("shorter", not compared),
+                                                                    ("calibrated", calibrated)) if on),
                 "cls": "" if compared else "muted",
             }
         rows.append(row)
@@ -593,6 +613,7 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
         summary["status"] = summary.status.fillna("ok")
     ref_rows, headline = reference_rows(refs)
     comparison = comparison_rows(config, variants, summary, refs)
+    comparison_footnotes = reference_footnotes(comparison)
 
     featured = featured_variants(config)  # the rest of a sweep's points are rows of its table
     per_variant = []
@@ -639,7 +660,7 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
         "divergence_limit": f"{config['divergence']['loss_multiple'] * EXPECTED_INIT_LOSS:.2f}",
         "divergence_window": f"{config['divergence']['window']:,}",
         "best": best,
-        "comparison": comparison,
+        "comparison": comparison, "comparison_footnotes": comparison_footnotes,
         "significance": significance_rows(sig), "significance_method": significance_method(sig, config),
         "chaos": chaos_rows(_csv(results / TABLES["chaos"])),
         "references": ref_rows, "headline": headline, "chaotic_why": CHAOTIC_WHY,
