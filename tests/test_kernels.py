@@ -49,6 +49,8 @@ CASES = {
     "shallow_bn_table": dict(NETWORKS["shallow_bn"], hidden_bias="added"),  # a Linear bias before the BatchNorm
     "deep_relu": dict(NETWORKS["deep"], activation="relu", n_layers=2),  # no kernel for relu: torch ops
     "shallow_unpadded": dict(NETWORKS["shallow"], n_embd=16),  # 3 x 16 inputs: the lookup needs no padding
+    "shallow_ln_bias": dict(NETWORKS["shallow"], norm="layernorm"),  # a bias before the LayerNorm
+    "deep_ln": dict(NETWORKS["deep"], norm="layernorm", n_layers=3),
 }
 
 

@@ -156,6 +156,95 @@ void bn_backward(const bn_args *a, const float *d, const float *tanh_out, float 
     else bn_backward_rows(a, d, tanh_out, dx, a->B);
 }
 
+/* LayerNorm, each example (column) of each model over its F features, the biased variance, as
+ * F.layer_norm: x is normalised in place (x_hat, kept for backward) and out = gamma * x_hat + beta;
+ * mean and inv (M, B) keep each example's mean and 1 / sqrt(var + eps). The sums over features run
+ * down the rows, all B examples at once, as PyTorch's sum over that dimension does. */
+INLINE void ln_forward_models(float *xs, float *outs, const float *gamma, const float *beta, float *means,
+                              float *invs, int64_t M, int64_t F, const int64_t B, float eps)
+{
+    const float inv_F = 1.0f / (float)F;
+    for (int64_t m = 0; m < M; m++) {
+        float *x = xs + m * F * B, *out = outs + m * F * B, *mean = means + m * B, *inv = invs + m * B;
+        for (int64_t i = 0; i < B; i++) mean[i] = 0.0f;
+        for (int64_t f = 0; f < F; f++) {
+#pragma omp simd
+            for (int64_t i = 0; i < B; i++) mean[i] += x[f * B + i];
+        }
+        for (int64_t i = 0; i < B; i++) { mean[i] = mean[i] * inv_F; inv[i] = 0.0f; }
+        for (int64_t f = 0; f < F; f++) {
+            float *row = x + f * B;
+#pragma omp simd
+            for (int64_t i = 0; i < B; i++) {
+                row[i] = row[i] - mean[i];
+                inv[i] += row[i] * row[i];
+            }
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < B; i++) inv[i] = 1.0f / sqrtf(inv[i] * inv_F + eps);
+        for (int64_t f = 0; f < F; f++) {
+            float *row = x + f * B, *o = out + f * B;
+            const float g = gamma[m * F + f], b = beta[m * F + f];
+#pragma omp simd
+            for (int64_t i = 0; i < B; i++) {
+                row[i] = row[i] * inv[i];
+                o[i] = row[i] * g + b;
+            }
+        }
+    }
+}
+
+/* dx = inv * (g - mean_F(g) - x_hat * mean_F(g * x_hat)), g = gamma * d, with the gradients of gamma
+ * (sum over the batch of d * x_hat) and beta (sum of d). gm and gxm (M, B) are room for the two means. */
+INLINE void ln_backward_models(const float *d, const float *xhats, const float *gamma, const float *invs,
+                               float *dxs, float *ggamma, float *gbeta, float *gms, float *gxms, int64_t M,
+                               int64_t F, const int64_t B)
+{
+    const float inv_F = 1.0f / (float)F;
+    for (int64_t m = 0; m < M; m++) {
+        const float *dm = d + m * F * B, *xhat = xhats + m * F * B, *inv = invs + m * B;
+        float *dx = dxs + m * F * B, *gm = gms + m * B, *gxm = gxms + m * B;
+        for (int64_t i = 0; i < B; i++) { gm[i] = 0.0f; gxm[i] = 0.0f; }
+        for (int64_t f = 0; f < F; f++) {
+            const float *dr = dm + f * B, *xr = xhat + f * B;
+            float *g = dx + f * B;
+            const float gam = gamma[m * F + f];
+            float sd = 0.0f, sdx = 0.0f;
+#pragma omp simd reduction(+ : sd, sdx)
+            for (int64_t i = 0; i < B; i++) {
+                sd += dr[i];
+                sdx += dr[i] * xr[i];
+                g[i] = dr[i] * gam;
+                gm[i] += g[i];
+                gxm[i] += g[i] * xr[i];
+            }
+            gbeta[m * F + f] = sd;
+            ggamma[m * F + f] = sdx;
+        }
+        for (int64_t i = 0; i < B; i++) { gm[i] = gm[i] * inv_F; gxm[i] = gxm[i] * inv_F; }
+        for (int64_t f = 0; f < F; f++) {
+            const float *xr = xhat + f * B;
+            float *g = dx + f * B;
+#pragma omp simd
+            for (int64_t i = 0; i < B; i++) g[i] = ((g[i] - gm[i]) - xr[i] * gxm[i]) * inv[i];
+        }
+    }
+}
+
+void ln_forward(float *x, float *out, const float *gamma, const float *beta, float *mean, float *inv, int64_t M,
+                int64_t F, int64_t B, float eps)
+{
+    if (B == 32) ln_forward_models(x, out, gamma, beta, mean, inv, M, F, 32, eps);
+    else ln_forward_models(x, out, gamma, beta, mean, inv, M, F, B, eps);
+}
+
+void ln_backward(const float *d, const float *xhat, const float *gamma, const float *inv, float *dx, float *ggamma,
+                 float *gbeta, float *gm, float *gxm, int64_t M, int64_t F, int64_t B)
+{
+    if (B == 32) ln_backward_models(d, xhat, gamma, inv, dx, ggamma, gbeta, gm, gxm, M, F, 32);
+    else ln_backward_models(d, xhat, gamma, inv, dx, ggamma, gbeta, gm, gxm, M, F, B);
+}
+
 /* Through a tanh backwards, d * (1 - t^2), and the sum of each row: the gradient of the
  * bias of the Linear layer below (none when bias is NULL). */
 INLINE void tanh_backward_rows(const float *d, const float *t, float *dx, float *bias_grad, int64_t rows,

@@ -90,11 +90,14 @@ def _open(path: Path):
     lib.embedding_forward.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64]
     lib.embedding_backward.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64]
     lib.cross_entropy.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr]
+    lib.ln_forward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float]
+    lib.ln_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
     lib.column_var.argtypes = [ptr, i64, i64, ctypes.c_double, i64, ptr, ptr, ptr]
     lib.count_values.argtypes = [ptr, i64, ptr, ptr, i64, ptr]
     lib.bn_eval.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64]
     for fn in (lib.bn_forward, lib.bn_backward, lib.tanh_backward_bias, lib.embedding_forward,
-               lib.embedding_backward, lib.cross_entropy, lib.column_var, lib.count_values, lib.bn_eval):
+               lib.embedding_backward, lib.cross_entropy, lib.ln_forward, lib.ln_backward, lib.column_var,
+               lib.count_values, lib.bn_eval):
         fn.restype = None
     return lib
 

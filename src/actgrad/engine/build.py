@@ -10,9 +10,10 @@ With the C kernels (CPU, a compiler), neighbours share a pass:
 * each BatchNorm's forward kernel finishes its batch statistics and updates its running ones;
 * the embedding's lookup writes straight into the first Linear's zero-padded input.
 
-On PyTorch operations the last is one pass over every layer's statistics after the forward
-pass (:class:`~.ops.BatchNormStatistics`). ReLU, GELU and LayerNorm have no kernel and run on
-PyTorch either way (a tanh next to a LayerNorm takes its own kernel, without a fusion).
+On PyTorch operations the BatchNorm statistics are one pass over every layer's after the forward
+pass (:class:`~.ops.BatchNormStatistics`). A LayerNorm takes a kernel of its own for each pass (a tanh
+next to it takes its own kernel, without a fusion). ReLU and GELU have no kernel and run on PyTorch
+either way.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def build_ops(arch: tuple[Layer, ...], state: ModelState, ws: Workspace, block_s
             x = out
         elif L.kind == "layernorm":
             g, b = state.slot(f"layers.{L.name}.gamma"), state.slot(f"layers.{L.name}.beta")
-            op = ops.LayerNorm(L, P[g], G[g], P[b], G[b], x, ws[f"{L.name}.out"], dx,
-                               *(ws[f"{L.name}.{part}"] for part in ("mean", "inv", "grad_mean", "grad_xhat_mean")))
+            args = (L, P[g], G[g], P[b], G[b], x, ws[f"{L.name}.out"], dx,
+                    *(ws[f"{L.name}.{part}"] for part in ("mean", "inv", "grad_mean", "grad_xhat_mean")))
+            op = kernel_ops.LayerNormC(kernels, *args) if use_c else ops.LayerNorm(*args)
             x = op.out
         elif L.flavour == "relu":
             op = ops.ReLU(L, x, dx)

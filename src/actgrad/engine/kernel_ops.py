@@ -64,6 +64,28 @@ class BatchNormC:
         return self.dx
 
 
+class LayerNormC:
+    """The forward pass in one kernel, the backward pass in another; the buffers of :class:`.ops.LayerNorm`
+    (its two means of the backward pass are the kernel's room)."""
+
+    def __init__(self, kernels, layer, gamma, gamma_grad, beta, beta_grad, x, out, dx, mean, inv, grad_mean,
+                 grad_xhat_mean):
+        self.kernels, self.layer = kernels, layer
+        self.x, self.out, self.dx = x, out, dx
+        M, F, B = x.shape
+        self.forward_args = (x.data_ptr(), out.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
+                             inv.data_ptr(), M, F, B, layer.eps)
+        self.backward_args = (x.data_ptr(), gamma.data_ptr(), inv.data_ptr(), dx.data_ptr(), gamma_grad.data_ptr(),
+                              beta_grad.data_ptr(), grad_mean.data_ptr(), grad_xhat_mean.data_ptr(), M, F, B)
+
+    def forward(self):
+        self.kernels.ln_forward(*self.forward_args)
+
+    def backward(self, d, lr):
+        self.kernels.ln_backward(d.data_ptr(), *self.backward_args)
+        return self.dx
+
+
 class TanhC(Tanh):
     """The tanh backward, and the sum of each row, the bias gradient of the Linear below, in the same pass."""
 
