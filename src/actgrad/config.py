@@ -268,9 +268,9 @@ def matmul_flops_per_step(spec: dict, block_size: int, batch_size: int = 32) -> 
 def training_cost(spec: dict, block_size: int) -> float:
     """A variant's training work in GFLOP, for ordering jobs: longest first leaves no lone job at the end.
 
-    A normalisation's elementwise work is counted as half the matmuls again (measured at 5 models:
-    a deep BatchNorm step takes about 1.3x a plain one, a shallow one 1.25x; LayerNorm, on PyTorch
-    operations, at least as much).
+    A normalisation's elementwise work is counted as half the matmuls again, an upper bound (measured
+    at 5 models, one core, with the C kernels: a deep BatchNorm or LayerNorm step takes about 1.16x a
+    plain one, a shallow BatchNorm step 1.2x; 1.3x and 1.25x before the engine's later kernels).
     """
     models = len(spec["seeds"]) * (2 if spec["sensitivity_twin"] else 1)
     flops = matmul_flops_per_step(spec, block_size, spec["batch_size"]) * spec["max_steps"] * models
