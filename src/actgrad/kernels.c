@@ -1,4 +1,4 @@
-/* Fused CPU kernels for the batched engine (actgrad/engine/kernel_ops.py), and two for evaluating a whole
+/* Fused CPU kernels for the batched engine (actgrad/engine/kernel_ops.py), and three for evaluating a whole
  * split (column_var, count_values, bn_eval, at the end), loaded with ctypes.
  *
  * Each kernel does in one pass over a row what the engine otherwise does with 3 to 10
@@ -159,7 +159,8 @@ void bn_backward(const bn_args *a, const float *d, const float *tanh_out, float 
 /* LayerNorm, each example (column) of each model over its F features, the biased variance, as
  * F.layer_norm: x is normalised in place (x_hat, kept for backward) and out = gamma * x_hat + beta;
  * mean and inv (M, B) keep each example's mean and 1 / sqrt(var + eps). The sums over features run
- * down the rows, all B examples at once, as PyTorch's sum over that dimension does. */
+ * down the rows, all B examples at once (PyTorch adds them in another order: the two agree to float
+ * rounding). */
 INLINE void ln_forward_models(float *xs, float *outs, const float *gamma, const float *beta, float *means,
                               float *invs, int64_t M, int64_t F, const int64_t B, float eps)
 {

@@ -82,23 +82,24 @@ def _build(cc: str, flags: list[str], target: Path) -> None:
 def _open(path: Path):
     # PyDLL: the kernels never release the GIL, so ctypes need not release and retake it per call.
     lib = ctypes.PyDLL(str(path))
-    args = ctypes.POINTER(BatchNormArgs)
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.bn_forward.argtypes = [args]
-    lib.bn_backward.argtypes = [args, ptr, ptr, ptr]
-    lib.tanh_backward_bias.argtypes = [ptr, ptr, ptr, ptr, i64, i64]
-    lib.embedding_forward.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64]
-    lib.embedding_backward.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64]
-    lib.cross_entropy.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr]
-    lib.ln_forward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float]
-    lib.ln_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64]
-    lib.column_var.argtypes = [ptr, i64, i64, ctypes.c_double, i64, ptr, ptr, ptr]
-    lib.count_values.argtypes = [ptr, i64, ptr, ptr, i64, ptr]
-    lib.bn_eval.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64]
-    for fn in (lib.bn_forward, lib.bn_backward, lib.tanh_backward_bias, lib.embedding_forward,
-               lib.embedding_backward, lib.cross_entropy, lib.ln_forward, lib.ln_backward, lib.column_var,
-               lib.count_values, lib.bn_eval):
-        fn.restype = None
+    bn, ptr, i64 = ctypes.POINTER(BatchNormArgs), ctypes.c_void_p, ctypes.c_int64
+    f32, f64 = ctypes.c_float, ctypes.c_double
+    signatures = {  # every kernel of kernels.c returns nothing (void)
+        "bn_forward": [bn],
+        "bn_backward": [bn, ptr, ptr, ptr],
+        "tanh_backward_bias": [ptr, ptr, ptr, ptr, i64, i64],
+        "embedding_forward": [ptr, i64, ptr, i64, ptr, i64, i64],
+        "embedding_backward": [ptr, i64, i64, ptr, i64, ptr, i64, i64],
+        "cross_entropy": [ptr, ptr, ptr, i64, i64, i64, ptr, ptr],
+        "ln_forward": [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, f32],
+        "ln_backward": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64],
+        "column_var": [ptr, i64, i64, f64, i64, ptr, ptr, ptr],
+        "count_values": [ptr, i64, ptr, ptr, i64, ptr],
+        "bn_eval": [ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
     return lib
 
 

@@ -239,15 +239,14 @@ def comparison_rows(config: dict, variants: pd.DataFrame, summary: pd.DataFrame,
                 row[f"{quantity}_ref"] = None
                 continue
             r = ref.iloc[0]
-            calibrated = "calibrated" in str(r.quantity)
             compared = as_bool(r.compared)
+            marks = [REFERENCE_MARKS[m] for m, on in (("shorter", not compared),
+                                                      ("calibrated", "calibrated" in str(r.quantity))) if on]
             row[f"{quantity}_ref"] = {
                 "reference": num(r.reference, int(r.precision) if finite(r.precision) else 4),
                 "difference": num(r.difference, 4, signed=True),
-                "note": "; ".join(REFERENCE_MARKS[m][1] for m, on in (("shorter", not compared),
-                                                                      ("calibrated", calibrated)) if on),
-                "mark": "".join(REFERENCE_MARKS[m][0] for m, on in (("shorter", not compared),
-                                                                    ("calibrated", calibrated)) if on),
+                "note": "; ".join(note for _, note, _ in marks),
+                "mark": "".join(mark for mark, _, _ in marks),
                 "cls": "" if compared else "muted",
             }
         rows.append(row)

@@ -55,6 +55,7 @@ def build_ops(arch: tuple[Layer, ...], state: ModelState, ws: Workspace, block_s
     layers = arch[1:]
     wired: list = []
     bn_index = 0
+    logits_bias_grad = None  # where the loss's kernel sums the bias gradient of the Linear that gives the logits
     for j, L in enumerate(layers):
         below = layers[j - 1] if j > 0 else None
         above = layers[j + 1] if j + 1 < len(layers) else None
@@ -71,6 +72,8 @@ def build_ops(arch: tuple[Layer, ...], state: ModelState, ws: Workspace, block_s
                 op = ops.LinearIntoEmbedding(*args, sum_bias=sum_bias, embedding=embedding)
             else:
                 op = ops.Linear(*args, sum_bias=sum_bias)
+            if bias_summed_above and above is None:
+                logits_bias_grad = op.bias_grad
             x = op.out
         elif L.kind == "batchnorm":
             g, b = state.slot(f"layers.{L.name}.gamma"), state.slot(f"layers.{L.name}.beta")
@@ -111,8 +114,6 @@ def build_ops(arch: tuple[Layer, ...], state: ModelState, ws: Workspace, block_s
                                                      ws.constant, x.shape[2]))
     loss_buffers = (x, ws["loss.logp"], ws["loss.picked"], ws["loss.grad_logp"], ws["loss.grad_logits"])
     if use_c:
-        last = wired[-1]
-        logits_bias_grad = last.bias_grad if layers[-1].kind == "linear" and layers[-1].bias else None
         loss = kernel_ops.CrossEntropyC(kernels, *loss_buffers, bias_grad=logits_bias_grad)
     else:
         loss = ops.CrossEntropy(*loss_buffers)
