@@ -1,5 +1,6 @@
 """Statistics collected through hooks equal what the lecture computes from its layers."""
 
+import pandas as pd
 import pytest
 import torch
 from conftest import LECTURE_SEED, REPO
@@ -79,3 +80,32 @@ def test_a_runs_plan_is_the_configs_and_its_defaults_are_the_schemas():
     plan = stats_plan(DEFAULT["stats"], 200_000)
     assert snapshot_step(plan, steps_done=200_000) == 1000
     assert snapshot_step(plan, steps_done=500) is None  # diverged before any snapshot but step 0
+
+
+def _histogram_rows(rec: StatsRecorder) -> list[tuple]:
+    """The histogram table written out bin by bin, in Python floats: what histogram_frame must equal."""
+    rows = []
+    for step, layer, kind, counts, lo, hi in rec._hists:
+        counts = counts.float()
+        width = (hi - lo) / counts.numel()
+        total = counts.sum().item() or 1.0
+        for i, fraction in enumerate((counts / total).tolist()):
+            rows.append((step, layer, kind, lo + i * width, lo + (i + 1) * width, fraction))
+    return rows
+
+
+def test_the_histogram_table_holds_every_bin_of_every_histogram_exactly():
+    rec = StatsRecorder(StatsPlan(every=1, update_every=1, histogram_every=1, snapshot_steps=(0,), bins=7))
+    g = torch.Generator().manual_seed(0)
+    for step in (0, 1, 300):
+        rec.activation(step, "tanh1", torch.rand(50, 9, generator=g) * 2 - 1)  # fixed range (-1, 1)
+        rec.preactivation(step, "tanh1", torch.randn(50, 9, generator=g) * 3)  # its own range at snapshots
+    rec.activation_grad(0, "tanh1", torch.full((4, 3), float("nan")))  # nothing finite: an empty histogram
+    frame = rec.histogram_frame()
+    expected = pd.DataFrame.from_records(_histogram_rows(rec), columns=["step", "layer", "kind", "bin_left",
+                                                                         "bin_right", "fraction"])
+    pd.testing.assert_frame_equal(frame, expected, check_exact=True)
+    # three activation histograms, the snapshot's pre-activation and gradient
+    assert len(frame) == 7 * 5 and frame[frame.kind == "activation_grad"].fraction.eq(0).all()
+    empty = StatsRecorder(StatsPlan(every=1, update_every=1, histogram_every=1, snapshot_steps=(), bins=7))
+    assert empty.histogram_frame().empty and list(empty.histogram_frame().columns) == list(frame.columns)

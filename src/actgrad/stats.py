@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -139,20 +140,28 @@ class StatsRecorder:
         return pd.DataFrame.from_records(records, columns=["step", "layer", "kind", "stat", "value"])
 
     def histogram_frame(self) -> pd.DataFrame:
-        # Built as columns and made a frame once: a frame per histogram cost more than the training of a short run.
-        columns = {"step": [], "layer": [], "kind": [], "bin_left": [], "bin_right": [], "fraction": []}
-        for step, layer, kind, counts, lo, hi in self._hists:
-            counts = counts.float().cpu()
-            n = counts.numel()
-            width = (hi - lo) / n
-            total = counts.sum().item() or 1.0
-            columns["step"] += [step] * n
-            columns["layer"] += [layer] * n
-            columns["kind"] += [kind] * n
-            columns["bin_left"] += [lo + i * width for i in range(n)]
-            columns["bin_right"] += [lo + (i + 1) * width for i in range(n)]
-            columns["fraction"] += (counts / total).tolist()
-        return pd.DataFrame(columns) if self._hists else pd.DataFrame(columns=list(columns))
+        """One row per bin: step, layer, kind, bin_left, bin_right, fraction (of the histogram's values)."""
+        columns = ["step", "layer", "kind", "bin_left", "bin_right", "fraction"]
+        if not self._hists:
+            return pd.DataFrame(columns=columns)
+        # Built as arrays, not Python lists of rows: a run that records every step keeps millions of bins,
+        # and lists of floats cost about 250 bytes a bin at their peak.
+        steps, layers, kinds, counts, lo, hi = zip(*self._hists)
+        counts = torch.stack([c.float().cpu() for c in counts])  # (histograms, bins)
+        n = counts.shape[1]
+        totals = counts.sum(dim=1, keepdim=True)
+        fraction = counts / torch.where(totals == 0, torch.ones_like(totals), totals)
+        lo, hi = np.array(lo, dtype=np.float64)[:, None], np.array(hi, dtype=np.float64)[:, None]
+        width, i = (hi - lo) / n, np.arange(n, dtype=np.float64)
+        return pd.DataFrame({
+            "step": np.repeat(np.array(steps, dtype=np.int64), n),
+            # a short Series repeated: the string dtype pandas gives a list of names, without the list
+            "layer": pd.Series(layers).repeat(n).reset_index(drop=True),
+            "kind": pd.Series(kinds).repeat(n).reset_index(drop=True),
+            "bin_left": (lo + i * width).ravel(),
+            "bin_right": (lo + (i + 1) * width).ravel(),
+            "fraction": fraction.double().numpy().ravel(),
+        })
 
     # -- internals -------------------------------------------------------------
     def _add(self, step, layer, kind, names, values):
