@@ -15,29 +15,37 @@ from .config import ConfigError
 MB = 1024 * 1024
 VOCAB = 27
 
-# Calibrated against the peak RSS (ru_maxrss) of real training jobs: `train_variant` alone in a fresh
-# process, on this project's reference machine (2 cores, torch 2.13.0 CPU, C kernels on, commit e758995,
-# 182,625 training examples). The parts alone were above every measured peak, by 5-24 %; the same job's peak then
-# varied by up to 1.7x from run to run, hence the RUN_TO_RUN margin on top:
+# Calibrated against the peak RSS (VmHWM) of real training jobs: `train_variant` alone in a fresh
+# process, on this project's reference machine (2 cores, torch 2.13.0 CPU, C kernels on, MKL's buffer
+# cache off (see actgrad/__init__.py), 182,625 training examples), three runs each:
 #
-#   job                                                        measured MB   estimated MB
-#   mlp, 5 seeds, 300 steps, batch 32                                  414            454
-#   mlp, 2 seeds, 200 steps, batch 20,000                              878            972
-#   deep BatchNorm, 3 seeds, 300 steps                                 555            582
-#   deep BatchNorm, 1 seed, 2,000 steps, every statistic every step,
-#     histograms of 1,000 bins                                        1,658          1,894
-#   mlp with 2,000 hidden units, 2 seeds, 100 steps                    626            681
-#   deep BatchNorm, reference engine, 1 seed, batch 20,000             952          1,179
+#   job                                                        measured MB    parts MB   estimate MB
+#   mlp, 5 seeds, 300 steps, batch 32                             396-422         455           569
+#   mlp, 3 seeds, 300 steps, batch 5,000                          546-548         716           895
+#   mlp, 3 seeds, 3,000 steps, batch 5,000                      1,289-1,292     1,204         1,505
+#   mlp, 2 seeds, 200 steps, batch 20,000                         937-1,817       973         1,216
+#   deep BatchNorm, 3 seeds, 300 steps                            590-609         584           730
+#   deep BatchNorm, 1 seed, 2,000 steps, every statistic every
+#     step, histograms of 1,000 bins                            1,631-1,669     1,891         2,364
+#   mlp with 2,000 hidden units, 2 seeds, 100 steps               530-538         681           851
+#   deep BatchNorm, reference engine, 1 seed, 100 steps,
+#     batch 20,000                                              1,299-1,420     1,179         1,474
+#
+# The parts alone miss some peaks by up to 20 %, hence the RUN_TO_RUN margin on top. One kind of job
+# escapes it: minibatches of 20,000 and more, where glibc's heap fragments under MKL's large packing
+# buffers in some runs and not in others (937 or 1,817 MB for one job). Before MKL's buffer cache was
+# switched off, every kind of job varied so: one job of 3,000 steps at batch 5,000 peaked at 1.3 GB or
+# at 4.4-5.5 GB.
 BASE_MB = 380  # python, torch, numpy, pandas and pyarrow imported; the C kernels loaded
 FLOAT = 4
 INDEX = 8
 # Bytes a recorded statistic costs: a small tensor kept until the end, then a row of Python
 # objects and a pandas row (measured about 0.9 kB per stored tensor of up to five values).
 STAT_ENTRY_BYTES = 1000
-# Bytes a histogram bin costs at its peak: the counts, then a DataFrame row per bin and its
-# concatenation into one table (measured about 0.1 kB).
+# Bytes a histogram bin costs at its peak: the counts, then a table row per bin and its parquet
+# bytes (measured 96-112 bytes).
 HISTOGRAM_BIN_BYTES = 130
-RUN_TO_RUN = 0.5  # the margin the run-to-run variation of a job's peak asks for (measured, below)
+RUN_TO_RUN = 0.25  # the margin for what the parts miss and for run-to-run variation (the table above)
 EVAL_CHUNK = 8192  # rows per forward pass of an evaluation (actgrad.evaluation.EVAL_CHUNK)
 
 def _layer_widths(spec: dict, block_size: int) -> list[int]:
@@ -108,8 +116,7 @@ def estimate_training_memory_mb(spec: dict, n_models: int, n_train: int, block_s
     histograms = (_recorded_steps(steps, plan.histogram_every, snapshots) * hidden_layers
                   + (snapshots + 1) * 3 * (hidden_layers + 1))
     parts["histograms"] = recorded_models * histograms * plan.bins * HISTOGRAM_BIN_BYTES / MB
-    # The same job's peak varies from run to run (the allocator returns freed blocks to the system, or not):
-    # 594-1,015 MB over five runs of one job that the parts above put at 716 MB.
+    # what the parts miss (the allocator's leftovers, mostly), measured against real jobs
     parts["run-to-run variation"] = RUN_TO_RUN * sum(parts.values())
     return {"total": sum(parts.values()), "parts": parts}
 
