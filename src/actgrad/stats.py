@@ -149,8 +149,7 @@ class StatsRecorder:
         steps, layers, kinds, counts, lo, hi = zip(*self._hists)
         counts = torch.stack([c.float().cpu() for c in counts])  # (histograms, bins)
         n = counts.shape[1]
-        totals = counts.sum(dim=1, keepdim=True)
-        fraction = counts / torch.where(totals == 0, torch.ones_like(totals), totals)
+        fraction = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)  # an empty histogram's stay 0
         lo, hi = np.array(lo, dtype=np.float64)[:, None], np.array(hi, dtype=np.float64)[:, None]
         width, i = (hi - lo) / n, np.arange(n, dtype=np.float64)
         return pd.DataFrame({
