@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from actgrad import data, reference
-from actgrad.engine import train_batched
-from actgrad.stats import StatsPlan, StatsRecorder
+from actgrad import data
+from actgrad.training import loop as reference
+from actgrad.training.engine import train_batched
+from actgrad.training.stats import StatsPlan, StatsRecorder
 
 SCHEDULE = [{"from_step": 0, "lr": 0.1}, {"from_step": 150, "lr": 0.05}]
 SHALLOW = dict(model="mlp", n_embd=10, n_hidden=200, activation="tanh", batchnorm=False, hidden_bias="added",

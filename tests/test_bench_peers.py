@@ -1,4 +1,5 @@
-"""The benchmark's peers (actgrad.peers) compute what the engine computes; the benchmark prints the engine's lead."""
+"""The benchmark's peers (actgrad.tools.peers) compute what the engine computes; the benchmark prints the
+engine's lead."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import re
 import pytest
 import torch
 
-from actgrad import bench, peers
-from actgrad.engine import train_batched
-from actgrad.networks import LECTURE_NETWORKS
+from actgrad.tools import bench, peers
+from actgrad.training.engine import train_batched
+from actgrad.training.networks import LECTURE_NETWORKS
 
 STEPS = 5
 MODELS = 3
@@ -103,7 +104,7 @@ def test_bench_times_the_peers_and_prints_the_lead_over_the_best(names_path, cap
 
 def test_the_ceiling_times_the_products_of_each_linear_layer(monkeypatch):
     """matmul_ceiling times three batched products per Linear layer, of the layer's shapes, in two layouts."""
-    from actgrad.config import linear_shapes
+    from actgrad.study.settings import linear_shapes
     shapes = []
     real = torch.bmm
 

@@ -7,7 +7,7 @@ import yaml
 from conftest import REPO, tiny_config, write_config
 
 from actgrad import cli
-from actgrad.config import load_schema
+from actgrad.study.settings import load_schema
 
 
 def test_validate_accepts_the_shipped_configs(capsys):
@@ -37,7 +37,7 @@ def test_every_config_key_is_documented():
 
 
 def test_base_is_found_beside_the_file_that_names_it(tmp_path, names_path, monkeypatch):
-    from actgrad.config import load
+    from actgrad.study.load import load
 
     folder = tmp_path / "studies"
     folder.mkdir()
@@ -52,7 +52,8 @@ def test_base_is_found_beside_the_file_that_names_it(tmp_path, names_path, monke
 
 
 def test_bench_prints_every_row_with_its_ratio_and_goal(names_path, capsys):
-    from actgrad import bench, kernels
+    from actgrad.tools import bench
+    from actgrad.training import kernels
 
     rows = bench.run(bench.parse_args(["--steps", "30", "--models", "1,3", "--networks", "shallow", "--peers", "none",
                                        "--repeat", "1", "--names", str(names_path)]))

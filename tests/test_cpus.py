@@ -3,7 +3,7 @@
 import threading
 import time
 
-from actgrad.cpus import ENV_SWITCH, cpu_slot
+from actgrad.training.cpus import ENV_SWITCH, cpu_slot
 
 
 def test_a_second_job_waits_until_the_cpu_is_free(tmp_path):

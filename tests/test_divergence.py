@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import LECTURE_SEED
 
-from actgrad import reference
-from actgrad.divergence import NON_FINITE, DivergenceRule
-from actgrad.engine import train_batched
-from actgrad.networks import LECTURE_NETWORKS
+from actgrad.training import loop as reference
+from actgrad.training.divergence import NON_FINITE, DivergenceRule
+from actgrad.training.engine import train_batched
+from actgrad.training.networks import LECTURE_NETWORKS
 
 UNIFORM = -math.log(1 / 27)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actgrad import reference
-from actgrad.engine import architecture, group_size, train_batched
-from actgrad.networks import LECTURE_NETWORKS
-from actgrad.stats import NetworkHooks, StatsPlan, StatsRecorder
+from actgrad.training import loop as reference
+from actgrad.training.engine import architecture, group_size, train_batched
+from actgrad.training.networks import LECTURE_NETWORKS
+from actgrad.training.stats import NetworkHooks, StatsPlan, StatsRecorder
 
 SCHEDULE = [{"from_step": 0, "lr": 0.1}, {"from_step": 100000, "lr": 0.01}]
 # The lecture's four networks; the deep BatchNorm net at gain 1, the lecture's final run.
@@ -304,7 +304,7 @@ def test_twins_in_different_groups_are_measured_as_in_one(splits):
 
 
 def test_the_benchmark_reads_the_pipelines_names_file_and_says_how_to_get_it(tmp_path, monkeypatch):
-    from actgrad import bench
+    from actgrad.tools import bench
 
     monkeypatch.chdir(tmp_path)
     args = bench.parse_args(["--quick"])

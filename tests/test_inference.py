@@ -12,10 +12,11 @@ import yaml
 from conftest import REPO
 from scipy import special, stats
 
-from actgrad import config as cfg
-from actgrad import inference as inf
-from actgrad.config import ConfigError
-from actgrad.inference import Comparison
+from actgrad.results import significance
+from actgrad.study import comparisons
+from actgrad.study import load as cfg
+from actgrad.study.comparisons import Comparison
+from actgrad.study.settings import ConfigError
 
 BEFORE = [2.1612, 2.1655, 2.1590, 2.1703, 2.1631]
 AFTER = [2.1301, 2.1389, 2.1254, 2.1342, 2.1420, 2.1297]
@@ -33,13 +34,13 @@ def load_with(tmp_path, extra: dict) -> dict:
 
 def test_holm_on_a_known_vector():
     # Sorted: 0.005 x 4 = 0.02; 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04 -> running max 0.06.
-    assert inf.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert significance.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     # Capped at 1; the running maximum carries the cap.
-    assert inf.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert significance.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
 
 
 def test_holm_leaves_untested_comparisons_out_of_m():
-    out = inf.holm([0.01, np.nan, 0.04])
+    out = significance.holm([0.01, np.nan, 0.04])
     assert out[0] == pytest.approx(0.02) and math.isnan(out[1]) and out[2] == pytest.approx(0.04)
 
 
@@ -48,7 +49,7 @@ def test_holm_leaves_untested_comparisons_out_of_m():
 
 @pytest.mark.parametrize("confidence", [0.95, 0.9])
 def test_welch_test_matches_scipy(confidence):
-    ours = inf.welch_test(BEFORE, AFTER, confidence)
+    ours = significance.welch_test(BEFORE, AFTER, confidence)
     res = stats.ttest_ind(AFTER, BEFORE, equal_var=False)
     ci = res.confidence_interval(confidence)
     assert ours["t"] == pytest.approx(res.statistic, rel=1e-12)
@@ -59,8 +60,8 @@ def test_welch_test_matches_scipy(confidence):
 
 
 def test_welch_test_needs_two_values_and_some_spread():
-    assert math.isnan(inf.welch_test([2.1], AFTER)["p"])
-    assert math.isnan(inf.welch_test([2.1, 2.1], [2.0, 2.0])["p"])
+    assert math.isnan(significance.welch_test([2.1], AFTER)["p"])
+    assert math.isnan(significance.welch_test([2.1, 2.1], [2.0, 2.0])["p"])
 
 
 def test_hedges_g_by_hand():
@@ -68,7 +69,7 @@ def test_hedges_g_by_hand():
     df = len(a) + len(b) - 2
     pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / df)
     exact_j = special.gamma(df / 2) / (math.sqrt(df / 2) * special.gamma((df - 1) / 2))
-    g = inf.hedges_g(BEFORE, AFTER)
+    g = significance.hedges_g(BEFORE, AFTER)
     assert g == pytest.approx(exact_j * (b.mean() - a.mean()) / pooled, rel=1e-12)
     # The textbook approximation J = 1 - 3 / (4 df - 1) agrees to a few parts in 10^4, and after is lower: g < 0.
     assert g == pytest.approx((1 - 3 / (4 * df - 1)) * (b.mean() - a.mean()) / pooled, rel=1e-3)
@@ -80,23 +81,23 @@ def test_hedges_g_by_hand():
 
 def test_seeds_needed_textbook_values():
     # Two-sided two-sample t-test, alpha 0.05, power 0.8, per group: d = 1 -> 17, 0.8 -> 26, 0.5 -> 64 (Cohen 1988).
-    assert inf.seeds_needed(1.0, 1.0, 1.0, 0.05) == 17
-    assert inf.seeds_needed(-0.8, 2.0, 2.0, 0.05 / 2) > inf.seeds_needed(0.8, 1.0, 1.0, 0.05) == 26
-    assert inf.seeds_needed(0.5, 1.0, 1.0, 0.05) == 64
+    assert significance.seeds_needed(1.0, 1.0, 1.0, 0.05) == 17
+    assert significance.seeds_needed(-0.8, 2.0, 2.0, 0.05 / 2) > significance.seeds_needed(0.8, 1.0, 1.0, 0.05) == 26
+    assert significance.seeds_needed(0.5, 1.0, 1.0, 0.05) == 64
 
 
 def test_seeds_needed_is_the_first_n_reaching_the_power():
     for diff, sd_a, sd_b, alpha in [(0.006, 0.004, 0.004, 0.05), (0.003, 0.002, 0.005, 0.01), (1.0, 0.1, 0.1, 0.05)]:
-        n = inf.seeds_needed(diff, sd_a, sd_b, alpha)
-        assert inf.welch_power(diff, sd_a, sd_b, n, alpha) >= 0.8
-        assert n == 2 or inf.welch_power(diff, sd_a, sd_b, n - 1, alpha) < 0.8
+        n = significance.seeds_needed(diff, sd_a, sd_b, alpha)
+        assert significance.welch_power(diff, sd_a, sd_b, n, alpha) >= 0.8
+        assert n == 2 or significance.welch_power(diff, sd_a, sd_b, n - 1, alpha) < 0.8
 
 
 def test_seeds_needed_against_simulated_welch_tests():
     """Simulated Welch tests (scipy) with n - 1 and n seeds fall on either side of 80 % power."""
     rng = np.random.default_rng(17)
     diff, sd_a, sd_b, alpha = 0.01, 0.006, 0.009, 0.05 / 3
-    n = inf.seeds_needed(diff, sd_a, sd_b, alpha)
+    n = significance.seeds_needed(diff, sd_a, sd_b, alpha)
     reps = 40_000
     simulated = {}
     for k in (n - 1, n):
@@ -106,13 +107,13 @@ def test_seeds_needed_against_simulated_welch_tests():
     assert simulated[n] >= 0.8 - 0.01, simulated
     assert simulated[n - 1] < 0.8 + 0.01, simulated
     # The noncentral-t power and the simulation agree.
-    assert inf.welch_power(diff, sd_a, sd_b, n, alpha) == pytest.approx(simulated[n], abs=0.015)
+    assert significance.welch_power(diff, sd_a, sd_b, n, alpha) == pytest.approx(simulated[n], abs=0.015)
 
 
 def test_seeds_needed_undefined_cases():
-    assert math.isnan(inf.seeds_needed(0.0, 1.0, 1.0, 0.05))
-    assert math.isnan(inf.seeds_needed(0.1, 0.0, 0.0, 0.05))
-    assert math.isnan(inf.seeds_needed(1e-6, 1.0, 1.0, 0.05, max_seeds=1000))
+    assert math.isnan(significance.seeds_needed(0.0, 1.0, 1.0, 0.05))
+    assert math.isnan(significance.seeds_needed(0.1, 0.0, 0.0, 0.05))
+    assert math.isnan(significance.seeds_needed(1e-6, 1.0, 1.0, 0.05, max_seeds=1000))
 
 
 # ---- The significance table ----------------------------------------------------------------------------------
@@ -142,20 +143,21 @@ def test_significance_table_corrects_within_each_family():
     comparisons = [Comparison("f", "a", "better"), Comparison("f", "a", "worse"), Comparison("f", "a", "marginal"),
                    Comparison("f", "a", "marginal_down"), Comparison("g", "a", "marginal"),
                    Comparison("g", "a", "alone")]
-    table = inf.significance_table(runs, comparisons)
-    assert list(table.columns) == inf.SIGNIFICANCE_COLUMNS
+    table = significance.significance_table(runs, comparisons)
+    assert list(table.columns) == significance.SIGNIFICANCE_COLUMNS
     p_marginal = stats.ttest_ind(values["marginal"], values["a"], equal_var=False).pvalue
     assert 0.0167 < p_marginal < 0.05
     f, g = table[table.family == "f"], table[table.family == "g"]
-    assert list(f.p_holm) == pytest.approx(list(inf.holm(f.p)))
-    assert list(f.verdict) == [inf.IMPROVES, inf.WORSENS, inf.NOT_DETECTED, inf.NOT_DETECTED]
+    assert list(f.p_holm) == pytest.approx(list(significance.holm(f.p)))
+    assert list(f.verdict) == [significance.IMPROVES, significance.WORSENS, significance.NOT_DETECTED,
+                               significance.NOT_DETECTED]
     # Alone in its tested family (the one-seed comparison is not counted), the marginal one is detected.
     assert list(g.m_family) == [1, 1] and g.p_holm.iloc[0] == pytest.approx(p_marginal)
-    assert list(g.verdict) == [inf.WORSENS, inf.TOO_FEW_SEEDS]
+    assert list(g.verdict) == [significance.WORSENS, significance.TOO_FEW_SEEDS]
     # Seeds needed only where nothing was detected, at alpha / m.
     row = f.iloc[2]
     assert row.power_alpha == pytest.approx(0.05 / 4)
-    assert row.seeds_needed == inf.seeds_needed(row.difference, row.sd_before, row.sd_after, 0.05 / 4)
+    assert row.seeds_needed == significance.seeds_needed(row.difference, row.sd_before, row.sd_after, 0.05 / 4)
     assert row.seeds_needed > 5
     assert f.seeds_needed.iloc[:2].isna().all() and f.seeds_needed.iloc[3] > 5 and g.seeds_needed.isna().all()
     # Diverged runs are counted, not averaged; the inputs are in the row.
@@ -167,22 +169,23 @@ def test_significance_table_corrects_within_each_family():
 
 def test_no_verdict_calls_anything_equal():
     runs = runs_frame({"a": [1.0, 1.1, 0.9], "b": [1.0, 1.1, 0.9]})
-    table = inf.significance_table(runs, [Comparison("f", "a", "b")])
-    assert table.verdict.iloc[0] == inf.NOT_DETECTED
-    assert not any("equal" in v for v in (inf.IMPROVES, inf.WORSENS, inf.NOT_DETECTED, inf.TOO_FEW_SEEDS,
-                                           inf.NO_SPREAD))
+    table = significance.significance_table(runs, [Comparison("f", "a", "b")])
+    assert table.verdict.iloc[0] == significance.NOT_DETECTED
+    assert not any("equal" in v for v in (significance.IMPROVES, significance.WORSENS, significance.NOT_DETECTED,
+                                            significance.TOO_FEW_SEEDS,
+                                           significance.NO_SPREAD))
     # A zero observed difference cannot be detected by any number of seeds.
     assert pd.isna(table.seeds_needed.iloc[0])
 
 
 def test_seeds_without_spread_make_no_verdict():
-    table = inf.significance_table(runs_frame({"a": [1.0, 1.0], "b": [2.0, 2.0]}), [Comparison("f", "a", "b")])
+    table = significance.significance_table(runs_frame({"a": [1.0, 1.0], "b": [2.0, 2.0]}), [Comparison("f", "a", "b")])
     row = table.iloc[0]
-    assert row.verdict == inf.NO_SPREAD and row.difference == 1.0 and math.isnan(row.p) and row.m_family == 0
+    assert row.verdict == significance.NO_SPREAD and row.difference == 1.0 and math.isnan(row.p) and row.m_family == 0
 
 
 def test_method_text_names_its_references():
-    text = inf.method_text(alpha=0.01, power=0.9)
+    text = significance.method_text(alpha=0.01, power=0.9)
     for needle in ("Welch 1947", "Holm 1979", "Hedges 1981", "0.01", "90 %", "Welch-Satterthwaite"):
         assert needle in text
 
@@ -192,7 +195,7 @@ def test_method_text_names_its_references():
 
 def test_default_comparisons_of_the_default_study():
     config = cfg.load(REPO / "config" / "config.yaml")
-    got = [(c.family, c.before, c.after) for c in inf.resolve_comparisons(config)]
+    got = [(c.family, c.before, c.after) for c in comparisons.resolve_comparisons(config)]
     steps = ["original", "fix_softmax", "fix_tanh", "kaiming", "batchnorm", "batchnorm_table"]
     assert got == [("mlp_consecutive", a, b) for a, b in zip(steps[:-1], steps[1:])] + [
         ("gain_vs_deep_gain5_3", "deep_gain5_3", "deep_gain1"),
@@ -208,7 +211,7 @@ def test_default_deep_comparisons_only_between_otherwise_equal_variants(tmp_path
     # A 3-layer variant at gain 1 has no 5/3 baseline of its own and no BatchNorm twin: it is compared with nothing.
     config = load_with(tmp_path, {"variants": {"deep3_gain1": {"model": "deep", "batchnorm": False, "gain": 1.0,
                                                                "n_layers": 3}}})
-    got = inf.resolve_comparisons(config)
+    got = comparisons.resolve_comparisons(config)
     assert all("deep3_gain1" not in (c.before, c.after) for c in got)
 
 
@@ -219,7 +222,7 @@ def test_configured_families(tmp_path):
         "deep_all": {"baseline": "deep_gain5_3"},
         "bn": {"pairs": [["deep_gain1", "deep_bn_gain1"]]},
     }}})
-    got = [(c.family, c.before, c.after) for c in inf.resolve_comparisons(config)]
+    got = [(c.family, c.before, c.after) for c in comparisons.resolve_comparisons(config)]
     assert got == [
         ("steps", "original", "fix_tanh"), ("steps", "fix_tanh", "kaiming"),
         ("vs_kaiming", "kaiming", "batchnorm"),
@@ -229,34 +232,36 @@ def test_configured_families(tmp_path):
         ("deep_all", "deep_gain5_3", "deep_bn_gain1"),
         ("bn", "deep_gain1", "deep_bn_gain1"),
     ]
-    assert inf.comparison_settings(config) == {"metric": "val_loss", "alpha": 0.01, "power": 0.8}
+    assert comparisons.comparison_settings(config) == {"metric": "val_loss", "alpha": 0.01, "power": 0.8}
 
 
 def test_sweep_grids_compare_along_the_grid(tmp_path):
     lrs = {f"lr{i}": {"init": {"W2": 0.01, "b2": 0}, "lr_schedule": [{"from_step": 0, "lr": lr}]}
            for i, lr in enumerate([0.05, 0.1, 0.2])}
     config = load_with(tmp_path, {"variants": lrs})
-    got = [(c.family, c.before, c.after) for c in inf.resolve_comparisons(config, grids={"lr_sweep": [list(lrs)]})]
+    got = [(c.family, c.before, c.after)
+           for c in comparisons.resolve_comparisons(config, grids={"lr_sweep": [list(lrs)]})]
     # The grid's variants are compared along it only, not appended to the mlp chain.
     assert got[-2:] == [("lr_sweep", "lr0", "lr1"), ("lr_sweep", "lr1", "lr2")]
     assert got[:-2] == [(c.family, c.before, c.after)
-                        for c in inf.default_comparisons(config, [n for n in config["variants"] if n not in lrs])]
+                        for c in comparisons.default_comparisons(config,
+                                                                 [n for n in config["variants"] if n not in lrs])]
     assert ("mlp_consecutive", "batchnorm_table", "lr0") in [(c.family, c.before, c.after)
-                                                              for c in inf.resolve_comparisons(config)]
+                                                              for c in comparisons.resolve_comparisons(config)]
     with pytest.raises(ConfigError, match=r"^grid lr_sweep/0/1: 'lr9' is not a variant"):
-        inf.resolve_comparisons(config, grids={"lr_sweep": [["lr1", "lr9"]]})
+        comparisons.resolve_comparisons(config, grids={"lr_sweep": [["lr1", "lr9"]]})
 
 
 def test_grid_lines_of_a_two_key_grid():
     # gain (3 values) x batchnorm (2 values); the names are given out of order on purpose.
     points = {(g, b): f"s__g{g}__bn{b}" for b in (1, 0) for g in (2, 0, 1)}
-    lines = inf.grid_lines("s", points, ["gain", "batchnorm"])
+    lines = comparisons.grid_lines("s", points, ["gain", "batchnorm"])
     assert lines == {
         "s_gain": [["s__g0__bn0", "s__g1__bn0", "s__g2__bn0"], ["s__g0__bn1", "s__g1__bn1", "s__g2__bn1"]],
         "s_batchnorm": [["s__g0__bn0", "s__g0__bn1"], ["s__g1__bn0", "s__g1__bn1"], ["s__g2__bn0", "s__g2__bn1"]],
     }
     # A key with a single value gives no line.
-    assert inf.grid_lines("t", {(0, 0): "a", (0, 1): "b"}, ["gain", "lr"]) == {"t_lr": [["a", "b"]]}
+    assert comparisons.grid_lines("t", {(0, 0): "a", (0, 1): "b"}, ["gain", "lr"]) == {"t_lr": [["a", "b"]]}
 
 
 @pytest.mark.parametrize("family, message", [
@@ -279,7 +284,7 @@ def test_bad_comparisons_name_their_key(tmp_path, family, message):
     config = load_with(tmp_path, {})
     config["comparisons"]["families"] = {"x": family}
     with pytest.raises(ConfigError, match=message):
-        inf.check_comparisons(config)
+        comparisons.check_comparisons(config)
 
 
 @pytest.mark.parametrize("comparisons, message", [
@@ -299,23 +304,23 @@ def test_schema_rejects_malformed_comparisons(tmp_path, comparisons, message):
 
 def test_reference_in_spread():
     values = [2.158, 2.160, 2.161, 2.163, 2.165]
-    out = inf.reference_in_spread(2.1682, values)
+    out = significance.reference_in_spread(2.1682, values)
     z = (2.1682 - np.mean(values)) / np.std(values, ddof=1)
     assert out["z"] == pytest.approx(z) and (out["n_below"], out["n_above"], out["rank"]) == (5, 0, 6)
     assert out["sentence"] == (f"the lecture's 2.1682 is {z:.1f} sd above our mean of 5 seeds "
                                f"({np.mean(values):.4f}, sd {np.std(values, ddof=1):.4f}); it would rank 6th of 6, "
                                "lowest first")
-    below = inf.reference_in_spread(2.1595, values, label="the notes'")
+    below = significance.reference_in_spread(2.1595, values, label="the notes'")
     assert below["rank"] == 2 and below["z"] < 0
     assert below["sentence"].startswith("the notes' 2.1595 is 0.7 sd below our mean")
     assert "2nd of 6" in below["sentence"]
 
 
 def test_reference_in_spread_with_one_or_no_seed():
-    assert inf.reference_in_spread(2.13, [2.1301], precision=2)["sentence"] == (
+    assert significance.reference_in_spread(2.13, [2.1301], precision=2)["sentence"] == (
         "the lecture's 2.13 is equal to our single seed's 2.13 (no spread to measure)")
-    assert "0.0050 below our single seed's" in inf.reference_in_spread(2.1, [2.105])["sentence"]
-    assert inf.reference_in_spread(2.1, [np.nan])["sentence"].startswith("no finished seed")
+    assert "0.0050 below our single seed's" in significance.reference_in_spread(2.1, [2.105])["sentence"]
+    assert significance.reference_in_spread(2.1, [np.nan])["sentence"].startswith("no finished seed")
 
 
 # ---- Chaos as a rate -------------------------------------------------------------------------------------------
@@ -335,18 +340,18 @@ def twin_trajectories(rate: float, steps: np.ndarray, d0: float = 1e-7, dim: int
 def test_lyapunov_recovers_a_known_exponential_divergence(rate):
     steps = np.arange(0, 10_001, 1000)
     theta_a, theta_b = twin_trajectories(rate, steps)
-    distances = [inf.parameter_distance([a], [b]) for a, b in zip(theta_a, theta_b)]
-    lam = inf.lyapunov_exponents(steps, distances)
+    distances = [significance.parameter_distance([a], [b]) for a, b in zip(theta_a, theta_b)]
+    lam = significance.lyapunov_exponents(steps, distances)
     assert math.isnan(lam[0])
     assert lam[1:] == pytest.approx(np.full(len(steps) - 1, rate), rel=1e-6)
-    assert inf.lyapunov_at(steps, distances, 10_000) == pytest.approx(rate, rel=1e-6)
-    assert math.isnan(inf.lyapunov_at(steps, distances, 10_500))
+    assert significance.lyapunov_at(steps, distances, 10_000) == pytest.approx(rate, rel=1e-6)
+    assert math.isnan(significance.lyapunov_at(steps, distances, 10_500))
 
 
 def test_lyapunov_of_a_wobbling_divergence_tends_to_its_rate():
     steps = np.arange(0, 200_001, 1000)
     distances = 1e-7 * np.exp(1e-3 * steps + 0.5 * np.sin(steps / 7000))
-    lam = inf.lyapunov_exponents(steps, distances)
+    lam = significance.lyapunov_exponents(steps, distances)
     # The wobble's share of lambda(t) falls as 1/t: at most 0.5 / t.
     assert abs(lam[-1] - 1e-3) <= 0.5 / 200_000 + 1e-15
     assert abs(lam[1] - 1e-3) > 10 * abs(lam[-1] - 1e-3)
@@ -355,39 +360,40 @@ def test_lyapunov_of_a_wobbling_divergence_tends_to_its_rate():
 def test_parameter_distance_over_several_tensors():
     a = [np.ones((2, 3)), np.zeros(4)]
     b = [np.ones((2, 3)) + 1.0, np.full(4, 2.0)]
-    assert inf.parameter_distance(a, b) == pytest.approx(math.sqrt(6 * 1 + 4 * 4))
+    assert significance.parameter_distance(a, b) == pytest.approx(math.sqrt(6 * 1 + 4 * 4))
 
 
 @pytest.mark.parametrize("steps, distances", [([1, 2], [1e-7, 1e-6]), ([0, 1], [0.0, 1e-6]), ([0, 2, 1], [1, 2, 3]),
                                               ([0, 1], [1.0])])
 def test_lyapunov_rejects_a_bad_trace(steps, distances):
     with pytest.raises(ValueError):
-        inf.lyapunov_exponents(steps, distances)
+        significance.lyapunov_exponents(steps, distances)
 
 
 def test_twin_decorrelation_is_one_for_independent_runs():
     rng = np.random.default_rng(3)
     seeds = rng.normal(2.1, 0.01, 20_000)
     unrelated = np.abs(rng.normal(2.1, 0.01, 20_000) - rng.normal(2.1, 0.01, 20_000))
-    assert inf.twin_decorrelation(unrelated, seeds) == pytest.approx(1.0, abs=0.03)
-    assert inf.twin_decorrelation(unrelated * 1e-4, seeds) < 0.01
-    assert math.isnan(inf.twin_decorrelation([0.01], [2.1]))
+    assert significance.twin_decorrelation(unrelated, seeds) == pytest.approx(1.0, abs=0.03)
+    assert significance.twin_decorrelation(unrelated * 1e-4, seeds) < 0.01
+    assert math.isnan(significance.twin_decorrelation([0.01], [2.1]))
 
 
 def test_chaos_verdict():
     seeds = [2.158, 2.160, 2.161, 2.163, 2.165]
     sd = np.std(seeds, ddof=1)
-    chaotic = inf.chaos_verdict(twin_gaps=[sd, 0.5 * sd, 1.5 * sd], seed_values=seeds)
+    chaotic = significance.chaos_verdict(twin_gaps=[sd, 0.5 * sd, 1.5 * sd], seed_values=seeds)
     assert chaotic["chaotic"] is True and "seed spread" in chaotic["basis"]
-    assert inf.chaos_verdict(twin_gaps=[1e-5] * 5, seed_values=seeds)["chaotic"] is False
+    assert significance.chaos_verdict(twin_gaps=[1e-5] * 5, seed_values=seeds)["chaotic"] is False
     # One seed: the parameter trace decides, against growth by 0.1 / perturbation (1e6 here).
     steps = np.arange(0, 10_001, 1000)
     fast = 1e-7 * np.exp(2e-3 * steps)   # grows by e^20 = 4.9e8
     slow = 1e-7 * (1 + steps / 100)       # grows by 101
-    by_trace = inf.chaos_verdict(seed_values=[2.16], steps=steps, distances=fast, perturbation=1e-7)
+    by_trace = significance.chaos_verdict(seed_values=[2.16], steps=steps, distances=fast, perturbation=1e-7)
     assert by_trace["chaotic"] is True and by_trace["lyapunov_end"] == pytest.approx(2e-3)
-    assert inf.chaos_verdict(steps=steps, distances=slow, perturbation=1e-7)["chaotic"] is False
+    assert significance.chaos_verdict(steps=steps, distances=slow, perturbation=1e-7)["chaotic"] is False
     # the lecture notes' original run grew 4.7e6-fold: chaotic; just under the threshold is not
-    assert inf.chaos_verdict(steps=[0, 200_000], distances=[1.0, 4.7e6], perturbation=1e-7)["chaotic"] is True
-    assert inf.chaos_verdict(steps=[0, 200_000], distances=[1.0, 0.99e6], perturbation=1e-7)["chaotic"] is False
-    assert inf.chaos_verdict()["chaotic"] is None
+    assert significance.chaos_verdict(steps=[0, 200_000], distances=[1.0, 4.7e6], perturbation=1e-7)["chaotic"] is True
+    assert significance.chaos_verdict(steps=[0, 200_000], distances=[1.0, 0.99e6],
+                                      perturbation=1e-7)["chaotic"] is False
+    assert significance.chaos_verdict()["chaotic"] is None

@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import LECTURE_SEED, REPO, run_snakemake, tiny_config, write_config
 
-from actgrad.config import complete, load, variant_spec
-from actgrad.rundir import RUN_FILES, batch_key, run_dir, training_jobs
+from actgrad.rundir import RUN_FILES, run_dir
+from actgrad.study.jobs import batch_key, training_jobs
+from actgrad.study.load import complete, load
+from actgrad.study.settings import variant_spec
 
 STATS = {"every": 10, "update_every": 5, "histogram_every": 10, "snapshot_steps": [0, 10], "bins": 10}
 
@@ -50,7 +52,7 @@ def test_the_batch_key_ignores_exactly_the_drawn_values(names_path):
 
 
 def test_a_bad_training_jobs_value_is_named(tmp_path, names_path):
-    from actgrad.config import ConfigError
+    from actgrad.study.settings import ConfigError
 
     with pytest.raises(ConfigError, match="training_jobs"):
         _config(names_path, training_jobs="per_seed")
@@ -64,7 +66,7 @@ def _run_files(results, variant, seed):
 def test_a_runs_numbers_do_not_depend_on_the_variants_that_share_its_job(tmp_path, names_path):
     """Trained alone and trained beside another variant (with its twins), every file but the timing is the same."""
     from actgrad.data import save_splits
-    from actgrad.runs import train_variants
+    from actgrad.training.job import train_variants
 
     config = dict(_config(names_path), device="cpu")
     splits = tmp_path / "splits.pt"

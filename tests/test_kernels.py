@@ -8,9 +8,10 @@ import pytest
 import torch
 from test_engine import NETWORKS, SCHEDULE
 
-from actgrad import kernels, reference
-from actgrad.engine import train_batched
-from actgrad.stats import StatsPlan, StatsRecorder
+from actgrad.training import kernels
+from actgrad.training import loop as reference
+from actgrad.training.engine import train_batched
+from actgrad.training.stats import StatsPlan, StatsRecorder
 
 
 @pytest.fixture
@@ -140,8 +141,9 @@ def test_a_training_job_says_and_records_whether_it_used_the_kernels(switch, nam
                                                                     request):
     from conftest import tiny_config
 
-    from actgrad import data, runs
-    from actgrad.config import apply_defaults
+    from actgrad import data
+    from actgrad.study.settings import apply_defaults
+    from actgrad.training import job as runs
 
     if switch == "on":
         request.getfixturevalue("compiler")
@@ -209,7 +211,7 @@ def _kernels_on_and_off(monkeypatch, fn):
 @needs_compiler
 @pytest.mark.parametrize("take_sqrt", [False, True], ids=["var", "std"])
 def test_a_columns_spread_is_pytorchs_to_the_bit(take_sqrt, monkeypatch):
-    from actgrad.model import column_spread
+    from actgrad.training.model import column_spread
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(182_625, 100, generator=g) * 3 + 1  # a training split's size
@@ -224,7 +226,7 @@ def test_a_columns_spread_is_pytorchs_to_the_bit(take_sqrt, monkeypatch):
 @needs_compiler
 @pytest.mark.parametrize("flavour", ["var", "std"])
 def test_batchnorm_with_running_statistics_is_pytorchs_to_the_bit(flavour, monkeypatch):
-    from actgrad.model import BatchNorm1d
+    from actgrad.training.model import BatchNorm1d
 
     g = torch.Generator().manual_seed(1)
     bn = BatchNorm1d(100, momentum=0.001, eps=1e-5, normalize_by=flavour).eval()
@@ -242,7 +244,7 @@ def test_batchnorm_with_running_statistics_is_pytorchs_to_the_bit(flavour, monke
 
 @needs_compiler
 def test_counting_an_activations_shares_gives_pytorchs_counts(monkeypatch):
-    from actgrad.evaluation import SHARES, _counter_in_c
+    from actgrad.training.evaluation import SHARES, _counter_in_c
 
     x = torch.tanh(torch.randn(8192, 100, generator=torch.Generator().manual_seed(2)) * 3)
     x[0, :5] = torch.tensor([float("nan"), 0.0, -0.97, 0.97, 0.99])  # NaN passes no test; the thresholds are strict

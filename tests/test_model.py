@@ -6,17 +6,18 @@ import pytest
 import torch
 from conftest import LECTURE_SEED, REPO
 
-from actgrad import config as cfg
-from actgrad import evaluation, lecture, reference
-from actgrad.divergence import DivergenceRule
-from actgrad.model import BatchNorm1d, Scratch
+from actgrad.study import load, settings
+from actgrad.training import evaluation, lecture
+from actgrad.training import loop as reference
+from actgrad.training.divergence import DivergenceRule
+from actgrad.training.model import BatchNorm1d, Scratch
 
-DEFAULT = cfg.load(REPO / "config" / "config.yaml")
+DEFAULT = load.load(REPO / "config" / "config.yaml")
 EXPECTED = -math.log(1 / 27)
 
 
 def spec(name, **changes):
-    s = cfg.variant_spec(DEFAULT, name)
+    s = settings.variant_spec(DEFAULT, name)
     s.update(changes)
     if "batchnorm" in changes and "norm" not in changes:  # the spec's two spellings of the norm agree
         s["norm"] = "batchnorm" if changes["batchnorm"] else "none"
@@ -25,7 +26,7 @@ def spec(name, **changes):
 
 def test_a_spec_whose_norm_and_batchnorm_disagree_builds_nothing():
     with pytest.raises(ValueError, match="batchnorm: False contradicts norm: batchnorm"):
-        reference.init_network(dict(cfg.variant_spec(DEFAULT, "deep_bn_gain1"), batchnorm=False), 1, 3)
+        reference.init_network(dict(settings.variant_spec(DEFAULT, "deep_bn_gain1"), batchnorm=False), 1, 3)
 
 
 def first_loss(s, splits, seed=LECTURE_SEED):
@@ -229,9 +230,9 @@ def test_the_loss_with_each_minibatchs_statistics_is_the_loss_of_training_mode_m
     training mode, as written in the lecture (the last, shorter minibatch counts too)."""
     import torch.nn.functional as F
 
-    from actgrad.evaluation import BATCH_STATS_ORDER_SEED, batch_statistics_loss, kept_running_stats
-    from actgrad.networks import LECTURE_NETWORKS
-    from actgrad.reference import init_network
+    from actgrad.training.evaluation import BATCH_STATS_ORDER_SEED, batch_statistics_loss, kept_running_stats
+    from actgrad.training.loop import init_network
+    from actgrad.training.networks import LECTURE_NETWORKS
 
     g = torch.Generator().manual_seed(3)
     X, Y = torch.randint(0, 27, (1000, 3), generator=g), torch.randint(0, 27, (1000,), generator=g)

@@ -62,10 +62,10 @@ def test_the_metrics_follow_the_activation_and_say_what_the_run_was(study):
 
 def test_the_jacobian_at_init_is_that_of_the_first_training_batch(study):
     from actgrad import data
-    from actgrad.config import apply_defaults, variant_spec
-    from actgrad.model import jacobian_spectrum
-    from actgrad.reference import init_network
-    from actgrad.sweeps import expand_sweeps
+    from actgrad.study.settings import apply_defaults, variant_spec
+    from actgrad.study.sweeps import expand_sweeps
+    from actgrad.training.loop import init_network
+    from actgrad.training.model import jacobian_spectrum
 
     workdir, config = study
     completed = apply_defaults(expand_sweeps(config))
@@ -80,10 +80,10 @@ def test_the_jacobian_at_init_is_that_of_the_first_training_batch(study):
 
 def test_batchnorm_runs_record_the_loss_with_each_minibatchs_statistics(study):
     from actgrad import data
-    from actgrad.config import apply_defaults, variant_spec
-    from actgrad.evaluation import batch_statistics_loss, evaluate
-    from actgrad.reference import init_network
-    from actgrad.sweeps import expand_sweeps
+    from actgrad.study.settings import apply_defaults, variant_spec
+    from actgrad.study.sweeps import expand_sweeps
+    from actgrad.training.evaluation import batch_statistics_loss, evaluate
+    from actgrad.training.loop import init_network
 
     workdir, config = study
     completed = apply_defaults(expand_sweeps(config))
@@ -125,7 +125,7 @@ def test_the_normalisation_table_holds_what_the_runs_say(study):
 
 
 def test_the_jacobian_table_puts_the_seeds_beside_the_theory(study):
-    from actgrad import theory
+    from actgrad.results import theory
 
     workdir, _ = study
     jac = pd.read_csv(workdir / "results" / "jacobian.csv").set_index("variant")

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from conftest import LECTURE_SEED, REPO
 
-from actgrad import config as cfg
-from actgrad import reference
-from actgrad.engine import ops, train_batched
-from actgrad.engine.layout import Layer
-from actgrad.model import GELU, LayerNorm, jacobian_spectrum, orthogonal_like
-from actgrad.networks import FIXED_INIT, LECTURE_NETWORKS
-from actgrad.stats import NetworkHooks, StatsPlan, StatsRecorder, activation_shares
+from actgrad.study import load, settings
+from actgrad.training import loop as reference
+from actgrad.training.engine import ops, train_batched
+from actgrad.training.engine.layout import Layer
+from actgrad.training.model import GELU, LayerNorm, jacobian_spectrum, orthogonal_like
+from actgrad.training.networks import FIXED_INIT, LECTURE_NETWORKS
+from actgrad.training.stats import NetworkHooks, StatsPlan, StatsRecorder, activation_shares
 
 SCHEDULE = [{"from_step": 0, "lr": 0.1}, {"from_step": 200, "lr": 0.05}]
 SHALLOW, SHALLOW_BN = LECTURE_NETWORKS["shallow"], LECTURE_NETWORKS["shallow+BN"]
@@ -147,9 +147,10 @@ def _config(**variant):
 
 
 def test_the_schema_takes_the_new_keys_and_variant_spec_gives_one_answer():
-    config = cfg.apply_defaults(_config(model="deep", norm="layernorm", activation="gelu", weight_init="orthogonal"))
-    cfg.validate(config)
-    spec = cfg.variant_spec(config, "v")
+    config = settings.apply_defaults(_config(model="deep", norm="layernorm", activation="gelu",
+                                             weight_init="orthogonal"))
+    settings.validate(config)
+    spec = settings.variant_spec(config, "v")
     assert (spec["norm"], spec["batchnorm"], spec["activation"], spec["weight_init"]) == (
         "layernorm", False, "gelu", "orthogonal")
     for variant, norm in ((dict(model="deep"), "batchnorm"), (dict(model="deep", batchnorm=False), "none"),
@@ -157,17 +158,17 @@ def test_the_schema_takes_the_new_keys_and_variant_spec_gives_one_answer():
                           (dict(model="mlp", norm="batchnorm", batchnorm=True), "batchnorm"),
                           (dict(model="mlp", norm="layernorm", batchnorm=False), "layernorm")):
         config = _config(**variant)
-        cfg.validate(config)
-        spec = cfg.variant_spec(cfg.apply_defaults(config), "v")
+        settings.validate(config)
+        spec = settings.variant_spec(settings.apply_defaults(config), "v")
         assert (spec["norm"], spec["batchnorm"]) == (norm, norm == "batchnorm"), variant
     config = _config(model="mlp", init={"W1": "orthogonal", "W2": "orthogonal"})
-    cfg.validate(config)
+    settings.validate(config)
 
 
 def test_the_default_study_is_unchanged_but_for_the_new_keys():
-    config = cfg.load(REPO / "config" / "config.yaml")
+    config = load.load(REPO / "config" / "config.yaml")
     for name in config["variants"]:
-        spec = cfg.variant_spec(config, name)
+        spec = settings.variant_spec(config, name)
         assert spec["norm"] == ("batchnorm" if spec["batchnorm"] else "none")
         assert spec.get("weight_init", "gaussian") == "gaussian" and spec["activation"] in ("tanh", "relu")
 
@@ -183,8 +184,8 @@ def test_the_default_study_is_unchanged_but_for_the_new_keys():
     (dict(model="mlp", init={"b1": "orthogonal"}), "variants/v/init/b1: 'orthogonal' is not allowed"),
 ], ids=["bn_true_ln", "bn_false_bn", "mlp_weight_init", "norm", "activation", "weight_init", "C", "b1"])
 def test_bad_combinations_are_one_line_naming_the_key(variant, message):
-    with pytest.raises(cfg.ConfigError) as err:
-        cfg.validate(_config(**variant))
+    with pytest.raises(settings.ConfigError) as err:
+        settings.validate(_config(**variant))
     lines = [line.strip() for line in str(err.value).splitlines() if line.strip() != "invalid config:"]
     assert len(lines) == 1 and lines[0].startswith(message), str(err.value)
 
@@ -195,7 +196,7 @@ def test_bad_combinations_are_one_line_naming_the_key(variant, message):
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_each_option_trains_in_the_batched_engine_as_in_the_reference(name, kernels, splits):
     """300 steps from init, two seeds side by side: losses and parameters within float rounding."""
-    from actgrad import kernels as c_kernels
+    from actgrad.training import kernels as c_kernels
 
     if kernels and c_kernels.load() is None:
         pytest.skip("no C compiler: the C-kernel build is tested in test_kernels")
@@ -320,7 +321,7 @@ def test_orthogonal_weights_narrow_the_jacobian_spectrum(splits):
 
 
 def test_layernorm_and_gelu_modules_are_what_the_engine_recognises():
-    from actgrad.engine import architecture
+    from actgrad.training.engine import architecture
 
     net, _ = reference.init_network(OPTIONS["deep_gelu_ln_orthogonal"], 1, 3)
     arch = architecture(net)

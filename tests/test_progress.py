@@ -6,11 +6,11 @@ from datetime import datetime
 import pytest
 import torch
 
-from actgrad import reference
-from actgrad.engine import train_batched
-from actgrad.networks import LECTURE_NETWORKS
-from actgrad.progress import ProgressLog, duration
-from actgrad.stats import StatsPlan, StatsRecorder
+from actgrad.training import loop as reference
+from actgrad.training.engine import train_batched
+from actgrad.training.networks import LECTURE_NETWORKS
+from actgrad.training.progress import ProgressLog, duration
+from actgrad.training.stats import StatsPlan, StatsRecorder
 
 SCHEDULE = [{"from_step": 0, "lr": 0.1}, {"from_step": 100, "lr": 0.01}]
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \[job\] (run \d/\d )?step ([\d,]+)/([\d,]+)  "

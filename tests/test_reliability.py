@@ -32,7 +32,7 @@ import torch
 from conftest import LECTURE_SEED, NAMES_SHA256, REPO, run_snakemake, snakemake_command, tiny_config, write_config
 
 from actgrad import data
-from actgrad.config import ConfigError, apply_defaults, validate
+from actgrad.study.settings import ConfigError, apply_defaults, validate
 
 FIX_TANH = {"init": {"C": 1, "W1": 0.2, "b1": 0.01, "W2": 0.01, "b2": 0}}
 DEEP_BN = {"model": "deep", "batchnorm": True, "gain": 1.0, "n_layers": 2, "n_hidden": 32}
@@ -490,7 +490,7 @@ def splits_file(names_path, tmp_path_factory):
 
 @pytest.mark.parametrize(("engine", "case"), list(_divergence_params()))
 def test_diverged_run_stops_early_and_says_so(engine, case, names_path, splits_file, tmp_path):
-    from actgrad.runs import train_variant
+    from actgrad.training.job import train_variant
 
     steps = 300
     config = tiny_config(names_path, engine=engine, max_steps=steps, variants={"blowup": DIVERGING[case]},
@@ -515,7 +515,7 @@ def test_diverged_run_stops_early_and_says_so(engine, case, names_path, splits_f
 @pytest.mark.parametrize("engine", ["reference", "batched"])
 def test_training_twice_gives_identical_results(engine, names_path, splits_file, tmp_path):
     """Both engines, a shallow and a deep BatchNorm variant, two seeds: the same bits every time."""
-    from actgrad.runs import train_variant
+    from actgrad.training.job import train_variant
 
     config = tiny_config(names_path, engine=engine, max_steps=40)
     validate(config)
@@ -914,8 +914,8 @@ N_TRAIN = 182625
 
 
 def _spec_and_plan(config: dict, name: str):
-    from actgrad.config import variant_spec
-    from actgrad.stats import StatsPlan
+    from actgrad.study.settings import variant_spec
+    from actgrad.training.stats import StatsPlan
 
     validate(config)
     apply_defaults(config)
@@ -928,7 +928,7 @@ def _spec_and_plan(config: dict, name: str):
 
 @pytest.mark.parametrize("where", ["top level", "variant"])
 def test_a_batch_larger_than_the_training_split_is_refused(names_path, where):
-    from actgrad.memory import check_training_job
+    from actgrad.training.memory import check_training_job
 
     config = tiny_config(names_path)
     if where == "top level":
@@ -947,7 +947,7 @@ def test_a_batch_larger_than_the_training_split_is_refused(names_path, where):
 
 
 def test_a_job_that_would_not_fit_its_memory_is_refused_with_the_estimate(names_path):
-    from actgrad.memory import check_training_job
+    from actgrad.training.memory import check_training_job
 
     # every statistic at every step of the lecture's 200,000 steps, 5 deep seeds: gigabytes of tiny tensors
     config = tiny_config(names_path, seeds=[1, 2, 3, 4, 5], max_steps=200000,
@@ -974,8 +974,8 @@ def test_a_job_that_would_not_fit_its_memory_is_refused_with_the_estimate(names_
 MEASURE = """
 import json, re, sys
 from pathlib import Path
-from actgrad.config import apply_defaults, validate
-from actgrad.runs import train_variant
+from actgrad.study.settings import apply_defaults, validate
+from actgrad.training.job import train_variant
 config = json.loads(sys.argv[1]); validate(config); apply_defaults(config)
 train_variant(config, sys.argv[2], sys.argv[3], sys.argv[4], log=lambda message: None)
 print(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
@@ -987,7 +987,7 @@ def test_the_memory_estimate_bounds_a_real_job_from_above(names_path, splits_fil
     """A real job in a fresh process: its peak resident memory is below the estimate, and not far below."""
     import sys
 
-    from actgrad.memory import estimate_training_memory_mb
+    from actgrad.training.memory import estimate_training_memory_mb
 
     config = tiny_config(names_path, engine="batched", max_steps=300, seeds=[1, 2, 3], batch_size=5000,
                          variants={"fix_tanh": FIX_TANH})

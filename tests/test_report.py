@@ -154,7 +154,7 @@ def test_diverged_variant_is_shown_not_crashed(study):
 
 
 def test_significance_section_shows_each_pair(study):
-    from actgrad.inference import NOT_DETECTED, SIGNIFICANCE_COLUMNS, TOO_FEW_SEEDS
+    from actgrad.results.significance import NOT_DETECTED, SIGNIFICANCE_COLUMNS, TOO_FEW_SEEDS
 
     sig = pd.read_csv(study["workdir"] / "results" / "significance.csv")
     assert list(sig.columns) == SIGNIFICANCE_COLUMNS
@@ -254,7 +254,7 @@ def test_snakemake_report_collects_the_figures(study):
 
 # -- unit tests on synthetic data -----------------------------------------------------------------------
 def test_windowed_log10_matches_the_lecture_and_handles_divergence():
-    from actgrad.figures import window_for, windowed_log10
+    from actgrad.report.figures import window_for, windowed_log10
 
     assert window_for(200_000) == 1000 and window_for(300) == 15 and window_for(10) == 1
     loss = np.full(3000, 10.0)
@@ -267,7 +267,7 @@ def test_windowed_log10_matches_the_lecture_and_handles_divergence():
 
 
 def test_pick_snapshot_prefers_the_lecture_step():
-    from actgrad.conventions import pick_snapshot
+    from actgrad.rundir import pick_snapshot
 
     assert pick_snapshot([0, 1000, 199999], last_step=199999) == 1000
     assert pick_snapshot([0, 100, 299], last_step=299) == 100
@@ -306,7 +306,7 @@ def synthetic_stats(layers=("tanh1", "tanh2"), steps=(0, 100, 199), nan_from=Non
 def test_variant_figures_draw_from_synthetic_runs(tmp_path, nan_from):
     import json
 
-    from actgrad import figures
+    from actgrad.report import figures
 
     stats, hists = synthetic_stats(nan_from=nan_from)
     run = tmp_path / "runs" / "v" / f"seed{LECTURE_SEED}"
@@ -328,7 +328,7 @@ def test_variant_figures_draw_from_synthetic_runs(tmp_path, nan_from):
 
 
 def test_loss_curves_with_a_diverged_variant_and_an_empty_panel():
-    from actgrad.figures import loss_curves_figure, png_bytes
+    from actgrad.report.figures import loss_curves_figure, png_bytes
 
     fig = loss_curves_figure({"ok": [np.linspace(3, 2, 100), np.linspace(3.1, 2.1, 100)],
                               "boom": [np.array([20.0, np.inf])], "none": []},
@@ -344,7 +344,7 @@ def test_a_png_is_drawn_at_the_figure_size_unless_something_runs_off_it():
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from actgrad.figures import png_bytes
+    from actgrad.report.figures import png_bytes
 
     fig, ax = plt.subplots(figsize=(4, 3), layout="constrained")
     ax.plot([0, 1], [0, 1], label="a line")
@@ -362,7 +362,7 @@ def test_a_png_is_drawn_at_the_figure_size_unless_something_runs_off_it():
 def test_a_deep_nets_activation_legends_fit_side_by_side():
     """Five layers' labels (mean, std, saturation) in two columns were wider than half the figure:
     the two panels' legends ran into each other and past the figure's edges."""
-    from actgrad.figures import distribution_figure, style
+    from actgrad.report.figures import distribution_figure, style
 
     style()  # the workflow's fonts
     stats, hists = synthetic_stats(layers=tuple(f"tanh{i}" for i in range(1, 6)))
@@ -373,9 +373,9 @@ def test_a_deep_nets_activation_legends_fit_side_by_side():
 
 
 @pytest.mark.parametrize(("module", "unwanted"), [
-    ("actgrad.figures", ["torch"]),
-    ("actgrad.summary", ["torch", "matplotlib", "scipy.stats"]),
-    ("actgrad.report", ["torch", "matplotlib", "scipy.stats"]),
+    ("actgrad.report.figures", ["torch"]),
+    ("actgrad.results.summary", ["torch", "matplotlib", "scipy.stats"]),
+    ("actgrad.report.html", ["torch", "matplotlib", "scipy.stats"]),
     ("actgrad.workflow_step", ["torch"]),
 ])
 def test_the_light_steps_import_nothing_they_do_not_use(module, unwanted):
@@ -388,7 +388,7 @@ def test_the_light_steps_import_nothing_they_do_not_use(module, unwanted):
 
 
 def test_formatting_never_shows_nan():
-    from actgrad.report import diverged_text, mean_std, num, p_value, pct
+    from actgrad.report.html import diverged_text, mean_std, num, p_value, pct
 
     for bad in (None, float("nan"), float("inf"), "x"):
         assert num(bad) == "—" and mean_std(bad, 0.1) == "—" and pct(bad) == "—" and p_value(bad) == "—"
@@ -401,7 +401,7 @@ def test_formatting_never_shows_nan():
 
 
 def test_reference_rows_classify_and_count():
-    from actgrad.report import reference_rows
+    from actgrad.report.html import reference_rows
 
     refs = pd.DataFrame([
         dict(variant="a", quantity="minibatch loss", step=0, ours=3.32391, reference=3.3239, difference=1e-5,
@@ -421,8 +421,8 @@ def test_reference_rows_classify_and_count():
 
 
 def test_the_comparison_tables_marks_say_each_one_thing_and_the_footnote_only_what_is_shown():
-    from actgrad.config import apply_defaults
-    from actgrad.report import comparison_rows, reference_footnotes
+    from actgrad.report.html import comparison_rows, reference_footnotes
+    from actgrad.study.settings import apply_defaults
 
     config = apply_defaults({"seeds": [LECTURE_SEED], "variants": {"a": {}, "b": {}}})
     summary = pd.DataFrame([dict(variant=v, seed=LECTURE_SEED, model="mlp", steps=10, status="ok", init_loss=3.3,
@@ -450,8 +450,8 @@ def test_the_comparison_tables_marks_say_each_one_thing_and_the_footnote_only_wh
 
 def test_report_renders_from_tables_without_figures_or_runs(tmp_path):
     """Missing figures, no runs on disk, NaN everywhere: the page still renders, nothing says nan."""
-    from actgrad.config import apply_defaults
-    from actgrad.report import write_report
+    from actgrad.report.html import write_report
+    from actgrad.study.settings import apply_defaults
 
     # the report is handed a completed config, as the workflow completes it
     config = apply_defaults({"title": "empty <study>", "seeds": [LECTURE_SEED],
@@ -467,7 +467,7 @@ def test_report_renders_from_tables_without_figures_or_runs(tmp_path):
     pd.DataFrame([dict(variant="a", model="mlp", seeds=1, diverged=0, val_loss_mean=2.5, val_loss_std=np.nan),
                   dict(variant="b", model="mlp", seeds=1, diverged=1, val_loss_mean=np.nan)]).to_csv(
         results / "variants.csv", index=False)
-    from actgrad.summary import TABLES
+    from actgrad.results.summary import TABLES
 
     for table in TABLES.values():
         if table.endswith(".csv") and table not in ("summary.csv", "variants.csv"):
@@ -486,7 +486,7 @@ def test_report_renders_from_tables_without_figures_or_runs(tmp_path):
 
 def test_the_report_names_a_missing_summary_table(tmp_path):
     from actgrad.data import DataError
-    from actgrad.report import write_report
+    from actgrad.report.html import write_report
 
     results = tmp_path / "results"
     results.mkdir()
@@ -504,7 +504,7 @@ def test_the_figures_show_the_snapshot_step_the_run_recorded(tmp_path, monkeypat
     """The report's deep table and the figures read the same recorded step; the figures pick none of their own."""
     import json
 
-    from actgrad import figures
+    from actgrad.report import figures
 
     stats, hists = synthetic_stats()
     run = tmp_path / "runs" / "v" / f"seed{LECTURE_SEED}"
@@ -529,7 +529,7 @@ def _task(i):
 
 
 def test_the_figure_step_shares_its_tasks_among_forked_workers_and_keeps_their_order():
-    from actgrad import figures
+    from actgrad.report import figures
 
     lines = list(figures._in_processes([_task(i) for i in range(6)], workers=2))
     assert [line.split(" in ")[0] for line in lines] == [f"task {i}" for i in range(6)]
@@ -539,7 +539,7 @@ def test_the_figure_step_shares_its_tasks_among_forked_workers_and_keeps_their_o
 
 
 def test_a_figure_that_fails_in_a_worker_fails_the_step_with_its_own_error():
-    from actgrad import figures
+    from actgrad.report import figures
     from actgrad.rundir import RunFileError
 
     def corrupt(log):

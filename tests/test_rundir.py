@@ -24,9 +24,9 @@ def test_paths_of_a_variants_runs():
 
 
 def test_the_training_job_writes_exactly_the_run_files_and_records_the_snapshot_step(names_path, tmp_path):
-    from actgrad import config as cfg
     from actgrad import data
-    from actgrad.runs import train_variant
+    from actgrad.study import settings as cfg
+    from actgrad.training.job import train_variant
 
     data.save_splits(names_path, tmp_path / "splits.pt", tmp_path / "splits.json")
     config = cfg.apply_defaults(tiny_config(names_path, max_steps=30, seeds=[LECTURE_SEED],

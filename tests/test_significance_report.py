@@ -18,8 +18,9 @@ import pandas as pd
 import pytest
 from conftest import LECTURE_SEED, tiny_config
 
-from actgrad import inference
-from actgrad.config import complete
+from actgrad.results import significance
+from actgrad.study import comparisons
+from actgrad.study.load import complete
 
 SEEDS = [LECTURE_SEED, 1, 2, 3, 4]
 STEPS = 200
@@ -71,8 +72,8 @@ def write_fake_runs(root: Path, rng: np.random.Generator) -> list[Path]:
 
 @pytest.fixture
 def fake_study(tmp_path, names_path):
+    from actgrad.results.summary import run_table
     from actgrad.rundir import read_runs
-    from actgrad.summary import run_table
 
     config = fake_config(names_path)
     run_list = read_runs(write_fake_runs(tmp_path, np.random.default_rng(17)))
@@ -94,7 +95,7 @@ def _window_means(run, column: str) -> float:
 
 # -- the summary's tables ----------------------------------------------------------------------------------------
 def test_chaos_table_measures_the_rate_and_the_decorrelation(fake_study):
-    from actgrad.summary import CHAOS_COLUMNS, chaos_table, final_window
+    from actgrad.results.summary import CHAOS_COLUMNS, chaos_table, final_window
 
     assert final_window(STEPS) == 10 and final_window(200_000) == 1000
     chaos = chaos_table(fake_study["config"], fake_study["runs"], fake_study["by_variant"]).set_index("variant")
@@ -122,7 +123,7 @@ def test_chaos_table_measures_the_rate_and_the_decorrelation(fake_study):
 
 
 def test_chaos_table_with_one_seed_reads_the_trace(fake_study):
-    from actgrad.summary import chaos_table
+    from actgrad.results.summary import chaos_table
 
     one = {v: runs[:1] for v, runs in fake_study["by_variant"].items()}
     chaos = chaos_table(fake_study["config"], fake_study["runs"], one).set_index("variant")
@@ -132,7 +133,7 @@ def test_chaos_table_with_one_seed_reads_the_trace(fake_study):
 
 
 def test_chaos_table_without_twins_is_empty_with_its_columns(fake_study):
-    from actgrad.summary import CHAOS_COLUMNS, chaos_table
+    from actgrad.results.summary import CHAOS_COLUMNS, chaos_table
 
     config = dict(fake_study["config"], sensitivity={"enabled": False, "w1_perturbation": PERTURBATION})
     table = chaos_table(config, fake_study["runs"], fake_study["by_variant"])
@@ -140,7 +141,7 @@ def test_chaos_table_without_twins_is_empty_with_its_columns(fake_study):
 
 
 def test_reference_check_places_the_lecture_in_our_spread(fake_study):
-    from actgrad.summary import SPREAD_COLUMNS, reference_table
+    from actgrad.results.summary import SPREAD_COLUMNS, reference_table
 
     runs = fake_study["runs"]
     refs = reference_table(fake_study["config"], runs, {(r.variant, r.seed): r for r in fake_study["run_list"]})
@@ -155,21 +156,21 @@ def test_reference_check_places_the_lecture_in_our_spread(fake_study):
 
 
 def test_significance_uses_the_configs_comparisons_and_writes_every_input(fake_study):
-    from actgrad.summary import significance
+    from actgrad.results.summary import study_significance
 
-    table = significance(fake_study["config"], fake_study["runs"])
-    assert list(table.columns) == inference.SIGNIFICANCE_COLUMNS
+    table = study_significance(fake_study["config"], fake_study["runs"])
+    assert list(table.columns) == significance.SIGNIFICANCE_COLUMNS
     row = table.iloc[0]
     assert (row.family, row.before, row.after) == ("mlp_consecutive", "calm", "wild")
     runs = fake_study["runs"]
     a = runs[runs.variant == "calm"].val_loss.to_numpy(float)
     b = runs[runs.variant == "wild"].val_loss.to_numpy(float)
     assert row.values_before == ";".join(repr(float(v)) for v in a)
-    assert row.difference == pytest.approx(b.mean() - a.mean()) and row.verdict == inference.WORSENS
+    assert row.difference == pytest.approx(b.mean() - a.mean()) and row.verdict == significance.WORSENS
 
 
 def test_sweep_grids_compare_along_each_key(names_path):
-    from actgrad.summary import sweep_grids
+    from actgrad.results.summary import sweep_grids
 
     config = tiny_config(names_path)
     config["sweeps"] = {"g": {"variant": "deep_bn", "grid": {"gain": [0.5, 1.0, 3.0], "batchnorm": [False, True]}}}
@@ -188,9 +189,9 @@ def test_sweep_grids_compare_along_each_key(names_path):
 
 # -- the figure -----------------------------------------------------------------------------------------------------
 def test_lyapunov_figure_is_drawn_for_studies_with_twins(fake_study, tmp_path):
-    from actgrad import figures
-    from actgrad.config import variant_spec
-    from actgrad.conventions import study_figures
+    from actgrad.report import figures
+    from actgrad.report.contents import study_figures
+    from actgrad.study.settings import variant_spec
 
     traces, perturbations = figures.twin_traces(fake_study["by_variant"], ["calm", "wild"])
     assert sorted(traces) == ["calm", "wild"] and perturbations == {"calm": PERTURBATION, "wild": PERTURBATION}
@@ -212,12 +213,12 @@ def test_lyapunov_figure_is_drawn_for_studies_with_twins(fake_study, tmp_path):
 
 # -- the report ------------------------------------------------------------------------------------------------------
 def write_tables(fake_study, results: Path) -> dict:
-    from actgrad.summary import TABLES, chaos_table, reference_table, significance, variant_table
+    from actgrad.results.summary import TABLES, chaos_table, reference_table, study_significance, variant_table
 
     config, runs = fake_study["config"], fake_study["runs"]
     tables = {
         "summary": runs, "variants": variant_table(runs, list(config["variants"])),
-        "significance": significance(config, runs), "chaos": chaos_table(config, runs, fake_study["by_variant"]),
+        "significance": study_significance(config, runs), "chaos": chaos_table(config, runs, fake_study["by_variant"]),
         "references": reference_table(config, runs, {(r.variant, r.seed): r for r in fake_study["run_list"]}),
     }
     results.mkdir()
@@ -228,7 +229,7 @@ def write_tables(fake_study, results: Path) -> dict:
 
 
 def test_report_states_verdicts_intervals_effect_sizes_spread_and_chaos(fake_study, tmp_path):
-    from actgrad.report import write_report
+    from actgrad.report.html import write_report
 
     tables = write_tables(fake_study, tmp_path / "results")
     out = tmp_path / "report.html"
@@ -255,17 +256,17 @@ def test_report_states_verdicts_intervals_effect_sizes_spread_and_chaos(fake_stu
 
 
 def test_report_shows_the_seeds_needed_where_nothing_was_detected(fake_study, tmp_path):
-    from actgrad.report import significance_rows
+    from actgrad.report.html import significance_rows
 
     runs = fake_study["runs"]
     close = runs.copy()
     close.loc[close.variant == "wild", "val_loss"] = close[close.variant == "calm"].val_loss.to_numpy() + \
         np.array([0.04, -0.03, 0.05, -0.02, 0.01])
-    table = inference.significance_table(close, [inference.Comparison("f", "calm", "wild")])
+    table = significance.significance_table(close, [comparisons.Comparison("f", "calm", "wild")])
     row = table.iloc[0]
-    assert row.verdict == inference.NOT_DETECTED and row.seeds_needed > len(SEEDS)
+    assert row.verdict == significance.NOT_DETECTED and row.seeds_needed > len(SEEDS)
     rows = significance_rows(table)
     assert rows[0] == {"family": "f", "m": 1}
     assert rows[1]["seeds_needed"] == f"{int(row.seeds_needed):,}" and rows[1]["cls"] == "noise"
-    detected = significance_rows(inference.significance_table(runs, [inference.Comparison("f", "calm", "wild")]))
+    detected = significance_rows(significance.significance_table(runs, [comparisons.Comparison("f", "calm", "wild")]))
     assert detected[1]["seeds_needed"] == "" and detected[1]["cls"] == "worse"

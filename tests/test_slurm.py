@@ -142,7 +142,7 @@ def test_profile_dry_run(names_path, tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_pipeline_on_slurm_matches_local_run(slurm, names_path, tmp_path):
-    from actgrad.sweeps import expand_sweeps
+    from actgrad.study.sweeps import expand_sweeps
 
     # The listed variants and a tiny sweep: each sweep point is a training job of its own.
     sweep = {"base": {"model": "deep", "n_layers": 2, "n_hidden": 16, "batchnorm": False}, "grid": {"gain": [0.5, 2]}}

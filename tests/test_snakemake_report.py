@@ -16,7 +16,7 @@ from docutils.core import publish_parts
 from docutils.writers import html4css1
 from packaging.requirements import Requirement
 
-from actgrad.report import read_caption
+from actgrad.report.html import read_caption
 
 CAPTIONS = sorted((REPO / "workflow" / "report").glob("*.rst"))
 

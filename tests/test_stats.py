@@ -5,11 +5,12 @@ import pytest
 import torch
 from conftest import LECTURE_SEED, REPO
 
-from actgrad import config as cfg
-from actgrad import lecture, reference
-from actgrad.stats import NetworkHooks, StatsPlan, StatsRecorder
+from actgrad.study import load, settings
+from actgrad.training import lecture
+from actgrad.training import loop as reference
+from actgrad.training.stats import NetworkHooks, StatsPlan, StatsRecorder
 
-DEFAULT = cfg.load(REPO / "config" / "config.yaml")
+DEFAULT = load.load(REPO / "config" / "config.yaml")
 
 
 def test_plan_steps():
@@ -37,7 +38,7 @@ def test_deep_batchnorm_statistics_at_step_1000_are_the_lectures(splits):
     """The lecture's run (BatchNorm, gain 1) stops after step 1,000 and prints each tanh layer's figures."""
     Xtr, Ytr = splits["splits"]["train"]
     ref_losses, _, layers = lecture.deep_loop(Xtr, Ytr, steps=1001, batchnorm=True, gain=1.0)
-    spec = cfg.variant_spec(DEFAULT, "deep_bn_gain1")
+    spec = settings.variant_spec(DEFAULT, "deep_bn_gain1")
     net, g = reference.init_network(spec, LECTURE_SEED, 3)
     rec = StatsRecorder(StatsPlan(every=1000, update_every=1000, histogram_every=1000, snapshot_steps=(0, 1000),
                                   bins=50, last_step=1000))
@@ -67,10 +68,10 @@ def test_a_runs_plan_is_the_configs_and_its_defaults_are_the_schemas():
     StatsPlan itself has none to disagree with them."""
     import dataclasses
 
-    from actgrad.runs import snapshot_step, stats_plan
+    from actgrad.training.job import snapshot_step, stats_plan
 
-    schema_stats = {k: v["default"] for k, v in cfg.load_schema()["properties"]["stats"]["properties"].items()}
-    assert cfg.study_defaults()["stats"] == schema_stats
+    schema_stats = {k: v["default"] for k, v in settings.load_schema()["properties"]["stats"]["properties"].items()}
+    assert settings.study_defaults()["stats"] == schema_stats
     assert [f.name for f in dataclasses.fields(StatsPlan) if f.default is dataclasses.MISSING] == [
         "every", "update_every", "histogram_every", "snapshot_steps", "bins"]
     plan = stats_plan(DEFAULT["stats"], 300)

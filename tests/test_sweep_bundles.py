@@ -1,11 +1,12 @@
-"""Sweep bundles: a grid key that sets several variant keys together (actgrad.sweeps)."""
+"""Sweep bundles: a grid key that sets several variant keys together (actgrad.study.sweeps)."""
 
 import pytest
 from conftest import REPO, tiny_config
 
-from actgrad.config import ConfigError, apply_defaults, read_yaml, resolve_base, variant_spec
-from actgrad.summary import sweep_grids
-from actgrad.sweeps import expand_sweeps, grid_point
+from actgrad.results.summary import sweep_grids
+from actgrad.study.load import read_yaml, resolve_base
+from actgrad.study.settings import ConfigError, apply_defaults, variant_spec
+from actgrad.study.sweeps import expand_sweeps, grid_point
 
 SCHEDULE = {"batch4": {"batch_size": 4, "max_steps": 800}, "batch32": {"batch_size": 32, "max_steps": 100}}
 

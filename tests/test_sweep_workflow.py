@@ -36,7 +36,7 @@ def _run_stats(workdir, variant):
 
 
 def test_the_theory_table_puts_each_layer_beside_its_prediction(sweep_study):
-    from actgrad.theory import propagate
+    from actgrad.results.theory import propagate
 
     workdir, _ = sweep_study
     theory = pd.read_csv(workdir / "results" / "theory.csv")

@@ -1,4 +1,4 @@
-"""Sweeps: a grid over variant keys, expanded into named variants (actgrad.sweeps)."""
+"""Sweeps: a grid over variant keys, expanded into named variants (actgrad.study.sweeps)."""
 
 import re
 
@@ -7,8 +7,8 @@ import yaml
 from conftest import LECTURE_SEED, REPO, run_snakemake, tiny_config, write_config
 
 from actgrad import cli
-from actgrad.config import ConfigError, apply_defaults, load_schema, variant_spec
-from actgrad.sweeps import expand_sweeps, sweep_groups, sweepable_keys
+from actgrad.study.settings import ConfigError, apply_defaults, load_schema, variant_spec
+from actgrad.study.sweeps import expand_sweeps, sweep_groups, sweepable_keys
 
 GAIN_SWEEP = {"base": {"model": "deep", "n_layers": 2},
               "grid": {"gain": [0.25, 0.5, 1, 5 / 3], "batchnorm": [False, True]}}
@@ -154,7 +154,7 @@ def test_validate_lists_the_sweep_points_and_counts_the_runs(capsys):
 
 
 def test_the_signal_propagation_study_is_only_its_sweep():
-    from actgrad.config import read_yaml, resolve_base
+    from actgrad.study.load import read_yaml, resolve_base
 
     path = REPO / "config" / "signal-propagation.yaml"
     config = completed(resolve_base(read_yaml(path), path.parent))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from actgrad import cli
-from actgrad.tensorboard import ExportError, export, histogram_from_bins
+from actgrad.tools.tensorboard import ExportError, export, histogram_from_bins
 
 if os.environ.get("CI"):  # the test extra installs tensorboard: under CI its absence is a failure
     import tensorboard  # noqa: F401

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from actgrad import theory
+from actgrad.results import theory
 
 LECTURE_SEED = 2147483647
 
@@ -152,9 +152,9 @@ def test_batchnorm_gradients_match_a_wide_net_with_real_batch_statistics():
 
 
 def test_predict_network_speaks_the_statistics_vocabulary():
-    from actgrad.config import MODEL_DEFAULTS
-    from actgrad.model import build_network
-    from actgrad.stats import DEAD, SATURATION, NetworkHooks, StatsPlan, StatsRecorder
+    from actgrad.study.settings import MODEL_DEFAULTS
+    from actgrad.training.model import build_network
+    from actgrad.training.stats import DEAD, SATURATION, NetworkHooks, StatsPlan, StatsRecorder
 
     assert (theory.SATURATION, theory.DEAD) == (SATURATION, DEAD)
     spec = dict(MODEL_DEFAULTS["deep"], model="deep", batchnorm=False, gain=5 / 3, n_layers=3, n_hidden=16,
@@ -242,8 +242,8 @@ def test_jacobian_spectrum_matches_the_free_probability_prediction(weights):
 @pytest.mark.parametrize("gain", [0.5, 5 / 3, 3.0])
 def test_the_projects_deep_net_at_init_agrees_with_theory(splits, gain):
     """The lecture's 5 x 100 net (seed 2147483647) on 4000 training examples, no BatchNorm."""
-    from actgrad.config import MODEL_DEFAULTS
-    from actgrad.reference import init_network
+    from actgrad.study.settings import MODEL_DEFAULTS
+    from actgrad.training.loop import init_network
 
     spec = dict(MODEL_DEFAULTS["deep"], model="deep", batchnorm=False, gain=gain, batch_size=32)
     net, _ = init_network(spec, LECTURE_SEED, splits["block_size"])

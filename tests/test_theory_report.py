@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from actgrad.config import complete
-from actgrad.conventions import featured_variants
+from actgrad.report.contents import featured_variants
+from actgrad.study.load import complete
 
 SWEEP_CONFIG = {
     "names_url": "unused", "names_sha256": "0" * 64, "seeds": [2147483647, 1], "max_steps": 10,
@@ -44,8 +44,8 @@ def _fake_stats(config, values):
 
 
 def test_the_theory_table_compares_the_mean_over_seeds_with_the_prediction(config):
-    from actgrad.summary import theory_table
-    from actgrad.theory import propagate
+    from actgrad.results.summary import theory_table
+    from actgrad.results.theory import propagate
 
     predicted = propagate(3, 0.5)
 
@@ -68,7 +68,7 @@ def test_the_theory_table_compares_the_mean_over_seeds_with_the_prediction(confi
 
 
 def test_the_phase_diagram_draws_points_and_theory(config, tmp_path):
-    from actgrad.figures import save, sweep_phase_figure, sweep_theory_curves
+    from actgrad.report.figures import save, sweep_phase_figure, sweep_theory_curves
 
     rows = []
     for name in [n for n in config["variants"] if n.startswith("deep__")]:
@@ -89,8 +89,8 @@ def test_the_phase_diagram_draws_points_and_theory(config, tmp_path):
 
 
 def test_the_report_folds_each_sweeps_theory_rows(config):
-    from actgrad.report import nav_groups, theory_groups
-    from actgrad.summary import theory_table
+    from actgrad.report.html import nav_groups, theory_groups
+    from actgrad.results.summary import theory_table
 
     table = theory_table(config, _fake_stats(config, lambda i, key, seed: 0.5))
     groups = theory_groups(config, table)

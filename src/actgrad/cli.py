@@ -10,8 +10,9 @@ import sys
 
 
 def _validate(args) -> int:
-    from .config import ConfigError, load, variant_spec
-    from .sweeps import format_value, sweep_groups
+    from actgrad.study.load import load
+    from actgrad.study.settings import ConfigError, variant_spec
+    from actgrad.study.sweeps import format_value, sweep_groups
 
     try:
         config = load(args.configfile)
@@ -71,7 +72,7 @@ example:
 
 
 def _export_tensorboard(args) -> int:
-    from .tensorboard import ExportError, export
+    from actgrad.tools.tensorboard import ExportError, export
 
     def progress(run, target, counts):
         print(f"{run.variant}/seed{run.seed}: {counts['scalars']} scalars, {counts['histograms']} histograms, "
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
-        from .bench import main as bench_main
+        from actgrad.tools.bench import main as bench_main
 
         return bench_main(rest) or 0
     if rest:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import math
 import os
 import random
 import re
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 BLOCK_SIZE = 3
 SPLIT_SEED = 42
 NAME_PATTERN = re.compile(r"[a-z]+")
+# 26 letters and the end-of-name token: a net that knows nothing starts at -ln(1/27) = 3.2958.
+VOCAB_SIZE = 27
+EXPECTED_INIT_LOSS = -math.log(1 / VOCAB_SIZE)
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -269,7 +273,7 @@ def make_splits(words: list[str], block_size: int = BLOCK_SIZE, seed: int = SPLI
     """The lecture's 80/10/10 split after ``random.seed(seed); random.shuffle(words)``."""
     words = list(words)
     stoi, itos = vocabulary(words)
-    if len(stoi) != 27:
+    if len(stoi) != VOCAB_SIZE:
         raise DataError(f"the names use {len(stoi) - 1} distinct letters; the models expect all 26 of a-z")
     if len(words) < 10:
         raise DataError(f"only {len(words)} names; the 80/10/10 split needs at least 10")

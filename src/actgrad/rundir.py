@@ -10,9 +10,8 @@ A run is one seed of one variant, in ``{results}/runs/{variant}/seed{seed}/``:
 ``params.pt``          the trained network's state_dict
 ``samples.txt``        names sampled from the trained network
 
-The training job writes them (:mod:`actgrad.runs`), ``metrics.json`` last: it marks the run
-complete; :func:`training_jobs` says which job trains which variants. The workflow's rules, the
-summary and the figures find them through this module.
+The training job writes them (:mod:`actgrad.training.job`), ``metrics.json`` last: it marks the run
+complete. The workflow's rules, the summary and the figures find them through this module.
 """
 
 from __future__ import annotations
@@ -20,15 +19,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .config import variant_spec
-from .conventions import natural_key, pick_snapshot
-from .data import DataError
+from actgrad.data import DataError
 
 RUN_FILES = ("metrics.json", "losses.parquet", "stats.parquet", "histograms.parquet", "saturation.npz",
              "params.pt", "samples.txt")
@@ -58,41 +56,22 @@ def run_files(results: str | os.PathLike, variant: str, seeds, files=RUN_FILES) 
     return [str(run_dir(results, variant, seed) / f) for seed in seeds for f in files]
 
 
-# What one engine call can batch: models that differ only in their drawn values. A variant's other settings
-# (architecture, steps, batch size, learning-rate schedule, anything added later) must match to share a job.
-BATCHABLE_KEYS = ("name", "seeds", "init", "gain", "last_layer_scale", "weight_init", "sensitivity_twin",
-                  "w1_perturbation")
+LECTURE_SNAPSHOT = 1000  # the step the lecture's diagnostic plots show
 
 
-def batch_key(spec: dict) -> str:
-    """What variants must share to train in one engine call: their spec less :data:`BATCHABLE_KEYS`."""
-    return json.dumps({k: v for k, v in spec.items() if k not in BATCHABLE_KEYS}, sort_keys=True, default=str)
+def natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name))]
 
 
-TRAINING_JOB_MODES = ("variant", "architecture", "model")
-
-
-def training_jobs(config: dict, mode: str | None = None) -> dict[str, list[str]]:
-    """The study's training jobs: job name -> the variants it trains, in the config's order.
-
-    ``mode`` (``training_jobs`` in the config): ``variant`` gives every variant a job of its own, named after
-    it; ``architecture`` puts the variants that :func:`batch_key` says can train together into one job;
-    ``model`` puts every variant of one model (``mlp``, ``deep``) into one job, which trains them group by group
-    (a group being what ``architecture`` would make a job). A job of several is named after its first variant
-    (alone, it is that variant's job).
-    """
-    mode = mode or config["training_jobs"]
-    names = list(config["variants"])
-    if mode == "variant":
-        return {name: [name] for name in names}
-    if mode not in TRAINING_JOB_MODES:
-        raise ValueError(f"training_jobs: {mode!r} unknown; it is one of {', '.join(map(repr, TRAINING_JOB_MODES))}")
-    key = batch_key if mode == "architecture" else (lambda spec: spec["model"])
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        groups.setdefault(key(variant_spec(config, name)), []).append(name)
-    return {members[0] if len(members) == 1 else f"{members[0]}_and_{len(members) - 1}": members
-            for members in groups.values()}
+def pick_snapshot(steps, last_step=None, target: int = LECTURE_SNAPSHOT):
+    """The lecture's step 1,000 if recorded, else the configured snapshot nearest to it, else the last."""
+    steps = sorted({int(s) for s in steps if int(s) > 0})
+    if not steps:
+        return None
+    if target in steps:
+        return target
+    middle = [s for s in steps if s != last_step] or steps
+    return min(middle, key=lambda s: abs(s - target))
 
 
 def _unreadable(path: Path, cause) -> RunFileError:

@@ -21,8 +21,8 @@ import threading
 import traceback
 from pathlib import Path
 
-from .config import ConfigError
-from .data import DataError
+from actgrad.data import DataError
+from actgrad.study.settings import ConfigError
 
 KNOWN_PROBLEMS = (DataError, ConfigError)
 # Input files that can be checked by reading them whole: what the pipeline's own steps wrote.

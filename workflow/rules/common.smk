@@ -3,8 +3,11 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from actgrad.config import ConfigError, complete, resolve_base, training_cost, variant_spec
-from actgrad.rundir import RUN_FILES, run_files, training_jobs
+from actgrad.study.settings import ConfigError, variant_spec
+from actgrad.study.load import complete, resolve_base
+from actgrad.study.jobs import training_cost
+from actgrad.rundir import RUN_FILES, run_files
+from actgrad.study.jobs import training_jobs
 
 # The schema is workflow/schemas/config.schema.yaml; errors name the key and what is allowed,
 # and stop the workflow before any job runs.

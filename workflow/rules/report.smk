@@ -2,15 +2,14 @@
 # `snakemake --report report/snakemake-report.html` collects the same figures with their captions.
 from pathlib import Path
 
-from actgrad.conventions import (SWEEP_CAPTION, THEORY_CAPTION, VARIANT_FIGURES, featured_variants, figure_path,
-                                 study_figures, sweep_figure, sweep_names)
+from actgrad.report.contents import SWEEP_CAPTION, THEORY_CAPTION, VARIANT_FIGURES, featured_variants, figure_path, study_figures, sweep_figure, sweep_names
 
 # The repository: the report's template and the figure captions live in it, whatever --directory says.
 REPO_DIR = Path(workflow.basedir)
 CAPTIONS = Path(workflow.current_basedir).parent / "report"
 REPORT_TEMPLATE = REPO_DIR / "report" / "report.html.j2"
 
-# The cross-variant figures this study has (actgrad.conventions lists every figure once).
+# The cross-variant figures this study has (actgrad.report.contents lists every figure once).
 GLOBAL_FIGURES = study_figures(SPECS.values())
 # One phase diagram per sweep, drawn from the summary's sweep table.
 SWEEP_FIGURES = [sweep_figure(s) for s in sweep_names(config)]
@@ -34,7 +33,7 @@ rule figures:
         references=f"{RESULTS}/reference_check.csv",
         theory=f"{RESULTS}/theory.csv",
         sweeps=f"{RESULTS}/sweeps.csv",
-        code=[package_code(m) for m in ("figures", "conventions", "rundir", "summary", "inference", "theory")],
+        code=[package_code(m) for m in ("report/figures", "report/contents", "rundir", "results/summary", "results/significance", "results/theory")],
     output:
         [
             report(figure_path(FIGURES, name, v), caption=f"../report/{name}.rst", category="2. Per variant",
@@ -73,7 +72,7 @@ rule report:
         template=str(REPORT_TEMPLATE),
         captions=[str(CAPTIONS / f"{name}.rst") for name in GLOBAL_FIGURES + list(VARIANT_FIGURES)]
         + [str(CAPTIONS / f"{name}.rst") for name in (SWEEP_CAPTION, THEORY_CAPTION)],
-        code=[package_code("report"), package_code("conventions"), package_code("inference")],
+        code=[package_code(m) for m in ("report/html", "report/contents", "results/significance", "study/comparisons")],
     output:
         "report/report.html",
     params:

@@ -1,6 +1,6 @@
 # Stage 3-4: the training jobs. By default one job per variant: its seeds (and sensitivity twins) train
 # side by side as one batched model. With `training_jobs: architecture` the variants that differ only in
-# drawn values (init scales, gain, seeds) train in one job, batched together (actgrad.runs.training_jobs).
+# drawn values (init scales, gain, seeds) train in one job, batched together (actgrad.training.job.training_jobs).
 # A job may have its own variants and seeds, so each job gets its own rule.
 for _job, _members in TRAIN_JOBS.items():
     _specs = {v: SPECS[v] for v in _members}

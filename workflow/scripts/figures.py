@@ -1,4 +1,4 @@
-from actgrad.figures import all_figures
+from actgrad.report.figures import all_figures
 from actgrad.workflow_step import as_step
 
 tables = {name: snakemake.input[name] for name in ("summary", "references", "theory", "sweeps")}

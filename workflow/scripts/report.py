@@ -1,4 +1,4 @@
-from actgrad.report import write_report
+from actgrad.report.html import write_report
 from actgrad.workflow_step import as_step
 
 as_step(snakemake, lambda log: write_report(snakemake.config, snakemake.params.results, snakemake.params.figures,

@@ -1,4 +1,4 @@
-from actgrad.runs import train_variants
+from actgrad.training.job import train_variants
 from actgrad.workflow_step import as_step
 
 # Torch gets the threads Snakemake granted (fewer than asked when --cores is smaller).

@@ -1,0 +1,64 @@
+"""Loading a study: a config file (with its ``base:`` chain) made into the completed config every stage reads.
+
+This sits above :mod:`.settings`, :mod:`.sweeps` and :mod:`.comparisons`: it expands the sweeps, validates once,
+fills in the defaults and checks the comparisons. Nothing below imports it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from actgrad.study.comparisons import check_comparisons
+from actgrad.study.settings import ConfigError, apply_defaults, load_schema, merge, validate
+from actgrad.study.sweeps import expand_sweeps
+
+
+def read_yaml(path: str | Path) -> dict:
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(config).__name__}")
+    return config
+
+
+def resolve_base(config: dict, origin: str | Path | None = None, seen: tuple = ()) -> dict:
+    """A config with ``base: other.yaml`` is that file with this one's keys merged on top.
+
+    ``base`` is looked up beside the file that names it (``origin``, its folder), then
+    from the working directory.
+    """
+    if "base" not in config:
+        return config
+    base_path = Path(config["base"])
+    if origin is not None and not base_path.is_absolute() and (Path(origin) / base_path).exists():
+        base_path = Path(origin) / base_path
+    key = str(base_path.resolve())
+    if key in seen:
+        raise ConfigError(f"base: {config['base']} includes itself")
+    base = resolve_base(read_yaml(base_path), base_path.parent, seen + (key,))
+    return merge(base, {k: v for k, v in config.items() if k != "base"})
+
+
+def load(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read, validate and complete a config file."""
+    config = resolve_base(read_yaml(path), Path(path).parent)
+    if overrides:
+        config = merge(config, overrides)
+    return complete(config)
+
+
+def complete(config: dict) -> dict:
+    """A config as written (``base:`` resolved) made into the one every stage reads: sweeps expanded
+    into variants, validated, defaults filled in, comparisons checked against the variants."""
+    config = expand_sweeps(config)
+    schema = load_schema()
+    validate(config, schema)
+    apply_defaults(config, schema)
+    check_comparisons(config)
+    return config
