@@ -1,4 +1,4 @@
-"""Issue 19: the real workflow on a tiny normalisation study (BatchNorm, LayerNorm and none at batch sizes 4 and 32,
+"""The real workflow on a tiny normalisation study (BatchNorm, LayerNorm and none at batch sizes 4 and 32,
 the same number of examples seen, 2 seeds) and a ReLU net beside it: the run metrics follow the activation and
 carry the Jacobian at init and BatchNorm's batch-statistics loss; normalisation.csv and jacobian.csv hold what the
 run files say; the report answers its three questions and loads in a real browser with every image decoded."""
@@ -159,8 +159,11 @@ def test_the_report_answers_the_three_questions_and_follows_the_activation(study
     bn4 = table[(table.norm == "batchnorm") & (table.batch_size == 4)].iloc[0]
     assert f"{bn4.val_loss_mean:.4f} ± {bn4.val_loss_sd:.4f}" in html
     assert f"(gap {bn4.gap_mean:+.4f})" in html
-    # one gain in the sweep: the gain question is not asked of a norm
-    assert "one gain only, not asked" in html
+    # one gain in the sweep: the gain question is not asked
+    assert "No deep variants with more than one gain: not asked here." in html
+    tests = pd.read_csv(workdir / "results" / "normalisation_tests.csv")
+    assert list(tests.question.unique()) == ["Does LayerNorm match BatchNorm here?"]
+    assert sorted(tests.batch_size) == [4, 32]
     # the ReLU net's columns say "at or below zero", not tanh's saturation
     assert "saturated<br>or ≤ 0<br>at init" in html and "relu ≤ 0" in html
 

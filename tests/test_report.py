@@ -254,7 +254,8 @@ def test_snakemake_report_collects_the_figures(study):
 
 # -- unit tests on synthetic data -----------------------------------------------------------------------
 def test_windowed_log10_matches_the_lecture_and_handles_divergence():
-    from actgrad.report.figures import window_for, windowed_log10
+    from actgrad.report.figures import windowed_log10
+    from actgrad.results.vocabulary import averaging_window as window_for
 
     assert window_for(200_000) == 1000 and window_for(300) == 15 and window_for(10) == 1
     loss = np.full(3000, 10.0)
@@ -467,7 +468,7 @@ def test_report_renders_from_tables_without_figures_or_runs(tmp_path):
     pd.DataFrame([dict(variant="a", model="mlp", seeds=1, diverged=0, val_loss_mean=2.5, val_loss_std=np.nan),
                   dict(variant="b", model="mlp", seeds=1, diverged=1, val_loss_mean=np.nan)]).to_csv(
         results / "variants.csv", index=False)
-    from actgrad.results.summary import TABLES
+    from actgrad.results.vocabulary import TABLES
 
     for table in TABLES.values():
         if table.endswith(".csv") and table not in ("summary.csv", "variants.csv"):

@@ -95,7 +95,8 @@ def _window_means(run, column: str) -> float:
 
 # -- the summary's tables ----------------------------------------------------------------------------------------
 def test_chaos_table_measures_the_rate_and_the_decorrelation(fake_study):
-    from actgrad.results.summary import CHAOS_COLUMNS, chaos_table, final_window
+    from actgrad.results.summary import CHAOS_COLUMNS, chaos_table
+    from actgrad.results.vocabulary import averaging_window as final_window
 
     assert final_window(STEPS) == 10 and final_window(200_000) == 1000
     chaos = chaos_table(fake_study["config"], fake_study["runs"], fake_study["by_variant"]).set_index("variant")
@@ -213,7 +214,8 @@ def test_lyapunov_figure_is_drawn_for_studies_with_twins(fake_study, tmp_path):
 
 # -- the report ------------------------------------------------------------------------------------------------------
 def write_tables(fake_study, results: Path) -> dict:
-    from actgrad.results.summary import TABLES, chaos_table, reference_table, study_significance, variant_table
+    from actgrad.results.summary import chaos_table, reference_table, study_significance, variant_table
+    from actgrad.results.vocabulary import TABLES
 
     config, runs = fake_study["config"], fake_study["runs"]
     tables = {

@@ -33,7 +33,8 @@ rule figures:
         references=f"{RESULTS}/reference_check.csv",
         theory=f"{RESULTS}/theory.csv",
         sweeps=f"{RESULTS}/sweeps.csv",
-        code=[package_code(m) for m in ("report/figures", "report/contents", "rundir", "results/summary", "results/significance", "results/theory")],
+        code=[package_code(m) for m in ("report/figures", "report/contents", "rundir", "results/summary",
+                                        "results/significance", "results/theory")],
     output:
         [
             report(figure_path(FIGURES, name, v), caption=f"../report/{name}.rst", category="2. Per variant",
@@ -72,7 +73,8 @@ rule report:
         template=str(REPORT_TEMPLATE),
         captions=[str(CAPTIONS / f"{name}.rst") for name in GLOBAL_FIGURES + list(VARIANT_FIGURES)]
         + [str(CAPTIONS / f"{name}.rst") for name in (SWEEP_CAPTION, THEORY_CAPTION)],
-        code=[package_code(m) for m in ("report/html", "report/contents", "results/significance", "study/comparisons")],
+        code=[package_code(m) for m in ("report/html", "report/contents", "results/significance", "results/normalisation",
+                                                 "study/comparisons")],
     output:
         "report/report.html",
     params:

@@ -2,7 +2,7 @@
 # (actgrad.results.summary): per run, per variant over seeds, significance, references, the deep networks
 # layer by layer, the lecture seed's samples, the sensitivity twins as a chaos verdict (chaos.csv), and the
 # study's statistics and histograms as one table each.
-from actgrad.results.summary import TABLES
+from actgrad.results.vocabulary import TABLES
 
 # What the summary reads of each run (not the parameters, nor the saturation maps).
 SUMMARY_RUN_FILES = ["metrics.json", "losses.parquet", "stats.parquet", "histograms.parquet", "samples.txt"]
@@ -11,7 +11,8 @@ SUMMARY_RUN_FILES = ["metrics.json", "losses.parquet", "stats.parquet", "histogr
 rule summary:
     input:
         runs=all_run_outputs(SUMMARY_RUN_FILES),
-        code=[package_code(m) for m in ("results/summary", "rundir", "results/significance", "study/comparisons", "study/sweeps", "results/theory")],
+        code=[package_code(m) for m in ("results/summary", "results/normalisation", "rundir", "results/significance",
+                                        "study/comparisons", "study/sweeps", "results/theory")],
     output:
         **{name: f"{RESULTS}/{filename}" for name, filename in TABLES.items()},
     threads: 1

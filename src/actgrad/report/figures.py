@@ -43,6 +43,12 @@ from actgrad.data import atomic_write_bytes  # noqa: E402
 from actgrad.report.contents import GLOBAL_FIGURES, VARIANT_FIGURES, sweep_figure  # noqa: E402
 from actgrad.results.significance import CHAOS_SEPARATION  # noqa: E402
 from actgrad.results.summary import lecture_run, twin_trace  # noqa: E402
+from actgrad.results.vocabulary import (  # noqa: E402
+    LAYER_QUANTITIES,
+    SWEEP_METRICS,
+    THEORY_QUANTITIES,
+    averaging_window,
+)
 from actgrad.rundir import Run, natural_key, read_runs  # noqa: E402
 from actgrad.training.cpus import usable_cpus  # noqa: E402
 
@@ -114,11 +120,6 @@ def stat_at(stats: pd.DataFrame, kind: str, layer: str, stat: str, step: int) ->
 
 def fmt(x: float, spec: str) -> str:
     return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
-
-
-def window_for(steps: int) -> int:
-    """The lecture averages log10 losses over 1,000 steps; a short run gets steps/20."""
-    return 1000 if steps >= 20_000 else max(1, steps // 20)
 
 
 def windowed_log10(loss: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -451,7 +452,7 @@ def loss_curves_figure(curves: dict[str, list[np.ndarray]], models: dict[str, st
             seeds = [np.asarray(x, dtype=float) for x in curves[v] if len(x)]
             if not seeds:
                 continue
-            window = window_for(steps.get(v) or max(len(x) for x in seeds))
+            window = averaging_window(steps.get(v) or max(len(x) for x in seeds))
             windows.add(window)
             per_seed = [windowed_log10(x, window) for x in seeds]
             n = max(len(m) for _, m in per_seed)
@@ -725,9 +726,6 @@ def global_figures(order: list[str], run_paths, summary_csv, references_csv, out
 
 # -- theory next to measurement: the deep layers' overlay and the sweeps' phase diagrams -----------------
 THEORY_STYLE = {"lw": 5, "alpha": 0.28, "solid_capstyle": "round"}  # wide and pale: behind the measured line
-# theory.csv's quantities drawn in the deep-layers figure, by the statistics' (kind, stat)
-_LAYER_QUANTITIES = {"activation_std": ("activation", "std"), "saturated_pct": ("activation", "saturated_pct"),
-                     "grad_std": ("activation_grad", "std")}
 
 
 def _theory_line(ax, predicted: pd.DataFrame | None, variant: str, kind: str, stat: str, color) -> None:
@@ -747,24 +745,16 @@ def theory_layer_frames(theory: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFram
     columns = ["variant", "layer", "kind", "stat", "value"]
     if theory.empty:
         return pd.DataFrame(columns=columns), pd.DataFrame(columns=columns)
-    sel = theory[theory.quantity.isin(list(_LAYER_QUANTITIES))]
-    kind_stat = [_LAYER_QUANTITIES[q] for q in sel.quantity]
+    sel = theory[theory.quantity.isin(LAYER_QUANTITIES)]
+    kind_stat = [THEORY_QUANTITIES[q][0] for q in sel.quantity]
     base = sel.assign(kind=[k for k, _ in kind_stat], stat=[s for _, s in kind_stat])
     return (base.rename(columns={"measured_mean": "value"})[columns],
             base.rename(columns={"predicted": "value"})[columns])
 
 
-# The phase diagrams' panels: sweeps.csv metric, title, log-scaled y.
-SWEEP_PANELS = [
-    ("last_activation_std", "last layer: activation std at init", False),
-    ("last_saturated_pct", "last layer: saturated % (|h|>0.97) at init", False),
-    ("grad_ratio_first_last", "gradient std, first / last layer, at init", True),
-    ("val_loss", "final validation loss", False),
-    ("twin_final_abs_delta", "sensitivity twins: final |loss − twin loss|", True),
-]
-# sweeps.csv metric -> theory.phase_curves column
-_CURVE_COLUMNS = {"last_activation_std": "last_activation_std", "last_saturated_pct": "last_saturation_pct",
-                  "grad_ratio_first_last": "grad_ratio_first_last"}
+# The phase diagrams' panels: sweeps.csv metric, title, log-scaled y; and the theory curve's column for each.
+SWEEP_PANELS = [(metric, title, log) for metric, (_, _, title, log, _) in SWEEP_METRICS.items()]
+_CURVE_COLUMNS = {metric: column for metric, (*_, column) in SWEEP_METRICS.items() if column}
 GAIN_TICKS = (0.1, 0.25, 0.5, 1, 5 / 3, 3, 5, 10)
 _BN_COLORS = {"no BatchNorm": sns.color_palette("deep")[0], "BatchNorm": sns.color_palette("deep")[3]}
 

@@ -35,7 +35,9 @@ from actgrad.report.contents import (
     sweep_title,
 )
 from actgrad.results import significance
-from actgrad.results.summary import TABLES, lecture_seed_of, norm_sweeps
+from actgrad.results.normalisation import BATCHNORM_BREAKDOWN, GAIN_MATTERS, LAYERNORM_VS_BATCHNORM, norm_sweeps
+from actgrad.results.summary import lecture_seed_of
+from actgrad.results.vocabulary import SWEEP_METRICS, TABLES, THEORY_QUANTITIES
 from actgrad.rundir import natural_key
 from actgrad.study import comparisons
 from actgrad.study.settings import variant_spec
@@ -484,16 +486,11 @@ def runtime_of(summary: pd.DataFrame) -> list[str]:
 
 # -- theory next to measurement, and the sweeps ------------------------------------------------
 # theory.csv's quantities as the report's columns: (quantity, heading, format)
-THEORY_COLUMNS = [("activation_std", "activation std", ".3f"), ("preactivation_std", "pre-activation std", ".3f"),
-                  ("saturated_pct", "saturated %", ".1f"), ("grad_std", "gradient std", ".2e"),
-                  ("grad_std_rel_last", "gradient std / last layer's", ".3f")]
+THEORY_COLUMNS = [(q, heading, spec) for q, (_, heading, spec) in THEORY_QUANTITIES.items()]
 # A relative difference past this is marked: beyond what 100-unit layers make of the wide-layer limit.
 RELATIVE_OFF = 0.10
 # sweeps.csv's metrics as the sweep table's columns: (metric, heading, format)
-SWEEP_COLUMNS = [("last_activation_std", "last layer<br>activation std", ".3f"),
-                 ("last_saturated_pct", "last layer<br>saturated %", ".1f"),
-                 ("grad_ratio_first_last", "gradient std<br>first / last", ".3f"),
-                 ("val_loss", "final val loss", ".4f"), ("twin_final_abs_delta", "|loss − twin|<br>at the end", ".1e")]
+SWEEP_COLUMNS = [(metric, heading, spec) for metric, (heading, spec, *_) in SWEEP_METRICS.items()]
 
 
 def _fmt(x, spec: str) -> str:
@@ -672,7 +669,8 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
         "sweeps": sweep_sections(config, _csv(results / TABLES["sweeps"]), figures_dir, captions_dir, set(featured)),
         "share_heading": share_heading(config),
         "jacobian": jacobian_rows(_csv(results / TABLES["jacobian"])),
-        "normalisation": normalisation_section(config, _csv(results / TABLES["normalisation"])),
+        "normalisation": normalisation_section(config, _csv(results / TABLES["normalisation"]),
+                                              _csv(results / TABLES["normalisation_tests"])),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
         "versions": package_versions(),
         "data_sha256": data_sha,
@@ -681,12 +679,8 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
     }
 
 
-# -- issue 19: the Jacobian at init, and what BatchNorm's coupling costs ----------------------------------------
+# -- the Jacobian at init, and what BatchNorm's coupling costs ----------------------------------------
 NORM_NAMES = {"batchnorm": "BatchNorm", "layernorm": "LayerNorm", "none": "no normalisation"}
-# A difference counts as real beyond this many standard errors of the difference (about 95 %).
-STANDARD_ERRORS = 2.0
-# The gain "matters" for a norm where its gains' mean losses span more than this many seed sds.
-GAIN_SPREAD_SEEDS = 3.0
 
 
 def jacobian_rows(jacobian: pd.DataFrame) -> list[dict]:
@@ -711,42 +705,42 @@ def _cell_runs(row) -> int:
     return int(row.finished) if finite(row.finished) else 0
 
 
-def _difference(a, b) -> tuple[float, float]:
-    """Mean of ``a`` minus mean of ``b`` (normalisation.csv rows) and its standard error (NaN under 2 runs)."""
-    diff = float(a.val_loss_mean) - float(b.val_loss_mean)
-    na, nb = _cell_runs(a), _cell_runs(b)
-    if na < 2 or nb < 2 or not (finite(a.val_loss_sd) and finite(b.val_loss_sd)):
-        return diff, float("nan")
-    return diff, math.sqrt(float(a.val_loss_sd) ** 2 / na + float(b.val_loss_sd) ** 2 / nb)
+def _runs_text(n_finished, n_diverged) -> str:
+    n = int(n_finished) + int(n_diverged)
+    return f"{int(n_diverged)} of {n} diverged" if n_diverged else f"{n} finished"
 
 
-def _beyond_noise(diff: float, se: float) -> bool:
-    return finite(diff) and finite(se) and abs(diff) > STANDARD_ERRORS * se
+def _tested(r) -> bool:
+    return r.verdict in (significance.IMPROVES, significance.WORSENS, significance.NOT_DETECTED)
 
 
-def _layernorm_answer(cells: dict) -> str:
-    sizes = sorted(b for (n, b) in cells if n == "batchnorm" and ("layernorm", b) in cells)
-    if not sizes:
+def _untested_text(r, before: str, after: str) -> str:
+    """Why a comparison has no verdict: too few finished runs a side (diverged ones counted), or no spread."""
+    if r.verdict == significance.NO_SPREAD:
+        return "no spread across runs: untestable"
+    return (f"untestable: {before} {_runs_text(r.n_before, r.diverged_before)}, "
+            f"{after} {_runs_text(r.n_after, r.diverged_after)}; a test needs 2 finished runs a side")
+
+
+def _layernorm_answer(tests: pd.DataFrame) -> str:
+    rows = tests[tests.question == LAYERNORM_VS_BATCHNORM]
+    if rows.empty:
         return "The study has no batch size with both BatchNorm and LayerNorm variants: not asked here."
-    same, better, worse, parts = [], [], [], []
-    for b in sizes:
-        bn, ln = cells[("batchnorm", b)], cells[("layernorm", b)]
-        diff, se = _difference(ln, bn)
-        if not _beyond_noise(diff, se):
-            same.append(b)
-        else:
-            (better if diff < 0 else worse).append(b)
-        parts.append(f"batch {b}: LayerNorm {mean_std(ln.val_loss_mean, ln.val_loss_sd)} against BatchNorm "
-                     f"{mean_std(bn.val_loss_mean, bn.val_loss_sd)} ({num(diff, 4, signed=True)}"
-                     + (f", standard error {num(se, 4)})" if finite(se) else ")"))
-    verdicts = [f"{what} at batch size{'s' if len(bs) > 1 else ''} {', '.join(map(str, bs))}"
-                for what, bs in (("matches BatchNorm within the runs' spread", same), ("is better", better),
-                                 ("is worse", worse)) if bs]
-    return (f"LayerNorm {'; it '.join(verdicts)} (final validation loss, mean ± sd over every gain and seed; a "
-            f"difference counts beyond {STANDARD_ERRORS:g} standard errors). " + "; ".join(parts) + ".")
+    parts = []
+    for r in rows.itertuples():
+        if not _tested(r):
+            parts.append(f"batch {r.batch_size}: {_untested_text(r, 'BatchNorm', 'LayerNorm')}")
+            continue
+        what = {significance.IMPROVES: "LayerNorm is better", significance.WORSENS: "LayerNorm is worse",
+                significance.NOT_DETECTED: "no difference detected"}[r.verdict]
+        parts.append(f"batch {r.batch_size}: {what} (LayerNorm {mean_std(r.mean_after, r.sd_after)} against "
+                     f"BatchNorm {mean_std(r.mean_before, r.sd_before)}, difference {num(r.difference, 4, signed=True)}"
+                     f", 95 % CI {_interval(r.ci_low, r.ci_high)}, Holm p {p_value(r.p_holm)})")
+    return ("Final validation loss, every gain and seed of a cell pooled; Welch's test with Holm's correction over "
+            "the batch sizes. " + "; ".join(parts) + ".")
 
 
-def _batchnorm_answer(cells: dict) -> str:
+def _batchnorm_answer(tests: pd.DataFrame, cells: dict) -> str:
     bn = {b: r for (n, b), r in cells.items() if n == "batchnorm"}
     if not bn:
         return "The study has no BatchNorm variants: not asked here."
@@ -756,53 +750,63 @@ def _batchnorm_answer(cells: dict) -> str:
                      f"(gap {num(bn[b].gap_mean, 4, signed=True)})" for b in sizes)
     if len(sizes) < 2:
         return f"One batch size only, so no trend to read: {gaps}."
-    against = "LayerNorm at the same batch size" if any(n == "layernorm" for n, _ in cells) else \
-        "BatchNorm's own best batch size"
-    best = min(sizes, key=lambda b: float(bn[b].val_loss_mean) if finite(bn[b].val_loss_mean) else math.inf)
-    broken = []
-    for b in sizes:
-        other = cells.get(("layernorm", b)) if "LayerNorm" in against else bn[best]
-        if other is None or other is bn[b]:
-            continue
-        diff, se = _difference(bn[b], other)
-        if _beyond_noise(diff, se) and diff > 0:
-            broken.append(b)
+    against_ln = tests[tests.question == LAYERNORM_VS_BATCHNORM]
+    rows = against_ln if not against_ln.empty else tests[tests.question == BATCHNORM_BREAKDOWN]
+    against = "LayerNorm at the same batch size" if not against_ln.empty else f"BatchNorm at batch {max(sizes)}"
+    behind, failing, parts = [], [], []
+    for r in rows.itertuples():
+        # Against LayerNorm, BatchNorm is "before"; against its largest batch, it is "after".
+        bn_side = "before" if not against_ln.empty else "after"
+        bn_diverged = int(getattr(r, f"diverged_{bn_side}"))
+        bn_runs = bn_diverged + int(getattr(r, f"n_{bn_side}"))
+        bn_worse = (r.verdict == significance.IMPROVES) if bn_side == "before" else (r.verdict == significance.WORSENS)
+        other_diverged = int(r.diverged_after if bn_side == "before" else r.diverged_before)
+        if bn_worse:
+            behind.append(r.batch_size)
+        if bn_diverged > other_diverged:
+            failing.append(r.batch_size)
+            parts.append(f"at batch {r.batch_size} {bn_diverged} of {bn_runs} BatchNorm runs diverged "
+                         f"({other_diverged} against {against})")
+        elif not _tested(r):
+            parts.append(f"batch {r.batch_size}: {_untested_text(r, 'the one side', 'the other')}")
+    broken = sorted(set(behind) | set(failing), reverse=True)
     if broken:
-        lead = (f"BatchNorm falls behind {against} beyond the runs' spread at batch size"
-                f"{'s' if len(broken) > 1 else ''} {', '.join(map(str, sorted(broken, reverse=True)))}: here it "
+        lead = (f"BatchNorm falls behind {against} at batch size{'s' if len(broken) > 1 else ''} "
+                f"{', '.join(map(str, broken))} (worse after Holm's correction, or more runs diverged): here it "
                 f"breaks down at batch {max(broken)}" + (" and below" if min(sizes) < max(broken) else ""))
     else:
-        lead = f"At no batch size here does BatchNorm fall behind {against} beyond the runs' spread"
-    return (f"{lead}. Evaluated with each minibatch's own statistics instead of the running ones (the coupling of "
-            f"examples at evaluation), the validation loss moves by: {gaps}.")
+        lead = f"At no batch size here is BatchNorm detectably worse than {against}, nor do more of its runs diverge"
+    detail = f" ({'; '.join(parts)})" if parts else ""
+    return (f"{lead}{detail}. Evaluated with each minibatch's own statistics instead of the running ones (the "
+            f"coupling of examples at evaluation), the validation loss moves by: {gaps}.")
 
 
-def _gain_answer(cells: dict) -> str:
+def _gain_answer(tests: pd.DataFrame) -> str:
+    rows = tests[tests.question == GAIN_MATTERS]
+    if rows.empty:
+        return "No deep variants with more than one gain: not asked here."
     parts = []
-    for norm in ("batchnorm", "layernorm", "none"):
-        rows = [(b, r) for (n, b), r in sorted(cells.items()) if n == norm]
-        if not rows:
-            continue
-        if all(len(str(r.gains).split(";")) < 2 for _, r in rows):
-            parts.append(f"{NORM_NAMES[norm]}: one gain only, not asked")
-            continue
-        spread = max(rows, key=lambda br: float(br[1].gain_spread) if finite(br[1].gain_spread) else -1)
-        b, r = spread
-        ratio = float(r.gain_spread) / float(r.seed_sd) if finite(r.gain_spread) and finite(r.seed_sd) and \
-            float(r.seed_sd) > 0 else float("nan")
-        irrelevant = all(finite(x.gain_spread) and finite(x.seed_sd) and
-                         float(x.gain_spread) <= GAIN_SPREAD_SEEDS * float(x.seed_sd) for _, x in rows)
-        verdict = "the gain is irrelevant within the seeds' noise" if irrelevant else "the gain matters"
-        parts.append(f"{NORM_NAMES[norm]}: {verdict} (the gains {str(r.gains).replace(';', ', ')} span at most "
-                     f"{num(r.gain_spread, 4)} in mean final val loss, at batch {b}, against a seed sd of "
-                     f"{num(r.seed_sd, 4)}" + (f": {ratio:.1f}x" if finite(ratio) else "") + ")")
-    if not parts:
-        return "No deep variants: not asked here."
-    return (f"Per normalisation (the gain counts as irrelevant where its means span at most {GAIN_SPREAD_SEEDS:g} "
-            f"seed sds at every batch size): " + "; ".join(parts) + ".")
+    for norm in dict.fromkeys(rows.norm):
+        sub = rows[rows.norm == norm]
+        tested = sub[[_tested(r) for r in sub.itertuples()]]
+        differ = tested[tested.verdict != significance.NOT_DETECTED]
+        name = NORM_NAMES.get(norm, norm)
+        untested = f"; {len(sub) - len(tested)} untestable (too few finished runs)" if len(tested) < len(sub) else ""
+        if differ.empty:
+            verdict = (f"no pair of gains differs detectably ({len(tested)} pairs tested{untested})" if len(tested)
+                       else f"nothing testable ({len(sub)} pairs{untested})")
+        else:
+            largest = differ.loc[differ.difference.abs().idxmax()]
+            verdict = (f"the gain matters: {len(differ)} of {len(tested)} pairs of gains differ{untested}; the "
+                       f"largest, {largest.before} against {largest.after}, by "
+                       f"{num(largest.difference, 4, signed=True)}")
+        parts.append(f"{name}: {verdict}")
+    return ("Every pair of gains at each batch size, Welch's test with Holm's correction within each normalisation "
+            "(a gain whose effect is not detected is not shown irrelevant, only not detected at this number of "
+            "seeds): " + "; ".join(parts) + ".")
 
 
-def normalisation_section(config: dict, table: pd.DataFrame) -> dict | None:
+def normalisation_section(config: dict, table: pd.DataFrame, tests: pd.DataFrame) -> dict | None:
     """The section "What BatchNorm's coupling costs" where a sweep varies the normalisation: the final validation
     loss by norm x batch size (results/normalisation.csv) and one paragraph per question, from those numbers."""
     if table.empty or not norm_sweeps(config):
@@ -826,9 +830,9 @@ def normalisation_section(config: dict, table: pd.DataFrame) -> dict | None:
         rows.append({"norm": NORM_NAMES.get(norm, norm), "cells": row_cells})
     examples = sorted({e for r in cells.values() for e in str(r.examples).split(";")})
     return {"sizes": sizes, "rows": rows, "examples": ", ".join(f"{int(e):,}" for e in examples),
-            "answers": [("Does LayerNorm match BatchNorm here?", _layernorm_answer(cells)),
-                        ("At which batch size does BatchNorm break down?", _batchnorm_answer(cells)),
-                        ("Is the gain irrelevant under both?", _gain_answer(cells))]}
+            "answers": [(LAYERNORM_VS_BATCHNORM, _layernorm_answer(tests)),
+                        (BATCHNORM_BREAKDOWN, _batchnorm_answer(tests, cells)),
+                        (GAIN_MATTERS, _gain_answer(tests))]}
 
 
 def render(template_path, context: dict) -> str:

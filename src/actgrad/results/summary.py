@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from actgrad.data import EXPECTED_INIT_LOSS, atomic_write_bytes
+from actgrad.results.normalisation import normalisation_table, normalisation_tests
 from actgrad.results.significance import (
     CHAOS_DECORRELATION,
     LYAPUNOV_UNIT,
@@ -24,12 +25,21 @@ from actgrad.results.significance import (
     reference_in_spread,
     significance_table,
 )
+from actgrad.results.vocabulary import (
+    EXPLODING_ABOVE,
+    LECTURE_SEED,
+    SWEEP_METRICS,
+    TABLES,
+    THEORY_QUANTITIES,
+    TWIN_DISTANCE,
+    VANISHING_BELOW,
+    averaging_window,
+)
 from actgrad.rundir import Run, natural_key, parquet_bytes, read_runs
 from actgrad.study.comparisons import comparison_settings, grid_lines, resolve_comparisons
 from actgrad.study.settings import variant_spec
 from actgrad.study.sweeps import grid_point, sweep_groups
 
-LECTURE_SEED = 2147483647
 RUN_COLUMNS = ["variant", "seed", "model", "batchnorm", "steps", "steps_done", "status", "diverged_at",
                "step0_loss", "init_loss", "expected_init_loss", "train_loss", "val_loss", "test_loss",
                "train_loss_calibrated", "val_loss_calibrated", "test_loss_calibrated",
@@ -45,14 +55,6 @@ BEFORE_TRAINING = {"step0_loss", "init_loss", "sat97_init", "sat99_init", "nonpo
 # The variant's settings that the study-level tables carry beside every row.
 STUDY_SETTINGS = ("model", "batchnorm", "gain", "activation")
 # What the summary writes: the keys write_summary takes, and each file's name under results/.
-TABLES = {
-    "summary": "summary.csv", "variants": "variants.csv", "significance": "significance.csv",
-    "references": "reference_check.csv", "deep_layers": "deep_layers.csv", "deep_variants": "deep_variants.csv",
-    "samples": "samples.csv", "stats": "stats.parquet", "histograms": "histograms.parquet", "chaos": "chaos.csv",
-    "theory": "theory.csv", "sweeps": "sweeps.csv", "jacobian": "jacobian.csv", "normalisation": "normalisation.csv",
-}
-# A deep net's gradient at the first tanh layer against the last one's, at step 0.
-VANISHING_BELOW, EXPLODING_ABOVE = 0.5, 2.0
 
 
 def run_table(runs: list[Run]) -> pd.DataFrame:
@@ -258,7 +260,6 @@ def deep_tables(config: dict, runs_by_variant: dict[str, list[Run]]) -> tuple[pd
 
 
 # -- chaos, measured: the sensitivity twins as a rate ----------------------------------------------------------
-TWIN_DISTANCE = {"kind": "twin", "layer": "parameters", "stat": "distance"}  # the rows runs.py writes
 LYAPUNOV_STEP = 10_000  # the step the lecture-length study quotes lambda at (also given at the last step)
 CHAOS_COLUMNS = [
     "variant", "seeds", "w1_perturbation", "last_step", "lyapunov_last_mean", "lyapunov_last_sd",
@@ -266,17 +267,6 @@ CHAOS_COLUMNS = [
     "window", "twin_gap_mean", "seed_sd", "decorrelation", "threshold", "chaotic", "basis", "config_chaotic",
     "agrees", "lyapunov_last_values", "twin_gaps", "seed_values",
 ]
-
-
-def final_window(steps: int) -> int:
-    """The last steps whose mean minibatch loss stands for a run's final loss in the twin comparison.
-
-    One minibatch's loss differs between two seeds by the batch drawn as much as by the parameters,
-    while a twin draws the same batches as its run; averaged over the lecture's 1,000-step window
-    (steps/20 in a short run) the batch's share of the seed spread shrinks and parameters are compared
-    with parameters. The twins' gap is that window's mean loss against the twin's.
-    """
-    return 1000 if steps >= 20_000 else max(1, steps // 20)
 
 
 def twin_trace(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
@@ -294,11 +284,12 @@ def twin_trace(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def twin_final_losses(run: Run) -> tuple[float, float]:
-    """The run's and its twin's mean minibatch loss over the :func:`final_window` (NaN without a twin)."""
+    """The run's and its twin's mean minibatch loss over the last
+    :func:`~actgrad.results.vocabulary.averaging_window` (NaN without a twin)."""
     losses = run.losses()
     if "twin_loss" not in losses or losses.empty:
         return np.nan, np.nan
-    window = final_window(len(losses))
+    window = averaging_window(len(losses))
     return (float(losses.loss.to_numpy(dtype=float)[-window:].mean()),
             float(losses.twin_loss.to_numpy(dtype=float)[-window:].mean()))
 
@@ -351,7 +342,7 @@ def chaos_table(config: dict, runs: pd.DataFrame, runs_by_variant: dict[str, lis
             "lyapunov_10k_mean": ten_k.mean() if len(ten_k) else np.nan,
             "lyapunov_10k_lecture_seed": lam_10k.get(lecture, np.nan),
             "lyapunov_unit": LYAPUNOV_UNIT, "growth": verdict["growth"],
-            "window": final_window(int(spec["max_steps"])),
+            "window": averaging_window(int(spec["max_steps"])),
             "twin_gap_mean": float(np.nanmean(list(gaps.values()))) if any(map(math.isfinite, gaps.values()))
             else np.nan,
             "seed_sd": values.std(ddof=1) if len(values) > 1 else np.nan,
@@ -389,20 +380,8 @@ def study_frame(config: dict, runs: list[Run], read) -> pd.DataFrame:
 
 
 # -- theory next to measurement, and the sweeps ---------------------------------------------------
-# What results/theory.csv compares per layer at step 0: quantity -> (kind, stat), the statistics' own names
-# (actgrad.results.theory.predict_network writes its predictions in the same vocabulary).
-THEORY_QUANTITIES = {
-    "activation_std": ("activation", "std"),
-    "saturated_pct": ("activation", "saturated_pct"),
-    "preactivation_std": ("preactivation", "std"),
-    "grad_std": ("activation_grad", "std"),
-    "grad_std_rel_last": ("activation_grad", "std_rel_last"),
-}
 # The runs do not record the embedding's output at init, so the theory's input is what the settings imply.
 INPUT_MOMENT_SOURCE = "from the settings (C ~ randn x init scale), not measured"
-# What results/sweeps.csv holds per sweep point: the phase diagrams' quantities.
-SWEEP_METRICS = ("last_activation_std", "last_saturated_pct", "grad_ratio_first_last", "val_loss",
-                 "twin_final_abs_delta")
 
 
 def input_second_moment(spec: dict) -> float:
@@ -423,7 +402,7 @@ def init_layer_stats(stats: pd.DataFrame) -> pd.DataFrame:
     columns = ["variant", "seed", "layer", "quantity", "value"]
     if stats.empty:
         return pd.DataFrame(columns=columns)
-    wanted = {(kind, stat): q for q, (kind, stat) in THEORY_QUANTITIES.items() if stat != "std_rel_last"}
+    wanted = {(kind, stat): q for q, ((kind, stat), *_) in THEORY_QUANTITIES.items() if stat != "std_rel_last"}
     step0 = _finite(stats[stats.step == 0])
     keys = list(zip(step0.kind, step0.stat))
     step0 = step0.assign(quantity=[wanted.get(k) for k in keys])
@@ -480,7 +459,7 @@ def theory_table(config: dict, stats: pd.DataFrame) -> pd.DataFrame:
         lecture = lecture_seed_of(measured.seed.unique())
         sweep = config["variants"][name].get("sweep", {}).get("name")
         for layer in sorted(measured.layer.unique(), key=natural_key):
-            for quantity, (kind, stat) in THEORY_QUANTITIES.items():
+            for quantity, ((kind, stat), *_) in THEORY_QUANTITIES.items():
                 values = measured[(measured.layer == layer) & (measured.quantity == quantity)]
                 if values.empty:
                     continue
@@ -604,6 +583,7 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
     tables["sweeps"] = sweep_table(config, runs, tables["stats"])
     tables["jacobian"] = jacobian_table(config, runs)
     tables["normalisation"] = normalisation_table(config, runs)
+    tables["normalisation_tests"] = normalisation_tests(config, runs)
     for name, df in tables.items():
         path = Path(outputs[name])
         atomic_write_bytes(path, parquet_bytes(df) if path.suffix == ".parquet" else _csv_bytes(df))
@@ -671,61 +651,3 @@ def jacobian_table(config: dict, runs: pd.DataFrame) -> pd.DataFrame:
             **jacobian_theory(spec),
         })
     return pd.DataFrame(rows, columns=JACOBIAN_COLUMNS)
-
-
-NORMALISATION_COLUMNS = [
-    "norm", "batch_size", "steps", "examples", "gains", "variants", "runs", "finished", "val_loss_mean",
-    "val_loss_sd", "val_loss_batch_stats_mean", "val_loss_batch_stats_sd", "gap_mean", "gap_sd", "gap_max",
-    "gain_spread", "seed_sd", "by_gain",
-]
-
-
-def norm_sweeps(config: dict) -> list[str]:
-    """The sweeps that vary the normalisation (``norm`` or ``batchnorm``, directly or in a bundle)."""
-    return [sweep for sweep, names in sweep_groups(config).items()
-            if sweep is not None and len({variant_spec(config, name)["norm"] for name in names}) > 1]
-
-
-def normalisation_table(config: dict, runs: pd.DataFrame) -> pd.DataFrame:
-    """The deep nets' final validation loss by norm x batch size (``results/normalisation.csv``), each cell over
-    every gain and seed of it: mean and sd over the finished runs; for BatchNorm the loss with each minibatch's own
-    statistics and its gap to the running statistics' (``gap``: batch minus running, per run); the spread over
-    gains (largest minus smallest of the gains' means) against the seeds' (pooled sd within a gain); and each
-    gain's mean (``by_gain``: ``gain:mean`` joined by ``;``). Over the variants of the sweeps that vary the
-    normalisation (:func:`norm_sweeps`), else over every deep variant; empty without deep variants."""
-    rows = []
-    cells: dict[tuple[str, int], list[str]] = {}
-    sweeps = norm_sweeps(config)
-    specs = {name: variant_spec(config, name) for name, v in config["variants"].items()
-             if not sweeps or v.get("sweep", {}).get("name") in sweeps}
-    for name, spec in specs.items():
-        if spec["model"] == "deep":
-            cells.setdefault((spec["norm"], spec["batch_size"]), []).append(name)
-    norm_order = {"batchnorm": 0, "layernorm": 1, "none": 2}
-    for (norm, batch_size), names in sorted(cells.items(), key=lambda kv: (norm_order.get(kv[0][0], 3), kv[0][1])):
-        sub = runs[runs.variant.isin(names)]
-        ok = sub[sub.status == "ok"]
-        val = ok.val_loss.astype(float)
-        batch = ok.val_loss_batch_stats.astype(float) if "val_loss_batch_stats" in ok else pd.Series(dtype=float)
-        gap = (batch - val).dropna()
-        gains = sorted({float(specs[n]["gain"]) for n in names})
-        by_gain = {g: ok[ok.variant.isin([n for n in names if float(specs[n]["gain"]) == g])].val_loss.astype(float)
-                   for g in gains}
-        means = [v.mean() for v in by_gain.values() if len(v)]
-        variances = [v.var(ddof=1) for v in by_gain.values() if len(v) > 1]
-        steps = sorted({specs[n]["max_steps"] for n in names})
-        rows.append({
-            "norm": norm, "batch_size": batch_size, "steps": ";".join(map(str, steps)),
-            "examples": ";".join(str(s * batch_size) for s in steps), "gains": ";".join(f"{g:.4g}" for g in gains),
-            "variants": ";".join(names), "runs": len(sub), "finished": len(ok),
-            "val_loss_mean": val.mean() if len(val) else np.nan, "val_loss_sd": val.std(ddof=1) if len(val) > 1
-            else np.nan,
-            "val_loss_batch_stats_mean": batch.mean() if batch.notna().any() else np.nan,
-            "val_loss_batch_stats_sd": batch.std(ddof=1) if batch.notna().sum() > 1 else np.nan,
-            "gap_mean": gap.mean() if len(gap) else np.nan, "gap_sd": gap.std(ddof=1) if len(gap) > 1 else np.nan,
-            "gap_max": gap.max() if len(gap) else np.nan,
-            "gain_spread": max(means) - min(means) if len(means) > 1 else np.nan,
-            "seed_sd": math.sqrt(sum(variances) / len(variances)) if variances else np.nan,
-            "by_gain": ";".join(f"{g:.4g}:{v.mean()!r}" for g, v in by_gain.items() if len(v)),
-        })
-    return pd.DataFrame(rows, columns=NORMALISATION_COLUMNS)

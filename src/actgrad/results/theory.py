@@ -33,11 +33,11 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import erf, erfc
 
+from actgrad.results.vocabulary import DEAD, SATURATION
+
 # Activations with a mean-field theory here. "linear" is for the Jacobian's deep linear nets.
 ACTIVATIONS = ("tanh", "relu", "gelu", "linear")
 NORMS = ("none", "batchnorm", "layernorm")
-SATURATION = 0.97  # the lecture's threshold, as actgrad.training.stats records it (not imported: stats needs torch)
-DEAD = 0.99  # stats.DEAD: |t| > 0.99
 QUADRATURE_ORDER = 201
 # Gauss-Hermite is exact to rounding for tanh and GELU while the pre-activation std is at most 1;
 # wider, their features (tanh's poles at +-i pi/2) sit at 1/sqrt(q) in z and it loses digits

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from actgrad.results.vocabulary import DEAD, SATURATION
 from actgrad.training.model import BatchNorm1d, Network, Scratch, apply_in_chunks
-from actgrad.training.stats import DEAD, SATURATION
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import torch
 
 from actgrad import __version__
 from actgrad.data import EXPECTED_INIT_LOSS, atomic_write_bytes, load_splits
+from actgrad.results.vocabulary import TWIN_DISTANCE
 from actgrad.rundir import METRICS, parquet_bytes, pick_snapshot, run_dir
 from actgrad.study.jobs import batch_key
 from actgrad.study.settings import variant_spec
@@ -34,7 +35,6 @@ from actgrad.training.progress import ProgressLog
 from actgrad.training.stats import StatsPlan, StatsRecorder, activation_shares
 
 # The sensitivity twins' parameter distance, as rows of the base run's stats.parquet.
-TWIN_DISTANCE = {"layer": "parameters", "kind": "twin", "stat": "distance"}
 # The input-output Jacobian at init is measured on the first examples of the training split: one lecture batch.
 JACOBIAN_EXAMPLES = 32
 # model.jacobian_spectrum's numbers a run records, as metrics jacobian_sv_<name>.

@@ -20,8 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-SATURATION = 0.97  # the lecture's threshold for "saturated" in the statistics printouts
-DEAD = 0.99  # the lecture's threshold in the saturation map: |t| > 0.99 for every example -> dead
+from actgrad.results.vocabulary import DEAD, SATURATION
 
 
 def activation_shares(activation: str) -> tuple[str, ...]:

@@ -1,0 +1,1 @@
+"""The figures and the HTML report, drawn and rendered from the summary's tables."""

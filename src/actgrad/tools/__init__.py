@@ -1,0 +1,1 @@
+"""Tools beside the workflow: the benchmark and its peers, the TensorBoard export."""
