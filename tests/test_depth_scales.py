@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -216,3 +217,104 @@ def test_monte_carlo_ordered_tanh_without_bias_freezes_the_correlation():
     q, c = _measured_q_and_c(gain, 30, 0.5, 1.0)
     assert _rate(q, 1e-5, 0.2) == pytest.approx(d.chi_q, abs=0.02)
     assert np.abs(c - 0.5).max() < 0.03  # mean field: 0.5 -> 0.483 in two layers, then frozen
+
+
+# -- depth as a sweep axis: 100 layers through the config, both engines, the memory estimate and the figures --
+
+
+def test_a_100_layer_deep_sweep_validates(tmp_path, names_path):
+    from conftest import tiny_config, write_config
+
+    from actgrad.config import load, variant_spec
+
+    config = tiny_config(names_path, variants=None, sweeps={
+        "depth": {"base": {"model": "deep", "batchnorm": False}, "grid": {"n_layers": [2, 100]}}})
+    loaded = load(write_config(tmp_path, config))
+    specs = [variant_spec(loaded, name) for name in loaded["variants"]]
+    assert sorted(s["n_layers"] for s in specs) == [2, 100]
+
+
+def test_the_memory_estimate_grows_with_depth_and_a_96_layer_job_fits_the_default():
+    from actgrad.config import MODEL_DEFAULTS, merge
+    from actgrad.memory import estimate_training_memory_mb
+    from actgrad.stats import StatsPlan
+
+    plan = StatsPlan(every=50, update_every=10, histogram_every=50, snapshot_steps=(0, 100), bins=50, last_step=199)
+    deep = merge(MODEL_DEFAULTS["deep"], {"model": "deep", "batchnorm": True, "max_steps": 200, "batch_size": 32})
+    totals = {n: estimate_training_memory_mb(dict(deep, n_layers=n), 1, 182625, 3, plan)["total"]
+              for n in (5, 96)}
+    # Measured: one 96-layer BatchNorm job of 200 steps (this plan) peaked at 596-626 MB (README).
+    assert 626 < totals[96] < 4000 and totals[5] < totals[96]
+
+
+def _first_losses(spec, Xtr, Ytr, steps, engine, w1_perturbation=0.0):
+    from actgrad import reference
+    from actgrad.engine import train_batched
+
+    net, g = reference.init_network(spec, 1, 3)
+    if w1_perturbation:
+        with torch.no_grad():
+            w = net.layers["linear1"].weight
+            w += w1_perturbation * w.abs() * torch.randn(w.shape, generator=torch.Generator().manual_seed(9))
+    schedule = [{"from_step": 0, "lr": 0.1}]
+    if engine == "reference":
+        return reference.train_reference(net, g, Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=schedule).losses
+    [res] = train_batched([net], [g], Xtr, Ytr, steps=steps, batch_size=32, lr_schedule=schedule)
+    assert len([n for n in net.layers if n.startswith("linear")]) == 101
+    return res.losses
+
+
+def test_both_engines_train_a_narrow_100_layer_net_alike(splits, one_thread):
+    from actgrad.networks import LECTURE_NETWORKS
+
+    Xtr, Ytr = splits["splits"]["train"]
+    # At the critical gain float rounding is not amplified through the 100 layers: the engines agree as on 5.
+    critical = dict(LECTURE_NETWORKS["deep"], n_layers=100, n_hidden=16, gain=1.0)
+    ours, ref = (_first_losses(critical, Xtr, Ytr, 20, e) for e in ("batched", "reference"))
+    assert len(ours) == len(ref) == 20 and (ours - ref).abs().max().item() < 5e-6
+    # With BatchNorm (and at gain 5/3 without it) 100 layers are chaotic: the reference run moves as far from a
+    # 1e-7 relative change of W1 as from the engine's rounding (both ~1e-3 in the first loss, measured). The
+    # engines agree to that floor, not to float rounding.
+    bn = dict(LECTURE_NETWORKS["deep+BN"], n_layers=100, n_hidden=16)
+    ours, ref = (_first_losses(bn, Xtr, Ytr, 1, e) for e in ("batched", "reference"))
+    floor = abs(_first_losses(bn, Xtr, Ytr, 1, "reference", 1e-7)[0].item() - ref[0].item())
+    assert 1e-5 < floor < 1e-2
+    assert abs(ours[0].item() - ref[0].item()) < 10 * floor
+
+
+def _synthetic_hists(n_layers, steps=(0, 100), bins=10):
+    rows = []
+    for layer in range(1, n_layers + 1):
+        for step in steps:
+            for b in range(bins):
+                left = -1 + 2 * b / bins
+                rows += [(step, f"tanh{layer}", kind, left, left + 2 / bins, 1 / bins)
+                         for kind in ("activation", "activation_grad")]
+    return pd.DataFrame(rows, columns=["step", "layer", "kind", "bin_left", "bin_right", "fraction"])
+
+
+def test_per_layer_figures_of_a_96_layer_net_draw_a_bounded_number_of_layers():
+    from actgrad import figures
+
+    assert figures.shown_layers(5) == [0, 1, 2, 3, 4]  # the lecture's nets: every layer, as before
+    chosen = figures.shown_layers(96)
+    assert chosen[0] == 0 and chosen[-1] == 95 and len(chosen) == figures.MAX_LAYERS_SHOWN
+    hists = _synthetic_hists(96)
+    stats = pd.DataFrame(
+        [(s, f"tanh{n}", "activation", stat, 0.5) for s in (0, 100) for n in range(1, 97)
+         for stat in ("mean", "std", "saturated_pct")]
+        + [(s, f"layers.linear{n}.weight", "update", "log10_ratio", -3.0) for s in (0, 100) for n in range(1, 98)]
+        + [(s, f"layers.linear{n}.weight", "weight_grad", "std", 1e-3) for s in (0, 100) for n in range(1, 98)],
+        columns=["step", "layer", "kind", "stat", "value"])
+    heat = figures.heatmap_figure(hists, "t")
+    assert sum(ax.get_title().startswith("tanh") for ax in heat.axes) == figures.MAX_LAYERS_SHOWN
+    assert "8 of 96 layers shown" in heat._suptitle.get_text()
+    dist = figures.distribution_figure(hists, stats, "activation", [0, 100], "t")
+    assert [len(ax.get_legend().get_texts()) for ax in dist.axes] == [figures.MAX_LAYERS_SHOWN] * 2
+    updates = figures.updates_figure(stats, "t")
+    assert len(updates.axes[0].get_lines()) == figures.MAX_LAYERS_SHOWN + 1  # and the guide
+    maps = {f"tanh{n}": np.zeros((32, 16)) for n in range(1, 97)}
+    init = figures.init_figure(hists, maps, stats)
+    assert sum(1 for ax in init.axes if ax.images) == figures.MAX_LAYERS_SHOWN
+    for fig in (heat, dist, updates, init):
+        figures.plt.close(fig)
