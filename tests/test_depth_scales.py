@@ -243,8 +243,9 @@ def test_the_memory_estimate_grows_with_depth_and_a_96_layer_job_fits_the_defaul
     deep = merge(MODEL_DEFAULTS["deep"], {"model": "deep", "batchnorm": True, "max_steps": 200, "batch_size": 32})
     totals = {n: estimate_training_memory_mb(dict(deep, n_layers=n), 1, 182625, 3, plan)["total"]
               for n in (5, 96)}
-    # Measured: one 96-layer BatchNorm job of 200 steps (this plan) peaked at 596-626 MB (README).
-    assert 626 < totals[96] < 4000 and totals[5] < totals[96]
+    # Measured (peak RSS, fresh process, batched engine): a job training this 96-layer BatchNorm variant for 200
+    # steps with this plan peaked at 743 MB; the estimate is 766 MB. The 5-layer net's is far below.
+    assert 743 < totals[96] < 4000 and totals[5] < totals[96]
 
 
 def _first_losses(spec, Xtr, Ytr, steps, engine, w1_perturbation=0.0):

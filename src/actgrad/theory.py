@@ -17,7 +17,9 @@ Gaussian expectations are Gauss-Hermite sums (a fine trapezoid rule for wide pre
 ReLU and the tanh saturation share have closed forms. :func:`predict_network` writes the
 predictions in the statistics' own vocabulary (:mod:`actgrad.stats`: step, layer, kind, stat,
 value) with ``source = "predicted"``, so that a report can join them with what was measured;
-:func:`phase_curves` gives the curves over a range of gains; :func:`jacobian_spectrum` and
+:func:`phase_curves` gives the curves over a range of gains; :func:`depth_scale_analysis` Schoenholz et
+al.'s depth scales (xi_q, xi_c, the gradient's xi_grad and the trainable depth 6 xi_c) in both phases,
+:func:`spec_depth_scales` those of a deep variant's stack; :func:`jacobian_spectrum` and
 :func:`jacobian_singular_values` are the input-output Jacobian's spectrum in theory
 (Pennington, Schoenholz & Ganguli 2017) and on a batch. Only numpy and scipy are needed, except
 for the torch helpers at the end (imported inside them).
