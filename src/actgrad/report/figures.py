@@ -14,6 +14,9 @@ Per variant (the lecture seed's run unless said otherwise):
 ``updates``           log10 update:data ratio of each 2-D parameter over the steps (guide at -3)
 ``heatmap``           activation histogram over training time, per layer ("colorful dimension")
 
+Each draws every layer of the lecture's nets; a deeper net's draw :data:`MAX_LAYERS_SHOWN` of them
+(:func:`shown_layers`: the first, the last and evenly spaced ones between), and say so in the title.
+
 Across variants: ``loss_curves``, ``final_losses``, ``deep_layers``, ``sensitivity`` and ``lyapunov``.
 """
 
@@ -57,6 +60,10 @@ DPI = 100
 PNG_COMPRESSION = 8
 UPDATE_GUIDE = -3.0  # the lecture's rule of thumb: updates about 1/1000 of the data
 HEATMAP_VMIN = -4.0  # log10 fraction: the heat-map's colour scale runs from 1/10,000 to everything
+# A per-layer figure (a line, a legend entry, a panel or a saturation map per layer) draws every layer up to
+# this many; a deeper net's figures draw this many: the first, the last and evenly spaced ones between, each
+# in the colour of its depth. The lecture's deep net (5 tanh layers, 7 weight matrices) is drawn whole.
+MAX_LAYERS_SHOWN = 8
 
 
 def _step_axis(ax) -> None:
@@ -84,6 +91,18 @@ def param_label(name: str) -> str:
     if m:
         return f"b{m.group(1)}"
     return name.removeprefix("layers.")
+
+
+def shown_layers(n: int, limit: int = MAX_LAYERS_SHOWN) -> list[int]:
+    """Which of ``n`` layers (by index, in order) a per-layer figure draws: all of them up to ``limit``, else the
+    first, the last and evenly spaced ones between, ``limit`` in all."""
+    if n <= limit:
+        return list(range(n))
+    return sorted({int(i) for i in np.round(np.linspace(0, n - 1, limit))})
+
+
+def _subset_note(shown: int, n: int, what: str = "layers") -> str:
+    return "" if shown == n else f" ({shown} of {n} {what} shown)"
 
 
 def layer_colors(n: int) -> list:
@@ -233,6 +252,8 @@ def init_figure(hists: pd.DataFrame, saturation: dict[str, np.ndarray], stats: p
     GELU: the share and the map of outputs at or below zero, :func:`activation_words`)."""
     words = activation_words(stats)
     layers = list(saturation) or _layers(hists, "activation")
+    all_maps = list(saturation)
+    saturation = {all_maps[i]: saturation[all_maps[i]] for i in shown_layers(len(all_maps))}
     n_maps = max(1, len(saturation))
     fig = plt.figure(figsize=(10, 5.6 if n_maps == 1 else 5.4), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1, 0.9 if n_maps == 1 else 0.8], hspace=0.04)
@@ -270,13 +291,17 @@ def init_figure(hists: pd.DataFrame, saturation: dict[str, np.ndarray], stats: p
         if n_maps == 1:
             ax.set_title(f"{layer}: {words['map']} over the first batch - {100 * m.mean():.1f}% white "
                          f"({words['white']}), {dead} dead unit(s) (all-white columns)")
-        else:
+        elif n_maps <= 5:
             ax.set_title(f"{layer}: {100 * m.mean():.0f}% white" + (f", {dead} dead" if dead else ""), fontsize=9)
+        else:  # narrower panels: the numbers on a line of their own
+            ax.set_title(f"{layer}\n{100 * m.mean():.0f}% white" + (f", {dead} dead" if dead else ""), fontsize=8)
         ax.set_xlabel("hidden unit")
         if i == 0:
             ax.set_ylabel("example in batch")
     if n_maps > 1:
-        bottom.suptitle(f"{words['map']} over the first batch, every layer (white = {words['white']})", fontsize=9.5)
+        which = ("every layer" if len(saturation) == len(all_maps)
+                 else f"{len(saturation)} of {len(all_maps)} layers (first, last, evenly between)")
+        bottom.suptitle(f"{words['map']} over the first batch, {which} (white = {words['white']})", fontsize=9.5)
     if title:
         fig.suptitle(title, fontsize=11, x=0.01, ha="left")
     return fig
@@ -284,7 +309,9 @@ def init_figure(hists: pd.DataFrame, saturation: dict[str, np.ndarray], stats: p
 
 def distribution_figure(hists: pd.DataFrame, stats: pd.DataFrame, kind: str, steps: list[int], title: str = ""):
     """Histogram lines per layer (density), one panel per step, with the lecture's legend."""
-    layers = _layers(hists, kind)
+    every = _layers(hists, kind)
+    shown = shown_layers(len(every))
+    layers = [every[i] for i in shown]
     steps = [s for s in steps if s is not None]
     # Two columns keep a long legend short, but the activation labels (mean, std, saturation) are
     # too wide for two under half the figure: side by side they ran into each other and off the page.
@@ -294,7 +321,7 @@ def distribution_figure(hists: pd.DataFrame, stats: pd.DataFrame, kind: str, ste
     stats = stats[stats.step.isin(steps)] if not stats.empty else stats
     fig, axes = plt.subplots(1, max(1, len(steps)), figsize=(10, 2.9 + 0.16 * legend_rows), layout="constrained",
                              squeeze=False)
-    colors = layer_colors(len(layers))
+    colors = [layer_colors(len(every))[i] for i in shown]
     for ax, step in zip(axes[0], steps or [None]):
         drawn = False
         for layer, color in zip(layers, colors):
@@ -320,7 +347,8 @@ def distribution_figure(hists: pd.DataFrame, stats: pd.DataFrame, kind: str, ste
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), handlelength=1.5, frameon=False,
                   ncol=ncol, columnspacing=1.0)
     if title:
-        fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+        what = "weight matrices" if kind == "weight_grad" else "layers"
+        fig.suptitle(title + _subset_note(len(layers), len(every), what), fontsize=11, x=0.01, ha="left")
     return fig
 
 
@@ -340,12 +368,15 @@ def _legend(kind: str, layer: str, stats: pd.DataFrame, step: int) -> str:
 def updates_figure(stats: pd.DataFrame, title: str = ""):
     """log10(lr * grad.std / data.std) per 2-D weight over the steps, with the lecture's guide at -3."""
     fig, ax = plt.subplots(figsize=(10, 3.0), layout="constrained")
-    weights = _layers(stats, "weight_grad")
+    every = _layers(stats, "weight_grad")
+    shown = shown_layers(len(every))
+    weights = [every[i] for i in shown]
     up = stats[(stats.kind == "update") & stats.layer.isin(weights)] if not stats.empty else stats
     if up.empty:
         no_data(ax)
         return fig
-    for layer, color in zip(weights, layer_colors(len(weights))):
+    colors = layer_colors(len(every))
+    for layer, color in zip(weights, [colors[i] for i in shown]):
         s = up[up.layer == layer].sort_values("step")
         v = s.value.to_numpy(dtype=float, copy=True)
         v[~np.isfinite(v)] = np.nan
@@ -355,13 +386,14 @@ def updates_figure(stats: pd.DataFrame, title: str = ""):
     ax.set_ylabel("log10(update std / data std)")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     if title:
-        fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+        fig.suptitle(title + _subset_note(len(weights), len(every), "weight matrices"), fontsize=11, x=0.01, ha="left")
     return fig
 
 
 def heatmap_figure(hists: pd.DataFrame, title: str = ""):
     """fastai's 'colorful dimension': each column is one step's activation histogram, log-coloured."""
-    layers = _layers(hists, "activation")
+    every = _layers(hists, "activation")
+    layers = [every[i] for i in shown_layers(len(every))]
     n = max(1, len(layers))
     cols = min(n, 5)
     rows = math.ceil(n / cols)
@@ -395,7 +427,7 @@ def heatmap_figure(hists: pd.DataFrame, title: str = ""):
     _finish_grid(axes, len(layers), "tanh output")
     fig.colorbar(mesh, ax=axes, label="log10 fraction", shrink=0.9, pad=0.01, extend="min")
     if title:
-        fig.suptitle(title, fontsize=11, x=0.01, ha="left")
+        fig.suptitle(title + _subset_note(len(layers), len(every)), fontsize=11, x=0.01, ha="left")
     return fig
 
 

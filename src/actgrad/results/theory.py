@@ -17,7 +17,9 @@ Gaussian expectations are Gauss-Hermite sums (a fine trapezoid rule for wide pre
 ReLU and the tanh saturation share have closed forms. :func:`predict_network` writes the
 predictions in the statistics' own vocabulary (:mod:`actgrad.training.stats`: step, layer, kind, stat,
 value) with ``source = "predicted"``, so that a report can join them with what was measured;
-:func:`phase_curves` gives the curves over a range of gains; :func:`jacobian_spectrum` and
+:func:`phase_curves` gives the curves over a range of gains; :func:`depth_scale_analysis` Schoenholz et
+al.'s depth scales (xi_q, xi_c, the gradient's xi_grad and the trainable depth 6 xi_c) in both phases,
+:func:`spec_depth_scales` those of a deep variant's stack; :func:`jacobian_spectrum` and
 :func:`jacobian_singular_values` are the input-output Jacobian's spectrum in theory
 (Pennington, Schoenholz & Ganguli 2017) and on a batch. Only numpy and scipy are needed, except
 for the torch helpers at the end (imported inside them).
@@ -195,6 +197,8 @@ def fixed_point(gain: float, activation: str = "tanh", bias_var: float = 0.0, q0
     _check_activation(activation)
     if activation in ("relu", "linear"):
         slope = gain ** 2 * (0.5 if activation == "relu" else 1.0)
+        if abs(slope - 1) < 1e-12:
+            slope = 1.0  # the boundary itself, gain sqrt(2) for ReLU, up to rounding of its square
         if slope < 1:
             return bias_var / (1 - slope)
         if slope == 1 and bias_var == 0:
@@ -251,41 +255,171 @@ def _pair_expectation(f, c, q):
     return float(weights @ (f(s * z1) * f(u2)) @ weights)
 
 
+def relu_pair_moments(c: float, q: float) -> tuple[float, float]:
+    """``(E[relu(u1) relu(u2)], E[relu'(u1) relu'(u2)])`` for two N(0, q) variables with correlation ``c``:
+    the arc-cosine kernels of degree 1 and 0 (Cho & Saul 2009), ``q (sin t + (pi - t) cos t) / (2 pi)`` and
+    ``(pi - t) / (2 pi)`` with ``t = arccos c``."""
+    t = math.acos(min(1.0, max(-1.0, c)))
+    return q * (math.sin(t) + (math.pi - t) * math.cos(t)) / (2 * math.pi), (math.pi - t) / (2 * math.pi)
+
+
 def correlation_map(c, q_star: float, gain: float, activation: str = "tanh", bias_var: float = 0.0) -> float:
     """Next layer's correlation of two inputs at correlation ``c``, both at the fixed point ``q_star``."""
-    return (gain ** 2 * _pair_expectation(lambda x: phi(activation, x), c, q_star) + bias_var) / q_star
+    if activation == "relu":
+        pair = relu_pair_moments(c, q_star)[0]
+    else:
+        pair = _pair_expectation(lambda x: phi(activation, x), c, q_star)
+    return (gain ** 2 * pair + bias_var) / q_star
 
 
 def _chi_c(c, q_star, gain, activation) -> float:
+    """The correlation map's slope at ``c``: ``gain^2 E[phi'(u1) phi'(u2)]`` (Schoenholz et al., eq. 9)."""
+    if activation == "relu":
+        return gain ** 2 * relu_pair_moments(c, q_star)[1]
     return gain ** 2 * _pair_expectation(lambda x: phi_prime(activation, x), c, q_star)
 
 
-def depth_scales(gain: float, activation: str = "tanh", bias_var: float = 0.0, q0: float = 1.0) -> tuple[float, float]:
-    """Schoenholz et al.'s depth scales ``(xi_q, xi_c)``: how many layers the length, and the correlation
-    between two inputs, take to approach their fixed points (``inf`` at criticality, ``nan`` where q diverges).
-    """
-    q_star = fixed_point(gain, activation, bias_var, q0)
-    if math.isinf(q_star) or q_star == 0:
-        if q_star == 0:  # the length decays at rate chi(0) = slope at 0; correlation is not defined at q = 0
-            slope = float(length_map_slope(0.0, gain, activation))
-            return (-1 / math.log(slope) if slope < 1 else math.inf), math.nan
-        return math.nan, math.nan
-    slope = float(length_map_slope(q_star, gain, activation))
-    xi_q = -1 / math.log(slope) if slope < 1 else math.inf
-    c1 = chi_1(gain, activation, bias_var, q0)
-    if c1 <= 1:
-        c_star = 1.0  # ordered: inputs become perfectly correlated
-    else:
-        # Chaotic: c = 1 is unstable, and the stable c* lies in [0, 1) (the map is above the diagonal at 0).
-        def excess(c):
-            return correlation_map(c, q_star, gain, activation, bias_var) - c
+TRAINABLE_DEPTH_PER_XI_C = 6  # Schoenholz et al. 2017: random tanh nets trained up to about 6 xi_c layers
 
-        # An odd phi with no bias maps c = 0 to itself (up to rounding): then c* = 0.
-        c_star = 0.0 if excess(0.0) <= 1e-12 else brentq(excess, 0.0, 1 - 1e-6, xtol=1e-12)
-    chi_c = _chi_c(c_star, q_star, gain, activation)
-    # chi_c < 1 at a stable c*; rounding can put it at or just above 1 on the boundary itself.
-    xi_c = -1 / math.log(chi_c) if 0 < chi_c < 1 else math.inf
-    return xi_q, xi_c
+
+@dataclass(frozen=True)
+class DepthScales:
+    """Schoenholz et al.'s depth scales of a wide random stack, one gain and activation.
+
+    Each ``chi_*`` is a per-layer factor and each ``xi_*`` the number of layers over which that factor
+    changes its quantity by a factor e (``xi = 1 / |ln chi|``; ``inf`` where ``chi = 1``):
+
+    * ``q_star``, ``chi_q``, ``xi_q``: the length map's fixed point, its slope there, and how fast the
+      pre-activation variance settles to it (``nan`` where q grows without bound: no fixed point).
+    * ``c_star``, ``chi_c``, ``xi_c``: the correlation map's stable fixed point (two inputs' pre-activation
+      correlation deep in the stack), its slope there, and how fast the correlation settles to it.
+      ``chi_c`` equals ``chi_1`` only where ``c_star = 1`` (the ordered phase).
+    * ``chi_1``, ``xi_grad``: the gradient's variance is multiplied by ``chi_1`` per layer going back;
+      ``xi_grad`` is always positive here, and ``phase`` says the direction: it *vanishes* over
+      ``xi_grad`` layers when ordered and *grows* over ``xi_grad`` layers when chaotic. (Schoenholz et
+      al.'s signed ``xi_nabla = -1 / ln chi_1`` is ``xi_grad`` ordered and ``-xi_grad`` chaotic.)
+    * ``trainable_depth``: their empirical bound, ``6 xi_c`` layers.
+    * ``note``: empty where the above is the plain fixed-point analysis; otherwise how to read it:
+      ``"zero-length limit"`` where ``q_star = 0`` (no bias and phi(0) = 0, ordered or critical): the
+      length still settles at rate ``chi_q``, but the correlation map degenerates to the identity as q -> 0
+      (the net turns linear, and two inputs' correlation freezes where it is), so ``c_star, chi_c, xi_c``
+      are the limit bias_var -> 0+ (``c* = 1``, ``chi_c = chi_1``), the edge of Schoenholz et al.'s phase
+      diagram; ``"unbounded length"`` where q grows without bound (ReLU and GELU above their boundary):
+      the correlation map is then the scale-free one of q -> inf (ReLU's arc-cosine kernel), whose
+      ``c* = 1`` is approached slower than exponentially (``chi_c = 1``).
+    """
+
+    activation: str
+    gain: float
+    bias_var: float
+    phase: str  # "ordered" (chi_1 < 1), "critical" or "chaotic" (chi_1 > 1)
+    q_star: float
+    chi_q: float
+    xi_q: float
+    c_star: float
+    chi_c: float
+    xi_c: float
+    chi_1: float
+    xi_grad: float
+    trainable_depth: float
+    note: str
+
+
+CRITICAL_TOLERANCE = 1e-9  # |chi_1 - 1| below this is the critical point itself
+
+
+def _xi(factor: float) -> float:
+    """Layers per e-fold of a quantity multiplied by ``factor`` per layer: ``1 / |ln factor|``."""
+    if not factor > 0 or math.isnan(factor):
+        return math.nan
+    rate = abs(math.log(factor))
+    return math.inf if rate < CRITICAL_TOLERANCE else 1 / rate
+
+
+def correlation_fixed_point(q_star: float, gain: float, activation: str = "tanh", bias_var: float = 0.0) -> float:
+    """The correlation map's stable fixed point at a finite length fixed point ``q_star > 0``.
+
+    The map (:func:`correlation_map`) is increasing and convex on [0, 1] with ``f(1) = 1`` and ``f(0) >= 0``
+    (its Hermite expansion has non-negative coefficients), so: if its slope at 1 (``chi_1``) is at most 1,
+    c* = 1; otherwise there is exactly one fixed point in [0, 1) and it is stable (0 for an odd phi
+    without bias).
+    """
+    if _chi_c(1.0, q_star, gain, activation) <= 1 + CRITICAL_TOLERANCE:
+        return 1.0
+
+    def excess(c):
+        return correlation_map(c, q_star, gain, activation, bias_var) - c
+
+    if excess(0.0) <= 1e-12:  # an odd phi with no bias maps c = 0 to itself (up to rounding)
+        return 0.0
+    return brentq(excess, 0.0, 1 - 1e-9, xtol=1e-13)
+
+
+def depth_scale_analysis(gain: float, activation: str = "tanh", bias_var: float = 0.0,
+                         q0: float = 1.0) -> DepthScales:
+    """The depth scales (:class:`DepthScales`) of a stack with weights ``N(0, gain^2 / fan_in)`` and bias
+    variance ``bias_var``, starting from pre-activation variance ``q0`` (which matters only where the
+    length map has more than one attracting end, GELU without bias)."""
+    _check_activation(activation)
+    q_star = fixed_point(gain, activation, bias_var, q0)
+    c1 = chi_1(gain, activation, bias_var, q0)
+    phase = "critical" if abs(c1 - 1) < CRITICAL_TOLERANCE else ("ordered" if c1 < 1 else "chaotic")
+    note = ""
+    if math.isinf(q_star):
+        # q -> inf: for ReLU q grows by gain^2 / 2 per layer, GELU tends to ReLU; the correlation map
+        # of a positively homogeneous phi does not depend on q, and its slope at c = 1 is exactly 1.
+        chi_q = gain ** 2 * (1.0 if activation == "linear" else 0.5)
+        xi_q, c_star, chi_c = math.nan, 1.0, 1.0
+        note = "unbounded length"
+    else:
+        if q_star == 0:
+            # slope of the length map at 0 (phi(0) = 0 here): gain^2 phi'(0)^2, which is chi_1 at q = 0
+            chi_q = c1
+            c_star, chi_c = 1.0, c1
+            note = "zero-length limit"
+        else:
+            chi_q = float(length_map_slope(q_star, gain, activation))
+            if phase == "chaotic":
+                c_star = correlation_fixed_point(q_star, gain, activation, bias_var)
+                chi_c = _chi_c(c_star, q_star, gain, activation)
+            else:
+                c_star, chi_c = 1.0, c1  # c = 1 is stable, and the map's slope there is chi_1
+        xi_q = _xi(chi_q) if chi_q <= 1 + CRITICAL_TOLERANCE else math.nan
+    xi_c = _xi(chi_c) if chi_c <= 1 + CRITICAL_TOLERANCE else math.nan
+    return DepthScales(activation=activation, gain=float(gain), bias_var=float(bias_var), phase=phase,
+                       q_star=float(q_star), chi_q=float(chi_q), xi_q=xi_q, c_star=float(c_star),
+                       chi_c=float(chi_c), xi_c=xi_c, chi_1=float(c1), xi_grad=_xi(c1),
+                       trainable_depth=TRAINABLE_DEPTH_PER_XI_C * xi_c, note=note)
+
+
+def depth_scales(gain: float, activation: str = "tanh", bias_var: float = 0.0, q0: float = 1.0) -> tuple[float, float]:
+    """``(xi_q, xi_c)`` of :func:`depth_scale_analysis` (which see for their reading)."""
+    d = depth_scale_analysis(gain, activation, bias_var, q0)
+    return d.xi_q, d.xi_c
+
+
+def depth_scale_table(gains, activation: str = "tanh", bias_var: float = 0.0, q0: float = 1.0):
+    """:func:`depth_scale_analysis` over ``gains``, one row each (the :class:`DepthScales` fields as columns)."""
+    import pandas as pd
+
+    return pd.DataFrame([asdict(depth_scale_analysis(float(g), activation, bias_var, q0)) for g in gains])
+
+
+def spec_depth_scales(spec: dict, input_second_moment: float = 1.0) -> DepthScales:
+    """The depth scales of a deep variant's hidden stack (no normalisation), in the project's convention.
+
+    Every hidden Linear, the first (fan-in ``n_embd * block_size``, fed by the embedding) included, is
+    ``randn / sqrt(fan_in) * gain``: ``sigma_w = gain``. Their biases start at zero: ``sigma_b = 0``. The
+    stack starts at ``q_1 = gain^2 * input_second_moment`` (the embedding output's ``E[x^2]``, 1 for a
+    randn embedding); the last Linear (no gain, times ``last_layer_scale``) is outside the stack, which
+    has ``n_layers`` nonlinearities.
+    """
+    if spec["model"] != "deep":
+        raise ValueError(f"model: {spec['model']!r}: depth scales are for the deep net's stack")
+    if spec_norm(spec) != "none":
+        raise ValueError(f"norm: {spec_norm(spec)}: these depth scales are for a stack without normalisation")
+    gain = float(spec["gain"])
+    return depth_scale_analysis(gain, spec.get("activation", "tanh"), 0.0, gain ** 2 * input_second_moment)
 
 
 # -- a stack of layers -------------------------------------------------------------------
