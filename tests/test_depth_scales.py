@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from actgrad.model import build_deep
 
 from actgrad import theory
-from actgrad.model import build_deep
 
 
 def _sech2_mean(q):
@@ -223,9 +223,8 @@ def test_monte_carlo_ordered_tanh_without_bias_freezes_the_correlation():
 
 
 def test_a_100_layer_deep_sweep_validates(tmp_path, names_path):
-    from conftest import tiny_config, write_config
-
     from actgrad.config import load, variant_spec
+    from conftest import tiny_config, write_config
 
     config = tiny_config(names_path, variants=None, sweeps={
         "depth": {"base": {"model": "deep", "batchnorm": False}, "grid": {"n_layers": [2, 100]}}})
@@ -249,8 +248,9 @@ def test_the_memory_estimate_grows_with_depth_and_a_96_layer_job_fits_the_defaul
 
 
 def _first_losses(spec, Xtr, Ytr, steps, engine, w1_perturbation=0.0):
-    from actgrad import reference
     from actgrad.engine import train_batched
+
+    from actgrad import reference
 
     net, g = reference.init_network(spec, 1, 3)
     if w1_perturbation:

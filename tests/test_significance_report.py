@@ -192,16 +192,17 @@ def test_sweep_grids_compare_along_each_key(names_path):
 def test_lyapunov_figure_is_drawn_for_studies_with_twins(fake_study, tmp_path):
     from actgrad.report import figures
     from actgrad.report.contents import study_figures
+    from actgrad.results.summary import twin_traces_table
     from actgrad.study.settings import variant_spec
 
-    traces, perturbations = figures.twin_traces(fake_study["by_variant"], ["calm", "wild"])
-    assert sorted(traces) == ["calm", "wild"] and perturbations == {"calm": PERTURBATION, "wild": PERTURBATION}
-    assert [len(t[1]) for t in traces["wild"]] == [len(STATS_STEPS)] * len(SEEDS)
+    traces = twin_traces_table(fake_study["by_variant"])
+    assert sorted(traces.variant.unique()) == ["calm", "wild"] and set(traces.perturbation) == {PERTURBATION}
+    assert traces[traces.variant == "wild"].groupby("seed").size().tolist() == [len(STATS_STEPS)] * len(SEEDS)
     diverged = fake_study["by_variant"]["wild"][1]
-    diverged.metrics["diverged_at"] = 120  # like the chaos table, the figure leaves a diverged run out
-    assert len(figures.twin_traces(fake_study["by_variant"], ["wild"])[0]["wild"]) == len(SEEDS) - 1
+    diverged.metrics["diverged_at"] = 120  # like the chaos table, the traces leave a diverged run out
+    assert twin_traces_table({"wild": fake_study["by_variant"]["wild"]}).seed.nunique() == len(SEEDS) - 1
     diverged.metrics["diverged_at"] = None
-    fig = figures.lyapunov_figure(traces, perturbations)
+    fig = figures.lyapunov_figure(traces, ["calm", "wild"])
     rate_axis = fig.axes[0]
     mean_line = [line for line in rate_axis.get_lines() if line.get_label() == "wild"][0]
     assert np.allclose(mean_line.get_ydata(), RATES["wild"])  # the mean over seeds of the known rate

@@ -68,7 +68,8 @@ def test_the_theory_table_compares_the_mean_over_seeds_with_the_prediction(confi
 
 
 def test_the_phase_diagram_draws_points_and_theory(config, tmp_path):
-    from actgrad.report.figures import save, sweep_phase_figure, sweep_theory_curves
+    from actgrad.report.figures import curves_of, save, sweep_phase_figure
+    from actgrad.results.summary import theory_curves_table
 
     rows = []
     for name in [n for n in config["variants"] if n.startswith("deep__")]:
@@ -78,7 +79,7 @@ def test_the_phase_diagram_draws_points_and_theory(config, tmp_path):
             rows.append({"sweep": "deep", "variant": name, **point, "metric": metric, "mean": 0.5, "sd": 0.1, "n": 2,
                          "predicted": np.nan})
     rows = pd.DataFrame(rows)
-    curves, critical = sweep_theory_curves(config, rows, ["gain", "batchnorm"])
+    curves, critical = curves_of(theory_curves_table(config, rows), "deep")
     assert set(curves) == {"no BatchNorm", "BatchNorm"} and critical == pytest.approx(1.0, abs=1e-6)
     assert curves["BatchNorm"].last_activation_std.std() < 1e-12  # q = 1 whatever the gain
     fig = sweep_phase_figure(rows, ["gain", "batchnorm"], curves, critical)

@@ -33,6 +33,8 @@ rule figures:
         references=f"{RESULTS}/reference_check.csv",
         theory=f"{RESULTS}/theory.csv",
         sweeps=f"{RESULTS}/sweeps.csv",
+        theory_curves=f"{RESULTS}/theory_curves.csv",
+        twin_traces=f"{RESULTS}/twin_traces.csv",
         code=[package_code(m) for m in ("report/figures", "report/contents", "rundir", "results/summary",
                                         "results/significance", "results/theory")],
     output:

@@ -45,7 +45,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from actgrad.data import atomic_write_bytes  # noqa: E402
 from actgrad.report.contents import GLOBAL_FIGURES, VARIANT_FIGURES, sweep_figure  # noqa: E402
 from actgrad.results.significance import CHAOS_SEPARATION  # noqa: E402
-from actgrad.results.summary import lecture_run, twin_trace  # noqa: E402
+from actgrad.results.summary import curve_label, lecture_run, sweep_axes, sweep_keys  # noqa: E402
 from actgrad.results.vocabulary import (  # noqa: E402
     LAYER_QUANTITIES,
     SWEEP_METRICS,
@@ -645,31 +645,15 @@ def sensitivity_figure(deltas: dict[str, list[tuple[int, np.ndarray]]]):
     return fig
 
 
-def twin_traces(runs: dict[str, list[Run]], order: list[str]) -> tuple[dict, dict]:
-    """Each variant's twin traces [(seed, steps, distances)] and its W1 perturbation, for :func:`lyapunov_figure`:
-    the finished runs', as in the summary's chaos table (a diverged run's distance measures the blow-up)."""
-    traces, perturbations = {}, {}
-    for v in order:
-        for r in runs[v]:
-            trace = twin_trace(r) if r.diverged_at is None else None
-            if trace is not None:
-                traces.setdefault(v, []).append((r.seed, *trace))
-                perturbations[v] = r.metrics.get("twin_w1_perturbation")
-    return traces, perturbations
-
-
-def lyapunov_figure(traces: dict[str, list[tuple[int, np.ndarray, np.ndarray]]],
-                    perturbations: dict[str, float] | None = None):
+def lyapunov_figure(traces: pd.DataFrame, order: list[str] | None = None):
     """The twins as a rate: lambda(t) = ln(d(t)/d(0)) / t per variant (left) and the growth d(t)/d(0) (right).
 
-    ``traces``: variant -> [(seed, steps, distances)]. Thin lines are seeds, the thick line their mean;
-    the right panel's dashed line is 0.1/perturbation, where the twins are a tenth of W1 itself apart
-    (the one-seed chaos rule of :func:`actgrad.results.significance.chaos_verdict`).
+    ``traces``: the summary's twin_traces table (variant, seed, step, growth, lyapunov, perturbation). Thin lines
+    are seeds, the thick line their mean; the right panel's dashed line is 0.1/perturbation, where the twins are a
+    tenth of W1 itself apart (the one-seed chaos rule of :func:`actgrad.results.significance.chaos_verdict`).
     """
-    from actgrad.results.significance import lyapunov_exponents
-
-    perturbations = perturbations or {}
-    variants = [v for v in traces if traces[v]]
+    present = list(dict.fromkeys(traces.variant)) if len(traces) else []
+    variants = [v for v in (order or present) if v in present]
     fig, (ax_rate, ax_growth) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     if not variants:
         for ax in (ax_rate, ax_growth):
@@ -677,18 +661,15 @@ def lyapunov_figure(traces: dict[str, list[tuple[int, np.ndarray, np.ndarray]]],
         return fig
     palette = variant_palette(variants)
     for v in variants:
-        rates, growths = {}, {}
-        for seed, steps, distances in traces[v]:
-            steps, distances = np.asarray(steps), np.asarray(distances, dtype=float)
-            rates[seed] = pd.Series(lyapunov_exponents(steps, distances)[1:], index=steps[1:])
-            growths[seed] = pd.Series(distances[1:] / distances[0], index=steps[1:])
-        for series, ax in ((rates, ax_rate), (growths, ax_growth)):
-            frame = pd.DataFrame(series).replace([np.inf, -np.inf], np.nan)
+        mine = traces[(traces.variant == v) & (traces.step > 0)]
+        for column, ax in (("lyapunov", ax_rate), ("growth", ax_growth)):
+            frame = mine.pivot(index="step", columns="seed", values=column).astype(float)
+            frame = frame.replace([np.inf, -np.inf], np.nan)
             if len(frame.columns) > 1:
                 for seed in frame:
                     ax.plot(frame.index, frame[seed], color=palette[v], lw=0.6, alpha=0.45)
             ax.plot(frame.index, frame.mean(axis=1), color=palette[v], lw=1.8, label=v)
-        eps = perturbations.get(v)
+        eps = float(mine.perturbation.iloc[0]) if len(mine) else None
         if eps:
             ax_growth.axhline(CHAOS_SEPARATION / eps, color=palette[v], ls="--", lw=0.9)
     ax_rate.axhline(0, color="0.4", lw=0.8)
@@ -706,9 +687,10 @@ def lyapunov_figure(traces: dict[str, list[tuple[int, np.ndarray, np.ndarray]]],
     return fig
 
 
-def global_figures(order: list[str], run_paths, summary_csv, references_csv, outputs: dict, log=print) -> None:
+def global_figures(order: list[str], run_paths, summary_csv, references_csv, twin_traces_csv, outputs: dict,
+                   log=print) -> None:
     """Write the requested cross-variant figures (``outputs``: name -> PNG path)."""
-    unknown = set(outputs) - set(GLOBAL_FIGURES)
+    unknown = set(outputs) - set(GLOBAL_FIGURES) | ({"deep_layers"} & set(outputs))
     if unknown:
         raise ValueError(f"unknown global figure(s): {sorted(unknown)}; known: {list(GLOBAL_FIGURES)}")
     style()
@@ -727,20 +709,6 @@ def global_figures(order: list[str], run_paths, summary_csv, references_csv, out
         summary = pd.read_csv(summary_csv)
         refs = pd.read_csv(references_csv) if references_csv and Path(references_csv).exists() else pd.DataFrame()
         save(final_losses_figure(summary, refs, order), outputs["final_losses"])
-    if "deep_layers" in outputs:
-        frames = []
-        for v in order:
-            if models[v] != "deep":
-                continue
-            for r in runs[v]:
-                s = r.stats()
-                if s.empty:
-                    continue
-                s = s[(s.step == 0) & s.kind.isin(["activation", "activation_grad"])]
-                frames.append(s.assign(variant=v, seed=r.seed))
-        layer_stats = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        bn = {v for v in order if runs[v][0].metrics.get("batchnorm")}
-        save(deep_layers_figure(layer_stats, [v for v in order if models[v] == "deep"], bn), outputs["deep_layers"])
     if "sensitivity" in outputs:
         deltas = {}
         for v in order:
@@ -751,7 +719,7 @@ def global_figures(order: list[str], run_paths, summary_csv, references_csv, out
                                                                     lf.twin_loss.to_numpy(float))))
         save(sensitivity_figure(deltas), outputs["sensitivity"])
     if "lyapunov" in outputs:
-        save(lyapunov_figure(*twin_traces(runs, order)), outputs["lyapunov"])
+        save(lyapunov_figure(pd.read_csv(twin_traces_csv), order), outputs["lyapunov"])
     for key, path in outputs.items():
         log(f"figure {key} -> {path}")
 
@@ -789,27 +757,6 @@ SWEEP_PANELS = [(metric, title, log) for metric, (_, _, title, log, _) in SWEEP_
 _CURVE_COLUMNS = {metric: column for metric, (*_, column) in SWEEP_METRICS.items() if column}
 GAIN_TICKS = (0.1, 0.25, 0.5, 1, 5 / 3, 3, 5, 10)
 _BN_COLORS = {"no BatchNorm": sns.color_palette("deep")[0], "BatchNorm": sns.color_palette("deep")[3]}
-
-
-def sweep_axes(rows: pd.DataFrame, keys: list[str]) -> tuple[str, list[str]]:
-    """The x axis of a sweep's phase diagram (the gain if swept, else its first numeric key, else its first
-    key) and the keys that tell its curves apart (the rest)."""
-    numeric = [k for k in keys if pd.api.types.is_numeric_dtype(rows[k]) and not pd.api.types.is_bool_dtype(rows[k])]
-    x = "gain" if "gain" in keys else (numeric[0] if numeric else keys[0])
-    return x, [k for k in keys if k != x]
-
-
-def curve_label(values: dict) -> str:
-    """A phase-diagram curve's legend label from the point's other swept values."""
-    if not values:
-        return "measured"
-    parts = []
-    for key, value in values.items():
-        if key == "batchnorm":
-            parts.append("BatchNorm" if str(value).lower() == "true" else "no BatchNorm")
-        else:
-            parts.append(f"{key} {value}")
-    return ", ".join(parts)
 
 
 def sweep_phase_figure(rows: pd.DataFrame, keys: list[str], curves: dict[str, pd.DataFrame] | None = None,
@@ -905,36 +852,18 @@ def sweep_phase_figure(rows: pd.DataFrame, keys: list[str], curves: dict[str, pd
     return fig
 
 
-def sweep_theory_curves(config: dict, rows: pd.DataFrame, keys: list[str]) -> tuple[dict, float | None]:
-    """Dense theory curves over the gain for a deep-net sweep (label -> frame with x and the phase_curves
-    columns), and the critical gain of its activation; ({}, None) for a sweep the curves do not describe."""
-    from actgrad.results import theory
-    from actgrad.results.summary import input_second_moment
-    from actgrad.study.settings import variant_spec
-
-    x_key, others = sweep_axes(rows, keys)
-    if x_key != "gain" or rows.empty:
+def curves_of(theory_curves: pd.DataFrame, sweep: str) -> tuple[dict[str, pd.DataFrame], float | None]:
+    """One sweep's rows of the summary's theory_curves table as the phase diagram's curves (label -> frame with x
+    and the curve columns) and the critical gain (None where the sweep has no curves)."""
+    rows = theory_curves[theory_curves.sweep == sweep] if len(theory_curves) else theory_curves
+    if rows.empty:
         return {}, None
-    gains = rows["gain"].astype(float)
-    dense = np.geomspace(gains.min() / 1.15, gains.max() * 1.15, 160)
-    curves, critical = {}, None
-    for variant, group in rows.groupby("variant", sort=False):
-        label = curve_label(group.iloc[0][others].to_dict()) if others else "measured"
-        if label in curves:
-            continue
-        spec = variant_spec(config, variant)
-        if spec["model"] != "deep" or spec["activation"] not in theory.ACTIVATIONS:
-            return {}, None
-        norm = theory.spec_norm(spec)
-        frame = theory.phase_curves(dense, spec["n_layers"], spec["activation"], input_second_moment(spec),
-                                    norms=(norm,))
-        curves[label] = frame.rename(columns={"gain": "x"})
-        if critical is None:
-            critical = theory.critical_gain(spec["activation"], q0=input_second_moment(spec))
-    return curves, critical
+    curves = {label: group.drop(columns=["sweep", "curve", "critical_gain"]).reset_index(drop=True)
+              for label, group in rows.groupby("curve", sort=False)}
+    return curves, float(rows.critical_gain.iloc[0])
 
 
-def theory_figures(config: dict, theory_csv, sweeps_csv, outputs: dict, log=print) -> None:
+def theory_figures(config: dict, theory_csv, sweeps_csv, theory_curves_csv, outputs: dict, log=print) -> None:
     """Write the deep-layers figure with its theory overlay and each sweep's phase diagram
     (``outputs``: "deep_layers" and/or sweep_figure(name) -> PNG path) from the summary's tables."""
     from actgrad.report.contents import featured_variants, sweep_names, sweep_title
@@ -947,20 +876,21 @@ def theory_figures(config: dict, theory_csv, sweeps_csv, outputs: dict, log=prin
         measured, predicted = theory_layer_frames(theory)
         bn = {v for v in order if variant_spec(config, v)["batchnorm"]}
         save(deep_layers_figure(measured, order, bn, predicted), outputs["deep_layers"])
-    table = pd.read_csv(sweeps_csv) if any(k != "deep_layers" for k in outputs) else pd.DataFrame()
+    drawn = any(k != "deep_layers" for k in outputs)
+    table = pd.read_csv(sweeps_csv) if drawn else pd.DataFrame()
+    theory_curves = pd.read_csv(theory_curves_csv) if drawn else pd.DataFrame()
     for sweep in sweep_names(config):
         key = sweep_figure(sweep)
         if key not in outputs:
             continue
         rows = table[table.sweep == sweep]
-        keys = list(config["variants"][rows.variant.iloc[0]]["sweep"]["point"]) if len(rows) else []
-        keys = [k for k in keys if k in rows and rows[k].notna().any()]
+        keys = sweep_keys(config, rows)
         if not keys:
             fig, ax = plt.subplots(figsize=(10, 2))
             no_data(ax, f"sweep {sweep}: no runs")
             save(fig, outputs[key])
             continue
-        curves, critical = sweep_theory_curves(config, rows, keys)
+        curves, critical = curves_of(theory_curves, sweep)
         save(sweep_phase_figure(rows, keys, curves, critical, f"{sweep_title(sweep)}: points = mean ± sd over "
                                 "seeds, lines = mean-field theory"), outputs[key])
     for key, path in outputs.items():
@@ -991,10 +921,12 @@ def all_figures(config: dict, order: list[str], run_paths, tables: dict, outputs
     tasks = [lambda log, runs=runs, figures=figures: variant_figures(runs, figures, log=log)
              for runs, figures in variant_outputs.values()]
     if cross:
-        tasks.append(lambda log: global_figures(order, run_paths, tables["summary"], tables["references"], cross,
+        tasks.append(lambda log: global_figures(order, run_paths, tables["summary"], tables["references"],
+                                                tables["twin_traces"], cross,
                                                 log=log))
     if theory:
-        tasks.append(lambda log: theory_figures(config, tables["theory"], tables["sweeps"], theory, log=log))
+        tasks.append(lambda log: theory_figures(config, tables["theory"], tables["sweeps"], tables["theory_curves"],
+                                                theory, log=log))
     for line in _in_processes(tasks, min(workers, len(usable_cpus()))):
         log(line)
 

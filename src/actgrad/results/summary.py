@@ -22,6 +22,7 @@ from actgrad.results.significance import (
     LYAPUNOV_UNIT,
     chaos_verdict,
     lyapunov_at,
+    lyapunov_exponents,
     reference_in_spread,
     significance_table,
 )
@@ -298,6 +299,29 @@ def _joined(values: dict) -> str:
     return ";".join(f"{seed}:{value!r}" for seed, value in values.items())
 
 
+TWIN_TRACE_COLUMNS = ["variant", "seed", "step", "distance", "growth", "lyapunov", "perturbation"]
+
+
+def twin_traces_table(runs_by_variant: dict[str, list[Run]]) -> pd.DataFrame:
+    """Each finished run's twin trace (``results/twin_traces.csv``): the parameters' distance to the twin's at every
+    recorded step, its growth d(t)/d(0) and the Lyapunov estimate ln(d(t)/d(0)) / t (:func:`lyapunov_exponents`),
+    and the W1 perturbation. A diverged run is left out, as in the chaos table: its distance measures the blow-up."""
+    frames = []
+    for variant, runs in runs_by_variant.items():
+        for r in runs:
+            trace = twin_trace(r) if r.diverged_at is None else None
+            if trace is None:
+                continue
+            steps, distances = np.asarray(trace[0]), np.asarray(trace[1], dtype=float)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                growth = distances / distances[0]
+            frames.append(pd.DataFrame({"variant": variant, "seed": r.seed, "step": steps, "distance": distances,
+                                        "growth": growth, "lyapunov": lyapunov_exponents(steps, distances),
+                                        "perturbation": r.metrics.get("twin_w1_perturbation")}))
+    return pd.concat(frames, ignore_index=True)[TWIN_TRACE_COLUMNS] if frames else \
+        pd.DataFrame(columns=TWIN_TRACE_COLUMNS)
+
+
 def chaos_table(config: dict, runs: pd.DataFrame, runs_by_variant: dict[str, list[Run]]) -> pd.DataFrame:
     """One row per variant with sensitivity twins: is it chaotic, measured rather than declared?
 
@@ -551,6 +575,80 @@ def sweep_table(config: dict, runs: pd.DataFrame, stats: pd.DataFrame) -> pd.Dat
     return pd.DataFrame(rows, columns=["sweep", "variant", *keys, "metric", "mean", "sd", "n", "predicted"])
 
 
+def sweep_axes(rows: pd.DataFrame, keys: list[str]) -> tuple[str, list[str]]:
+    """The x axis of a sweep's phase diagram (the gain if swept, else its first numeric key, else its first
+    key) and the keys that tell its curves apart (the rest)."""
+    numeric = [k for k in keys if pd.api.types.is_numeric_dtype(rows[k]) and not pd.api.types.is_bool_dtype(rows[k])]
+    x = "gain" if "gain" in keys else (numeric[0] if numeric else keys[0])
+    return x, [k for k in keys if k != x]
+
+
+def curve_label(values: dict) -> str:
+    """A phase-diagram curve's legend label from the point's other swept values."""
+    if not values:
+        return "measured"
+    parts = []
+    for key, value in values.items():
+        if key == "batchnorm":
+            parts.append("BatchNorm" if str(value).lower() == "true" else "no BatchNorm")
+        else:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts)
+
+
+def sweep_keys(config: dict, rows: pd.DataFrame) -> list[str]:
+    """The keys a sweep's rows of sweeps.csv vary (its points' keys that have values there)."""
+    keys = list(config["variants"][rows.variant.iloc[0]]["sweep"]["point"]) if len(rows) else []
+    return [k for k in keys if k in rows and rows[k].notna().any()]
+
+
+def sweep_theory_curves(config: dict, rows: pd.DataFrame, keys: list[str]) -> tuple[dict, float | None]:
+    """Dense theory curves over the gain for a deep-net sweep (label -> frame with x and the phase_curves
+    columns), and the critical gain of its activation; ({}, None) for a sweep the curves do not describe."""
+    from actgrad.results import theory
+
+    x_key, others = sweep_axes(rows, keys)
+    if x_key != "gain" or rows.empty:
+        return {}, None
+    gains = rows["gain"].astype(float)
+    dense = np.geomspace(gains.min() / 1.15, gains.max() * 1.15, 160)
+    curves, critical = {}, None
+    for variant, group in rows.groupby("variant", sort=False):
+        label = curve_label(group.iloc[0][others].to_dict()) if others else "measured"
+        if label in curves:
+            continue
+        spec = variant_spec(config, variant)
+        if spec["model"] != "deep" or spec["activation"] not in theory.ACTIVATIONS:
+            return {}, None
+        norm = theory.spec_norm(spec)
+        frame = theory.phase_curves(dense, spec["n_layers"], spec["activation"], input_second_moment(spec),
+                                    norms=(norm,))
+        curves[label] = frame.rename(columns={"gain": "x"})
+        if critical is None:
+            critical = theory.critical_gain(spec["activation"], q0=input_second_moment(spec))
+    return curves, critical
+
+
+THEORY_CURVES_COLUMNS = ["sweep", "curve", "critical_gain", "x"]
+
+
+def theory_curves_table(config: dict, sweeps: pd.DataFrame) -> pd.DataFrame:
+    """The mean-field curves drawn through each sweep's phase diagram (``results/theory_curves.csv``): per sweep
+    and curve (its other swept values, :func:`curve_label`), the theory over a dense grid of gains ``x`` and the
+    activation's critical gain; no rows for a sweep the curves do not describe."""
+    frames = []
+    for sweep in dict.fromkeys(sweeps.sweep) if len(sweeps) else []:
+        rows = sweeps[sweeps.sweep == sweep]
+        keys = sweep_keys(config, rows)
+        curves, critical = sweep_theory_curves(config, rows, keys) if keys else ({}, None)
+        for label, frame in curves.items():
+            frames.append(frame.assign(sweep=sweep, curve=label, critical_gain=critical))
+    if not frames:
+        return pd.DataFrame(columns=THEORY_CURVES_COLUMNS)
+    table = pd.concat(frames, ignore_index=True)
+    return table[THEORY_CURVES_COLUMNS + [c for c in table.columns if c not in THEORY_CURVES_COLUMNS]]
+
+
 def _csv_bytes(df: pd.DataFrame) -> bytes:
     return df.to_csv(index=False).encode()
 
@@ -576,11 +674,13 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
         "deep_variants": deep_variants,
         "samples": samples_table(config, by_variant),
         "chaos": chaos_table(config, runs, by_variant),
+        "twin_traces": twin_traces_table(by_variant),
         "stats": study_frame(config, run_list, Run.stats),
         "histograms": study_frame(config, run_list, Run.histograms),
     }
     tables["theory"] = theory_table(config, tables["stats"])
     tables["sweeps"] = sweep_table(config, runs, tables["stats"])
+    tables["theory_curves"] = theory_curves_table(config, tables["sweeps"])
     tables["jacobian"] = jacobian_table(config, runs)
     tables["normalisation"] = normalisation_table(config, runs)
     tables["normalisation_tests"] = normalisation_tests(config, runs)
@@ -590,7 +690,7 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
     return tables
 
 
-# -- issue 19: the Jacobian at init, and what BatchNorm's coupling costs --------------------------------------
+# -- the Jacobian at init --------------------------------------
 JACOBIAN_COLUMNS = [
     "variant", "sweep", "model", "norm", "activation", "weight_init", "gain", "n_layers", "seeds",
     "sv_mean_mean", "sv_mean_sd", "sv_std_mean", "sv_std_sd", "sv_min_mean", "sv_max_mean",

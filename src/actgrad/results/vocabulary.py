@@ -12,7 +12,8 @@ TABLES = {
     "summary": "summary.csv", "variants": "variants.csv", "significance": "significance.csv",
     "references": "reference_check.csv", "deep_layers": "deep_layers.csv", "deep_variants": "deep_variants.csv",
     "samples": "samples.csv", "stats": "stats.parquet", "histograms": "histograms.parquet", "chaos": "chaos.csv",
-    "theory": "theory.csv", "sweeps": "sweeps.csv", "jacobian": "jacobian.csv", "normalisation": "normalisation.csv",
+    "twin_traces": "twin_traces.csv", "theory": "theory.csv", "sweeps": "sweeps.csv",
+    "theory_curves": "theory_curves.csv", "jacobian": "jacobian.csv", "normalisation": "normalisation.csv",
     "normalisation_tests": "normalisation_tests.csv",
 }
 

@@ -6,16 +6,17 @@ Each comparison is ``after`` against ``before``, in a family over which Holm's c
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from actgrad.study.settings import ConfigError, variant_spec
+from actgrad.study.settings import ConfigError, did_you_mean, load_schema, variant_spec
 
-DEFAULT_METRIC = "val_loss"
-DEFAULT_ALPHA = 0.05
-DEFAULT_POWER = 0.8
+# The section's defaults are the schema's.
+_SECTION = load_schema()["properties"]["comparisons"]["properties"]
+DEFAULT_METRIC = _SECTION["metric"]["default"]
+DEFAULT_ALPHA = _SECTION["alpha"]["default"]
+DEFAULT_POWER = _SECTION["power"]["default"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,7 @@ def comparison_settings(config: dict) -> dict:
 
 def _unknown_variant(config: dict, key: str, name) -> ConfigError:
     names = list(config["variants"])
-    close = difflib.get_close_matches(str(name), names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else f" (variants: {', '.join(names)})"
+    hint = did_you_mean(name, names) or f" (variants: {', '.join(names)})"
     return ConfigError(f"{key}: {name!r} is not a variant{hint}")
 
 

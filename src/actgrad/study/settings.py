@@ -60,19 +60,26 @@ _TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a strin
                "array": "a list", "object": "a mapping of keys"}
 
 
+def did_you_mean(name, options) -> str:
+    """" (did you mean 'x'?)" for the option closest to a misspelt ``name``, or "" where none is close."""
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_keys(where: str, unknown, allowed, note: str = "") -> ConfigError:
+    """The one message for keys a mapping does not take: each with the closest allowed key, then the allowed ones."""
+    hints = [f"did you mean {close[0]!r} for {key!r}?" for key in unknown
+             if (close := difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1))]
+    hint = f" ({'; '.join(hints)})" if hints else ""
+    return ConfigError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}{hint}; "
+                       f"allowed keys: {', '.join(sorted(allowed))}{note}")
+
+
 def _describe(error: jsonschema.ValidationError) -> str:
     where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = sorted(error.schema.get("properties", {}))
-        unknown = sorted(k for k in error.instance if k not in allowed)
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            if close:
-                hints.append(f"did you mean {close[0]!r} for {key!r}?")
-        hint = f" ({'; '.join(hints)})" if hints else ""
-        return (f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}{hint}; "
-                f"allowed keys: {', '.join(allowed)}")
+        return str(unknown_keys(where, sorted(k for k in error.instance if k not in allowed), allowed))
     if error.validator == "type":
         expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
         message = (f"{where}: {error.instance!r} is not allowed; expected "

@@ -27,12 +27,11 @@ A bundle's point records the keys it sets (``{batch_size: 4, max_steps: 24000}``
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import itertools
 import re
 
-from actgrad.study.settings import ConfigError, apply_defaults, load_schema, merge, validate
+from actgrad.study.settings import ConfigError, apply_defaults, did_you_mean, load_schema, merge, unknown_keys, validate
 
 # Variant keys that are not settings of the network or the run, so no grid sweeps them; a
 # sweep's seeds are the sweep's own ``seeds``.
@@ -65,14 +64,6 @@ def is_bundle(key: str) -> bool:
     return key not in _sweepable()
 
 
-def _unknown_keys(where: str, unknown: list[str], allowed: list[str], note: str = "") -> ConfigError:
-    hints = [f"did you mean {close[0]!r} for {key!r}?" for key in unknown
-             if (close := difflib.get_close_matches(key, allowed, n=1))]
-    hint = f" ({'; '.join(hints)})" if hints else ""
-    return ConfigError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}{hint}; "
-                       f"allowed keys: {', '.join(sorted(allowed))}{note}")
-
-
 def _check_bundles(name: str, grid: dict) -> None:
     """The grid keys that are no variant keys, as bundles: a mapping of labels, each a mapping of variant keys,
     every label setting the same keys, no key set by two grid keys."""
@@ -81,7 +72,7 @@ def _check_bundles(name: str, grid: dict) -> None:
     malformed = [key for key in bundles if not (isinstance(grid[key], dict) and grid[key]
                                                 and all(isinstance(v, dict) for v in grid[key].values()))]
     if malformed:
-        raise _unknown_keys(f"sweeps/{name}/grid", malformed, allowed,
+        raise unknown_keys(f"sweeps/{name}/grid", malformed, allowed,
                             "; or a bundle of keys set together: NAME: {label: {key: value, ...}, ...}")
     owner = {key: key for key in grid if not is_bundle(key)}
     for bundle in bundles:
@@ -96,7 +87,7 @@ def _check_bundles(name: str, grid: dict) -> None:
                 raise ConfigError(f"{where}: is empty; give at least 1 key")
             unknown = [k for k in keys if k not in _sweepable()]
             if unknown:
-                raise _unknown_keys(where, unknown, allowed)
+                raise unknown_keys(where, unknown, allowed)
             if set(keys) != set(labels[first]):
                 raise ConfigError(f"{where}: sets {', '.join(sorted(keys))}, but {first} sets "
                                   f"{', '.join(sorted(labels[first]))}: every label of a bundle sets the same keys")
@@ -177,9 +168,8 @@ def _start(name: str, sweep: dict, listed: dict) -> dict:
     if "variant" in sweep:
         source = sweep["variant"]
         if source not in listed:
-            close = difflib.get_close_matches(source, list(listed), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"sweeps/{name}/variant: {source!r} is not a listed variant{hint}; "
+            raise ConfigError(f"sweeps/{name}/variant: {source!r} is not a listed variant"
+                              f"{did_you_mean(source, listed)}; "
                               f"listed: {', '.join(listed) or 'none'}")
         # Its references describe its own settings, which a point changes.
         start = {k: v for k, v in listed[source].items() if k not in ("description", "references")}
