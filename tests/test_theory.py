@@ -214,11 +214,54 @@ def test_phase_curves_over_gains():
     assert row.grad_ratio_first_last == pytest.approx(layers[0].grad_std_rel_last)
 
 
+# -- Monte Carlo nets for the Jacobian's prediction: square layers, the project's ``x @ W`` convention ---------------
+def random_weights(n_layers: int, width: int, gain: float, weights: str = "gaussian", generator=None) -> list:
+    """``n_layers`` square torch matrices: ``randn * gain / sqrt(width)``, or orthogonal times ``gain``."""
+    out = []
+    for _ in range(n_layers):
+        a = torch.randn((width, width), generator=generator, dtype=torch.float64)
+        if weights == "gaussian":
+            out.append(a * gain / math.sqrt(width))
+        elif weights == "orthogonal":
+            qm, r = torch.linalg.qr(a)
+            out.append(qm * torch.sign(torch.diagonal(r)) * gain)  # the sign fix makes it Haar-distributed
+        else:
+            raise ValueError(f"weights: {weights!r} is not one of gaussian, orthogonal")
+    return out
+
+
+def jacobian_singular_values(weights: list, x, activation: str = "tanh", biases: list | None = None):
+    """Singular values of ``d a_L / d x`` for each row of ``x``, for ``a_l = phi(a_{l-1} @ W_l + b_l)``.
+
+    ``weights`` are torch matrices (fan_in x fan_out, the project's ``x @ W`` convention), ``x`` a
+    (batch, fan_in) tensor; returns (batch, min(fan_in, fan_out_last)). Built as the explicit
+    product ``W_1 D_1 W_2 D_2 ...`` per example: meant for small nets (widths of a few hundred).
+    """
+    a = x.to(weights[0].dtype)
+    jac = None
+    for i, w in enumerate(weights):
+        h = a @ w
+        if biases is not None and biases[i] is not None:
+            h = h + biases[i]
+        if activation == "tanh":
+            a, d = torch.tanh(h), 1 - torch.tanh(h) ** 2
+        elif activation == "relu":
+            a, d = torch.relu(h), (h > 0).to(h.dtype)
+        elif activation == "gelu":
+            cdf = 0.5 * (1 + torch.erf(h / math.sqrt(2)))
+            a, d = h * cdf, cdf + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
+        else:
+            a, d = h, torch.ones_like(h)
+        step = w.unsqueeze(0) * d.unsqueeze(1)  # (batch, fan_in, fan_out): W with columns scaled by phi'
+        jac = step if jac is None else jac @ step
+    return torch.linalg.svdvals(jac)
+
+
 def test_orthogonal_deep_linear_net_has_an_all_ones_spectrum():
     g = torch.Generator().manual_seed(0)
-    weights = theory.random_weights(8, 64, 1.0, "orthogonal", generator=g)
+    weights = random_weights(8, 64, 1.0, "orthogonal", generator=g)
     x = torch.randn((10, 64), generator=g, dtype=torch.float32)
-    sv = theory.jacobian_singular_values(weights, x, activation="linear")
+    sv = jacobian_singular_values(weights, x, activation="linear")
     assert sv.shape == (10, 64)
     assert torch.allclose(sv, torch.ones_like(sv), atol=1e-10)
     assert theory.jacobian_spectrum(8, 1.0, "linear", "orthogonal")["var_sq"] == 0.0
@@ -228,9 +271,9 @@ def test_orthogonal_deep_linear_net_has_an_all_ones_spectrum():
 def test_jacobian_spectrum_matches_the_free_probability_prediction(weights):
     g = torch.Generator().manual_seed(2)
     n_layers, width, gain = 4, 300, 1.2
-    ws = theory.random_weights(n_layers, width, gain, weights, generator=g)
+    ws = random_weights(n_layers, width, gain, weights, generator=g)
     x = torch.randn((4, width), generator=g, dtype=torch.float32)
-    lam = theory.jacobian_singular_values(ws, x, activation="tanh") ** 2
+    lam = jacobian_singular_values(ws, x, activation="tanh") ** 2
     pred = theory.jacobian_spectrum(n_layers, gain, "tanh", weights)
     assert lam.mean().item() == pytest.approx(pred["mean_sq"], rel=0.05)
     assert lam.var(dim=1).mean().item() == pytest.approx(pred["var_sq"], rel=0.15)

@@ -13,7 +13,7 @@ Which comparisons a study makes is :mod:`actgrad.study.comparisons`'s.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -284,15 +284,6 @@ def reference_in_spread(reference: float, values: Sequence[float], precision: in
 
 
 # ---- Chaos as a rate -------------------------------------------------------------------------------------------
-
-
-def parameter_distance(params_a: Iterable, params_b: Iterable) -> float:
-    """||theta_A - theta_B|| over all parameters together (arrays or tensors, in the same order)."""
-    total = 0.0
-    for a, b in zip(params_a, params_b, strict=True):
-        diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-        total += float(np.dot(diff.ravel(), diff.ravel()))
-    return math.sqrt(total)
 
 
 def lyapunov_exponents(steps: Sequence[int], distances: Sequence[float]) -> np.ndarray:

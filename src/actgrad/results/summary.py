@@ -45,7 +45,7 @@ RUN_COLUMNS = ["variant", "seed", "model", "batchnorm", "steps", "steps_done", "
                "step0_loss", "init_loss", "expected_init_loss", "train_loss", "val_loss", "test_loss",
                "train_loss_calibrated", "val_loss_calibrated", "test_loss_calibrated",
                "sat97_init", "sat97_final", "sat99_init", "sat99_final", "twin_final_abs_delta", "seconds",
-               # issue 19: the activation's own shares, BatchNorm's batch-statistics evaluation, the Jacobian
+               # the activation's own shares, BatchNorm's batch-statistics evaluation, the Jacobian
                "norm", "activation", "weight_init", "batch_size", "nonpositive_init", "nonpositive_final",
                "val_loss_batch_stats", "jacobian_sv_mean", "jacobian_sv_std", "jacobian_sv_min", "jacobian_sv_max",
                "jacobian_sv_mean_sq", "jacobian_sv_std_sq"]

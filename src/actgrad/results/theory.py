@@ -19,10 +19,8 @@ predictions in the statistics' own vocabulary (:mod:`actgrad.training.stats`: st
 value) with ``source = "predicted"``, so that a report can join them with what was measured;
 :func:`phase_curves` gives the curves over a range of gains; :func:`depth_scale_analysis` Schoenholz et
 al.'s depth scales (xi_q, xi_c, the gradient's xi_grad and the trainable depth 6 xi_c) in both phases,
-:func:`spec_depth_scales` those of a deep variant's stack; :func:`jacobian_spectrum` and
-:func:`jacobian_singular_values` are the input-output Jacobian's spectrum in theory
-(Pennington, Schoenholz & Ganguli 2017) and on a batch. Only numpy and scipy are needed, except
-for the torch helpers at the end (imported inside them).
+:func:`spec_depth_scales` those of a deep variant's stack; :func:`jacobian_spectrum` the input-output
+Jacobian's spectrum (Pennington, Schoenholz & Ganguli 2017). Only numpy and scipy are needed.
 """
 
 from __future__ import annotations
@@ -612,11 +610,6 @@ def phase_curves(gains, n_layers: int, activation: str = "tanh", input_second_mo
     return pd.DataFrame(rows)
 
 
-def predictions_table(layers: list[LayerPrediction]) -> list[dict]:
-    """The layer predictions as plain dicts (for printing or JSON)."""
-    return [asdict(p) for p in layers]
-
-
 # -- the input-output Jacobian -------------------------------------------------------------
 
 
@@ -641,50 +634,3 @@ def jacobian_spectrum(n_layers: int, gain: float, activation: str = "tanh", weig
         rel_var += d4 / d2 ** 2 - 1 + (1.0 if weights == "gaussian" else 0.0)
     var = rel_var * mean ** 2
     return {"mean_sq": mean, "var_sq": var, "std_sq": math.sqrt(var), "weights": weights}
-
-
-def random_weights(n_layers: int, width: int, gain: float, weights: str = "gaussian", generator=None) -> list:
-    """``n_layers`` square torch matrices: ``randn * gain / sqrt(width)``, or orthogonal times ``gain``."""
-    import torch
-
-    out = []
-    for _ in range(n_layers):
-        a = torch.randn((width, width), generator=generator, dtype=torch.float64)
-        if weights == "gaussian":
-            out.append(a * gain / math.sqrt(width))
-        elif weights == "orthogonal":
-            qm, r = torch.linalg.qr(a)
-            out.append(qm * torch.sign(torch.diagonal(r)) * gain)  # the sign fix makes it Haar-distributed
-        else:
-            raise ValueError(f"weights: {weights!r} is not one of gaussian, orthogonal")
-    return out
-
-
-def jacobian_singular_values(weights: list, x, activation: str = "tanh", biases: list | None = None):
-    """Singular values of ``d a_L / d x`` for each row of ``x``, for ``a_l = phi(a_{l-1} @ W_l + b_l)``.
-
-    ``weights`` are torch matrices (fan_in x fan_out, the project's ``x @ W`` convention), ``x`` a
-    (batch, fan_in) tensor; returns (batch, min(fan_in, fan_out_last)). Built as the explicit
-    product ``W_1 D_1 W_2 D_2 ...`` per example: meant for small nets (widths of a few hundred).
-    """
-    import torch
-
-    _check_activation(activation)
-    a = x.to(weights[0].dtype)
-    jac = None
-    for i, w in enumerate(weights):
-        h = a @ w
-        if biases is not None and biases[i] is not None:
-            h = h + biases[i]
-        if activation == "tanh":
-            a, d = torch.tanh(h), 1 - torch.tanh(h) ** 2
-        elif activation == "relu":
-            a, d = torch.relu(h), (h > 0).to(h.dtype)
-        elif activation == "gelu":
-            cdf = 0.5 * (1 + torch.erf(h / math.sqrt(2)))
-            a, d = h * cdf, cdf + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
-        else:
-            a, d = h, torch.ones_like(h)
-        step = w.unsqueeze(0) * d.unsqueeze(1)  # (batch, fan_in, fan_out): W with columns scaled by phi'
-        jac = step if jac is None else jac @ step
-    return torch.linalg.svdvals(jac)

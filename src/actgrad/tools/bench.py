@@ -65,7 +65,7 @@ LECTURE_LOOP_ARGS = {
 NETWORKS = {name: (spec, *LECTURE_LOOP_ARGS[name]) for name, spec in LECTURE_NETWORKS.items()}
 
 
-# The engine's goals, in model-steps per second per core against the lecture's loop (issue 8).
+# The engine's goals, in model-steps per second per core against the lecture's loop.
 SPEED_GOALS = {"shallow": 5, "shallow+BN": 8, "deep": 5, "deep+BN": 10}
 
 
@@ -228,7 +228,7 @@ examples:
 # The peers by their command-line names (--peers), and the count they run at by default: the pipeline's models per job.
 PEER_NAMES = {"torch.func": "torch.func", "torch.compile": "torch.func + compile", "jax": "JAX"}
 PIPELINE_MODELS = 5
-LEAD_GOAL = 2  # issue 14: the engine at least 2x the best peer on every network
+LEAD_GOAL = 2  # the engine's goal: at least 2x the best peer on every network
 
 
 def parse_args(argv=None) -> argparse.Namespace:
