@@ -64,7 +64,7 @@ def test_a_study_above_its_limits_is_refused_with_its_size_and_the_key_that_rais
         complete(config)
     assert re.fullmatch(r"the study asks for 1,252 variant\(s\), 2,504 training run\(s\), (about [\d.,]+|under 0\.01) "
                         r"CPU-hours of training \(estimated\), above limits\.runs \(2,000\); if you mean it, raise "
-                        r"limits\.runs \(config/README\.md: limits\.runs, limits\.cpu_hours\)", str(e.value)), str(e.value)
+                        r"limits\.runs \(config/README\.md: limits\.runs, limits\.cpu_hours\)", str(e.value))
     config["limits"] = {"runs": 3000}
     assert len(complete(config)["variants"]) == 1252
     # ... and so is one whose estimated CPU time is above limits.cpu_hours
