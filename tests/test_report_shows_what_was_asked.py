@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 from conftest import REPO
 
-from actgrad.report.contents import asks_about_coupling
 from actgrad.results.significance import reference_in_spread
 from actgrad.study.load import load
 
 
 def test_the_coupling_section_is_only_where_a_study_asks_its_question():
+    from actgrad.report.contents import asks_about_coupling
+
     asked = {name: asks_about_coupling(load(REPO / "config" / f"{name}.yaml"))
              for name in ("config", "signal-propagation", "normalisation", "seed-notes")}
     assert asked == {"config": False, "signal-propagation": False, "normalisation": True, "seed-notes": False}
