@@ -139,6 +139,20 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     return True
 
 
+def _parent_ended(parent: int, wait: float = 1.0) -> bool:
+    """Whether the process ``parent`` that started this one has ended (this one is reparented). The kernel sends
+    the death signal when the thread that started us ends, before the rest of its process may have: wait a
+    little for the whole process to go."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while os.getppid() == parent:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def as_step(snakemake, fn) -> None:
     """Run ``fn(log)`` as a workflow step, logging to the rule's log file.
 
@@ -174,7 +188,7 @@ def as_step(snakemake, fn) -> None:
         sys.exit(1)
     except (Stopped, KeyboardInterrupt) as e:
         stopped_by = getattr(e, "signum", signal.SIGINT)
-        if os.getppid() != parent:  # the signal came from die_with_parent: nobody removes the outputs
+        if stopped_by == signal.SIGTERM and _parent_ended(parent):  # from die_with_parent: nobody cleans up
             fail(f"stopped by {signal.Signals(stopped_by).name}: the Snakemake that ran it ended; run snakemake "
                  "again to redo the step (it reruns incomplete outputs)")
         else:
