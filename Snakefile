@@ -19,18 +19,20 @@ include: "workflow/rules/summary.smk"
 include: "workflow/rules/report.smk"
 
 
-# Every run's files are asked for too: Snakemake does not rebuild a missing intermediate file whose
-# consumers are up to date, so a deleted or lost run would otherwise never be trained again.
+# Every run's files and every figure are asked for too: Snakemake does not rebuild a missing intermediate
+# file whose consumers are up to date, so a deleted or lost run would otherwise never be trained again, and
+# a deleted figure never drawn again (`snakemake --report` then fails on it).
 rule all:
     default_target: True
     input:
         all_run_outputs(),
         "results/summary.csv",
+        rules.figures.output,
         "report/report.html",
 
 
 onstart:
-    print(f"actgrad: {len(config['variants'])} variant(s) x {len(config['seeds'])} seed(s); report -> report/report.html")
+    print(f"actgrad: {STUDY_SIZE}; report -> report/report.html")
 
 
 onsuccess:

@@ -420,7 +420,7 @@ BAD_CONFIGS = {
     "seed too small": (_with("seeds", [-(2**63) - 1]), "seeds/0: -9223372036854775809 is less than the minimum", ""),
     "variant seed too large": (_with("variants/deep_bn/seeds", [2**64]), "variants/deep_bn/seeds/0: ", "maximum"),
     "too many bins": (_with("stats/bins", 1000000), "stats/bins: 1000000 is greater than the maximum of 1000", ""),
-    "too many samples": (_with("samples", 10**7), "samples: 10000000 is greater than the maximum of 10000", ""),
+    "too many samples": (_with("samples", 10**7), "samples: 10000000 is greater than the maximum of 1000", ""),
     "too many snapshots": (_with("stats/snapshot_steps", list(range(1000))), "stats/snapshot_steps: ", "too long"),
     "sha256 read as a number": (_with("names_sha256", 0), "names_sha256: 0 is not allowed; expected a string",
                                 "write --config 'names_sha256=!!str …' (or set it in a config file)"),

@@ -277,6 +277,12 @@ def make_splits(words: list[str], block_size: int = BLOCK_SIZE, seed: int = SPLI
         raise DataError(f"the names use {len(stoi) - 1} distinct letters; the models expect all 26 of a-z")
     if len(words) < 10:
         raise DataError(f"only {len(words)} names; the 80/10/10 split needs at least 10")
+    splits = {name: build_dataset(part, stoi, block_size) for name, part in _shuffled_thirds(words, seed).items()}
+    return {"splits": splits, "stoi": stoi, "itos": itos, "block_size": block_size}
+
+
+def _shuffled_thirds(words: list[str], seed: int) -> dict[str, list[str]]:
+    words = list(words)
     rng_state = random.getstate()
     try:
         random.seed(seed)
@@ -284,10 +290,48 @@ def make_splits(words: list[str], block_size: int = BLOCK_SIZE, seed: int = SPLI
     finally:
         random.setstate(rng_state)
     n1, n2 = int(0.8 * len(words)), int(0.9 * len(words))
-    splits = {}
-    for name, part in (("train", words[:n1]), ("dev", words[n1:n2]), ("test", words[n2:])):
-        splits[name] = build_dataset(part, stoi, block_size)
-    return {"splits": splits, "stoi": stoi, "itos": itos, "block_size": block_size}
+    return {"train": words[:n1], "dev": words[n1:n2], "test": words[n2:]}
+
+
+def split_sizes(words: list[str], seed: int = SPLIT_SEED) -> dict[str, int]:
+    """The examples of each split :func:`make_splits` makes, counted without building them (and without torch):
+    a name of n letters gives n + 1 examples, whatever the block size."""
+    return {name: sum(len(w) + 1 for w in part) for name, part in _shuffled_thirds(words, seed).items()}
+
+
+# The examples per split of makemore's names.txt (the sha256 the shipped configs pin) at the lecture's split
+# seed: what the workflow checks a job against while it plans, before the names are downloaded.
+KNOWN_SPLIT_SIZES = {
+    ("0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d", SPLIT_SEED):
+        {"train": 182625, "dev": 22655, "test": 22866},
+}
+
+
+def planned_split_sizes(sha256: str, seed: int, candidates=()) -> dict[str, int] | None:
+    """The split sizes of the names with checksum ``sha256`` at split seed ``seed``, known before the splits are
+    made: from :data:`KNOWN_SPLIT_SIZES`, else from the first of ``candidates`` (a ``splits.json`` the splits
+    step wrote, or a local names file) that is of these names. None if none is: the training job checks then.
+    """
+    sha256 = sha256.lower()
+    if (sha256, seed) in KNOWN_SPLIT_SIZES:
+        return dict(KNOWN_SPLIT_SIZES[(sha256, seed)])
+    for path in candidates:
+        path = Path(path)
+        try:
+            if path.suffix == ".json":
+                summary = json.loads(path.read_text())
+                if summary.get("data_sha256") == sha256 and summary.get("split_seed") == seed:
+                    return {k: int(v) for k, v in summary["examples"].items()}
+                continue
+            data = path.read_bytes()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not there or not readable: the steps that read it say so
+        if sha256_of(data) == sha256:
+            try:
+                return split_sizes(validate_names(data, str(path)), seed)
+            except DataError:
+                return None
+    return None
 
 
 def save_splits(names_path: str | os.PathLike, out_tensors: str | os.PathLike, out_summary: str | os.PathLike,

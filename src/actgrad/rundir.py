@@ -31,6 +31,10 @@ from actgrad.data import DataError
 RUN_FILES = ("metrics.json", "losses.parquet", "stats.parquet", "histograms.parquet", "saturation.npz",
              "params.pt", "samples.txt")
 METRICS = "metrics.json"
+# What every training job writes into metrics.json and every reader of a run relies on: a file without one
+# of them was not written by a finished job (or was edited). The summary needs more (SUMMARY_METRICS).
+REQUIRED_METRICS = ("variant", "seed", "steps")
+SUMMARY_METRICS = REQUIRED_METRICS + ("model", "status", "steps_done", "train_loss", "val_loss")
 
 
 class RunFileError(DataError):
@@ -86,8 +90,9 @@ class Run:
     metrics: dict
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> Run:
-        """The run in directory ``path``, or the run that a file ``path`` belongs to."""
+    def read(cls, path: str | os.PathLike, required=REQUIRED_METRICS) -> Run:
+        """The run in directory ``path``, or the run that a file ``path`` belongs to; its ``metrics.json`` must
+        hold the keys ``required``."""
         path = Path(path)
         directory = path.parent if path.name in RUN_FILES else path
         metrics_path = directory / METRICS
@@ -99,6 +104,10 @@ class Run:
             raise _unreadable(metrics_path, f"not valid JSON ({e})") from None
         if not isinstance(metrics, dict):
             raise _unreadable(metrics_path, "not a JSON object")
+        missing = [key for key in required if key not in metrics]
+        if missing:
+            raise _unreadable(metrics_path, f"lacks {', '.join(map(repr, missing))}, which every finished "
+                                            "training job writes")
         return cls(directory, metrics)
 
     @property
@@ -167,13 +176,14 @@ class Run:
         return [s for s in text.splitlines() if s.strip()]
 
 
-def read_runs(paths) -> list[Run]:
-    """The distinct runs that a list of run files (or run directories) belong to, in order."""
+def read_runs(paths, required=REQUIRED_METRICS) -> list[Run]:
+    """The distinct runs that a list of run files (or run directories) belong to, in order (each with the
+    metrics ``required``)."""
     runs, seen = [], set()
     for p in paths:
         p = Path(p)
         directory = p.parent if p.name in RUN_FILES else p
         if directory not in seen:
             seen.add(directory)
-            runs.append(Run.read(directory))
+            runs.append(Run.read(directory, required))
     return runs

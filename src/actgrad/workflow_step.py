@@ -116,8 +116,48 @@ def diagnose(inputs) -> str | None:
     return None
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """On Linux, have the kernel send this process ``sig`` when the process that started it ends: a step that
+    Snakemake runs locally then stops when Snakemake is killed (``kill -9``, a closed terminal) instead of
+    training on as an orphan. Returns whether it could be arranged (not on macOS or Windows)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    # The parent may have ended before the request was made: then there is no one left to wait for.
+    if os.getppid() == 1:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def _parent_ended(parent: int, wait: float = 1.0) -> bool:
+    """Whether the process ``parent`` that started this one has ended (this one is reparented). The kernel sends
+    the death signal when the thread that started us ends, before the rest of its process may have: wait a
+    little for the whole process to go."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while os.getppid() == parent:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def as_step(snakemake, fn) -> None:
-    """Run ``fn(log)`` as a workflow step, logging to the rule's log file."""
+    """Run ``fn(log)`` as a workflow step, logging to the rule's log file.
+
+    A step Snakemake runs on this machine stops with Snakemake (:func:`die_with_parent`), as SIGTERM does.
+    """
     step = getattr(snakemake, "rule", None) or "step"
     log_path = Path(snakemake.log[0]) if snakemake.log else None
     log_file = None
@@ -137,6 +177,9 @@ def as_step(snakemake, fn) -> None:
 
     main = threading.current_thread() is threading.main_thread()  # only there can signals be handled
     previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    parent = os.getppid()
+    if main:
+        die_with_parent()
     stopped_by = None
     try:
         fn(log)
@@ -145,7 +188,12 @@ def as_step(snakemake, fn) -> None:
         sys.exit(1)
     except (Stopped, KeyboardInterrupt) as e:
         stopped_by = getattr(e, "signum", signal.SIGINT)
-        fail(f"stopped by {signal.Signals(stopped_by).name}; its unfinished outputs are removed, run again to redo it")
+        if stopped_by == signal.SIGTERM and _parent_ended(parent):  # from die_with_parent: nobody cleans up
+            fail(f"stopped by {signal.Signals(stopped_by).name}: the Snakemake that ran it ended; run snakemake "
+                 "again to redo the step (it reruns incomplete outputs)")
+        else:
+            fail(f"stopped by {signal.Signals(stopped_by).name}; its unfinished outputs are removed, "
+                 "run again to redo it")
     except MemoryError:
         fail("ran out of memory; give the job more (resources.train_mem_mb for training) or make it smaller",
              traceback.format_exc())

@@ -28,6 +28,18 @@ VARIANT_FIGURES = {
 }
 
 
+def asks_about_coupling(config: dict) -> bool:
+    """Whether the study asks what BatchNorm's coupling of examples costs (the report's section of that name):
+    deep BatchNorm variants at two batch sizes or more, or beside LayerNorm ones at the same batch size. A study
+    that only switches BatchNorm on and off at one batch size (the signal-propagation study) does not."""
+    from actgrad.study.settings import variant_spec
+
+    cells = {(spec["norm"], spec["batch_size"]) for spec in (variant_spec(config, name) for name in config["variants"])
+             if spec["model"] == "deep"}
+    batchnorm = {b for norm, b in cells if norm == "batchnorm"}
+    return len(batchnorm) > 1 or any(("layernorm", b) in cells for b in batchnorm)
+
+
 def study_figures(specs) -> list[str]:
     """The cross-variant figures a study has, from its variants' complete settings: the deep comparison
     only with a deep variant, the sensitivity and Lyapunov figures only when some run has a twin."""

@@ -783,6 +783,11 @@ def sweep_phase_figure(rows: pd.DataFrame, keys: list[str], curves: dict[str, pd
     for ax, (metric, label, log_y) in zip(axes.flat, panels):
         sel = rows[rows.metric == metric]
         drawn = False
+        # A log axis starts a little below the lowest mean (a spread larger than its mean would pull it down to
+        # the floor); a bar's lower end stops there: mean - sd is not a log value when the sd exceeds the mean.
+        positive = sel["mean"].to_numpy(float)
+        positive = positive[np.isfinite(positive) & (positive > 0)]
+        bottom = 0.3 * positive.min() if log_y and len(positive) else None
         for group in groups:
             g = sel[sel._label == group]
             xs = g[x_key].map(positions).to_numpy(float) if categorical else g[x_key].to_numpy(float)
@@ -792,7 +797,12 @@ def sweep_phase_figure(rows: pd.DataFrame, keys: list[str], curves: dict[str, pd
             if log_y:  # equal twins (|delta| = 0) sit on the floor, as in the sensitivity figure
                 mean = np.where(mean > 0, mean, SENSITIVITY_FLOOR)
             if np.isfinite(mean).any():
-                ax.errorbar(xs, mean, yerr=np.nan_to_num(sd), fmt="o", ms=4.5, capsize=2.5, color=colors[group],
+                yerr = np.nan_to_num(sd)
+                if log_y:  # down to the axis' bottom at most (to the floor where the mean sits on it)
+                    limit = bottom if bottom is not None else SENSITIVITY_FLOOR
+                    lower = np.where(np.isfinite(mean), np.clip(np.minimum(yerr, mean - limit), 0, None), 0.0)
+                    yerr = np.array([lower, yerr])
+                ax.errorbar(xs, mean, yerr=yerr, fmt="o", ms=4.5, capsize=2.5, color=colors[group],
                             label=f"{group} (measured)", zorder=3)
                 drawn = True
             curve = (curves or {}).get(group)
@@ -827,10 +837,9 @@ def sweep_phase_figure(rows: pd.DataFrame, keys: list[str], curves: dict[str, pd
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             # a spread larger than its mean would pull the axis down to the floor: cut it a little below the
-            # lowest mean instead (its bar then runs off the bottom edge)
-            means = sel["mean"].to_numpy(float)
-            if (means > 0).any():
-                ax.set_ylim(bottom=max(lo, 0.3 * means[means > 0].min()))
+            # lowest mean instead (the bars stop there, above)
+            if bottom is not None:
+                ax.set_ylim(bottom=max(lo, bottom))
         ax.set_xlabel(x_key)
         ax.set_title(label, fontsize=9.5)
     for ax in axes.flat[len(panels):]:

@@ -28,6 +28,7 @@ from actgrad.report.contents import (
     SWEEP_CAPTION,
     THEORY_CAPTION,
     VARIANT_FIGURES,
+    asks_about_coupling,
     featured_variants,
     figure_path,
     sweep_figure,
@@ -669,8 +670,10 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
         "sweeps": sweep_sections(config, _csv(results / TABLES["sweeps"]), figures_dir, captions_dir, set(featured)),
         "share_heading": share_heading(config),
         "jacobian": jacobian_rows(_csv(results / TABLES["jacobian"])),
-        "normalisation": normalisation_section(config, _csv(results / TABLES["normalisation"]),
-                                              _csv(results / TABLES["normalisation_tests"])),
+        # only where the study asks what BatchNorm's coupling costs (else every answer would be "not asked here")
+        "normalisation": (normalisation_section(config, _csv(results / TABLES["normalisation"]),
+                                                _csv(results / TABLES["normalisation_tests"]))
+                          if asks_about_coupling(config) else None),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
         "versions": package_versions(),
         "data_sha256": data_sha,

@@ -244,6 +244,12 @@ def method_text(alpha: float = DEFAULT_ALPHA, power: float = DEFAULT_POWER, metr
 # ---- The lecture's number inside our spread --------------------------------------------------------------------
 
 
+def _significant(x: float, figures: int) -> str:
+    """``x`` to ``figures`` significant figures, in fixed notation (0.00079, not 7.9e-04)."""
+    decimals = max(0, figures - 1 - math.floor(math.log10(abs(x)))) if x else 0
+    return f"{x:.{decimals}f}"
+
+
 def _ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
@@ -278,8 +284,13 @@ def reference_in_spread(reference: float, values: Sequence[float], precision: in
     out["z"] = (reference - out["mean"]) / out["sd"]
     z = f"{abs(out['z']):.1f}"
     where = "at our mean" if z == "0.0" else f"{z} sd {'above' if out['z'] > 0 else 'below'} our mean"
-    out["sentence"] = (f"{label} {fmt(reference)} is {where} of {n} seeds ({fmt(out['mean'])}, sd "
-                       f"{fmt(out['sd'])}); it would rank {_ordinal(out['rank'])} of {n + 1}, lowest first")
+    # The mean and sd to the digits their spread has (the sd to 2 significant figures, the mean to the sd's first
+    # one), never fewer than the printed value's: at the printed precision alone, a mean 1.3 sd away reads
+    # "2.07, sd 0.00".
+    digits = max(precision, -math.floor(math.log10(out["sd"]))) if out["sd"] > 0 else precision
+    out["sentence"] = (f"{label} {fmt(reference)} is {where} of {n} seeds ({out['mean']:.{digits}f}, sd "
+                       f"{_significant(out['sd'], 2) if out['sd'] < 10 ** -precision else fmt(out['sd'])}); "
+                       f"it would rank {_ordinal(out['rank'])} of {n + 1}, lowest first")
     return out
 
 

@@ -36,7 +36,7 @@ from actgrad.results.vocabulary import (
     VANISHING_BELOW,
     averaging_window,
 )
-from actgrad.rundir import Run, natural_key, parquet_bytes, read_runs
+from actgrad.rundir import SUMMARY_METRICS, Run, natural_key, parquet_bytes, read_runs
 from actgrad.study.comparisons import comparison_settings, grid_lines, resolve_comparisons
 from actgrad.study.settings import variant_spec
 from actgrad.study.sweeps import grid_point, sweep_groups
@@ -659,7 +659,7 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
     missing = set(TABLES) - set(outputs)
     if missing:
         raise ValueError(f"write_summary needs a path for each of {sorted(missing)}")
-    run_list = read_runs(run_paths)
+    run_list = read_runs(run_paths, SUMMARY_METRICS)
     by_variant: dict[str, list[Run]] = {}
     for r in run_list:
         by_variant.setdefault(r.variant, []).append(r)

@@ -1,6 +1,7 @@
 """The study's training jobs: which variants train together, and in which order the jobs start.
 
-The workflow asks :func:`training_jobs` for its jobs and :func:`training_cost` for their priority.
+The workflow asks :func:`training_jobs` for its jobs, :func:`training_cost` for their priority and
+:func:`study_cost` for the size of the whole study (which it prints, and bounds by ``limits``).
 """
 
 from __future__ import annotations
@@ -56,3 +57,22 @@ def training_cost(spec: dict, block_size: int) -> float:
     models = len(spec["seeds"]) * (2 if spec["sensitivity_twin"] else 1)
     flops = matmul_flops_per_step(spec, block_size, spec["batch_size"]) * spec["max_steps"] * models
     return flops * (1.5 if spec["norm"] != "none" else 1.0) / 1e9
+
+
+# What the estimate of a study's CPU time takes a core to do: the engine's matmul work per second at the
+# pipeline's 5 models per job (docs/engine.md: 33-53 % of a 165 GFLOP/s sgemm peak; elementwise work and a
+# normalisation's are in training_cost's count), and each job's start-up (config/README.md). Against the
+# shipped studies' measured wall times on 2 cores (README): the default study 0.53 CPU-hours estimated, about
+# 0.30 used; signal-propagation 0.22 against 0.15; normalisation (batches of 4 and 8, where the fixed cost of a
+# step dominates) 0.07 against 0.16. A rough figure, meant for the order of magnitude.
+GFLOP_PER_CPU_SECOND = 40.0
+JOB_START_SECONDS = 1.5
+
+
+def study_cost(config: dict) -> dict:
+    """The study's training runs (seeds of every variant; twins not counted as runs) and an estimate of the CPU
+    time they take, in hours (:data:`GFLOP_PER_CPU_SECOND`)."""
+    specs = [variant_spec(config, name) for name in config["variants"]]
+    gflop = sum(training_cost(spec, config["block_size"]) for spec in specs)
+    seconds = gflop / GFLOP_PER_CPU_SECOND + JOB_START_SECONDS * len(training_jobs(config))
+    return {"runs": sum(len(spec["seeds"]) for spec in specs), "variants": len(specs), "cpu_hours": seconds / 3600}

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from actgrad.study.comparisons import check_comparisons
+from actgrad.study.jobs import study_cost
 from actgrad.study.settings import ConfigError, apply_defaults, load_schema, merge, validate
 from actgrad.study.sweeps import expand_sweeps
 
@@ -60,5 +61,46 @@ def complete(config: dict) -> dict:
     schema = load_schema()
     validate(config, schema)
     apply_defaults(config, schema)
+    check_size(config)
     check_comparisons(config)
     return config
+
+
+def describe_size(cost: dict) -> str:
+    hours = cost["cpu_hours"]
+    return (f"{cost['variants']:,} variant(s), {cost['runs']:,} training run(s), "
+            f"{f'about {hours:,.2f}' if hours >= 0.01 else 'under 0.01'} CPU-hours of training (estimated)")
+
+
+def check_size(config: dict) -> dict:
+    """Refuse a study above its ``limits`` (runs, estimated CPU-hours), saying how large it is and which key
+    raises the bound; return its size (:func:`actgrad.study.jobs.study_cost`)."""
+    cost = study_cost(config)
+    limits = config["limits"]
+    over = {key: f"limits.{key} ({limits[key]:,})" for key, size in (("runs", cost["runs"]),
+                                                                      ("cpu_hours", cost["cpu_hours"]))
+            if size > limits[key]}
+    if over:
+        raise ConfigError(f"the study asks for {describe_size(cost)}, above {' and '.join(over.values())}; "
+                          f"if you mean it, raise {' and '.join(f'limits.{key}' for key in over)} "
+                          "(config/README.md: limits.runs, limits.cpu_hours)")
+    return cost
+
+
+def check_jobs(config: dict, jobs: dict[str, list[str]], sizes: dict[str, int] | None) -> None:
+    """The checks each training job makes before it trains (:func:`actgrad.training.memory.check_job`: a
+    minibatch the training split can fill, the memory estimate against ``resources.train_mem_mb``), made for
+    every job while the workflow plans, so that a job that would refuse stops the workflow before Snakemake
+    deletes anything. ``sizes``: the examples per split (:func:`actgrad.data.planned_split_sizes`); without
+    them (names not known yet) the jobs check for themselves. The message names the job as its own would."""
+    if sizes is None:
+        return
+    from actgrad.training.memory import check_job
+
+    n_train, n_examples = sizes["train"], sum(sizes.values())
+    for job, names in jobs.items():
+        try:
+            check_job(config, names, n_train, config["block_size"], n_examples)
+        except ConfigError as e:
+            raise ConfigError(f"error: train_{job}: {e} (refused while planning: nothing was run or deleted)") \
+                from None

@@ -133,6 +133,11 @@ def validate(config: dict, schema: dict | None = None) -> None:
         schedule = variant.get("lr_schedule")
         if schedule and schedule[0]["from_step"] != 0:
             raise ConfigError(f"variants/{name}/lr_schedule: the first entry must start at from_step 0")
+        for i, (before, entry) in enumerate(zip(schedule or [], (schedule or [])[1:]), start=1):
+            if entry["from_step"] <= before["from_step"]:
+                raise ConfigError(f"variants/{name}/lr_schedule/{i}/from_step: {entry['from_step']} does not come "
+                                  f"after the entry before it (from_step {before['from_step']}); list the entries "
+                                  "in order of from_step, each at a later step")
 
 
 def apply_defaults(config: dict, schema: dict | None = None) -> dict:

@@ -33,6 +33,7 @@ statistics step is also measured and extrapolated to a full run at the default p
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import time
 from dataclasses import replace
@@ -50,6 +51,9 @@ from actgrad.training.model import build_network
 from actgrad.training.networks import LECTURE_NETWORKS
 from actgrad.training.progress import ProgressLog
 from actgrad.training.stats import StatsPlan, StatsRecorder
+
+# Every line goes out as it is printed, to a terminal or a pipe: the bench talks while it measures.
+say = functools.partial(print, flush=True)
 
 SCHEDULE = [{"from_step": 0, "lr": 0.1}, {"from_step": 100000, "lr": 0.01}]
 BATCH_SIZE = 32
@@ -285,37 +289,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    run(parse_args(argv))
-    return 0
-
-
-def run(args: argparse.Namespace) -> list[dict]:
-    """Time every row, print the table, return the rows as dicts."""
-    if not Path(args.names).is_file():
-        raise SystemExit(f"actgrad bench: no names file at {args.names}; get it with `snakemake --cores 1 "
-                         f"{DEFAULT_NAMES}` in the project, or point --names PATH at a copy of makemore's names.txt")
-    torch.set_num_threads(args.threads)
-    words = data.read_names(args.names)
-    built = data.make_splits(words)
-    Xtr, Ytr = built["splits"]["train"]
-    block_size = built["block_size"]
-
-    clocks = {dev: clock_for(dev, args.clock) for dev in args.devices}
-    cpu_clock = clock_for(torch.device("cpu"), args.clock)
-    print(f"actgrad bench: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} thread(s), {args.steps} steps per run, best of {args.repeat} interleaved round(s)")
-    print("timed by " + ", ".join(f"{'process CPU time' if c is time.process_time else 'wall time'} on {d}"
-                                  for d, c in clocks.items()))
-    print("FLOPs per model-step (3 x forward matmul FLOPs, batch 32): "
-          + ", ".join(f"{n} {matmul_flops_per_step(NETWORKS[n][0], block_size) / 1e6:.2f} M" for n in args.networks))
-    print("engine: M models of one network (seeds 1000..) trained together; statistics on (a StatsRecorder "
-          "per model, the default plan) unless marked 'no stats'; reference: the lecture's loop on CPU")
-    compiled = any(dev.type == "cpu" for dev in args.devices) and kernels.load() is not None
-    print(f"C kernels on CPU: {kernels.status()}"
-          + ("; 'PyTorch ops': the same engine without them" if compiled else ""))
-
-    # Rows: (network, label, device, models, stats, kernels); the reference is the lecture loop on CPU.
+def plan_rows(args, compiled: bool, peer_list: list[str]) -> tuple[list[tuple], list[tuple]]:
+    """The rows the bench times: (network, label, device, models, stats, kernels), the lecture loop on CPU
+    first for each network, and the peers' (network, peer, models)."""
     # Without the C kernels, once, at the smallest batch of several models (the pipeline trains 5).
     several = min([m for m in args.models if m > 1] or args.models)
     rows = []
@@ -328,23 +304,112 @@ def run(args: argparse.Namespace) -> list[dict]:
                     rows.append((net, "engine (PyTorch ops)", dev, m, True, False))
             rows.append((net, "engine", dev, max(args.models), False, None))
     # The peers and, for the same work (no statistics), the engine at their model counts, on CPU.
-    peer_list = list(args.peers)
-    if "JAX" in peer_list and (missing := peers.jax_missing()):
-        print(missing)
-        peer_list.remove("JAX")
     peer_rows = [(net, peer, m) for net in args.networks for m in args.peer_models for peer in peer_list]
     for net in args.networks:
         for m in args.peer_models if peer_list else []:
             if (net, "engine", torch.device("cpu"), m, False, None) not in rows:
                 rows.append((net, "engine", torch.device("cpu"), m, False, None))
+    return rows, peer_rows
+
+
+# Rough one-core rates for the plan's estimate (docs/engine.md's tables): the lecture loop's steps/s, the engine's
+# model-steps/s at 5 models, each peer's lead-adjusted share of it, and the matmuls-alone ceiling.
+LECTURE_RATE = {"shallow": 4525, "shallow+BN": 1952, "deep": 997, "deep+BN": 444}
+ENGINE_RATE = {"shallow": 29400, "shallow+BN": 24800, "deep": 9400, "deep+BN": 8300}
+PEER_SLOWDOWN = {"torch.func": 12.0, "torch.func + compile": 2.4, "JAX": 1.6}
+PEER_COMPILE_SECONDS = {"torch.func": 0.0, "torch.func + compile": 2.5, "JAX": 1.5}
+CEILING_RATE = {"shallow": 56000, "shallow+BN": 56000, "deep": 13700, "deep+BN": 13700}
+
+
+def estimate_seconds(args, rows, peer_rows, warm: int = 20) -> float:
+    """What the bench will take, from :data:`ENGINE_RATE` and the others: rough (another machine, other threads,
+    a GPU), but the right order of magnitude before a run of many minutes."""
+    seconds = 0.0
+    for net, label, dev, m, _stats, _kernels in rows:
+        rate = LECTURE_RATE[net] if label == "lecture loop" else ENGINE_RATE[net] * (dev.type == "cpu" or 3.0)
+        seconds += args.repeat * m * (args.steps + warm) / rate
+    for net, peer, m in peer_rows:
+        seconds += args.repeat * (m * (args.steps + warm) * PEER_SLOWDOWN[peer] / ENGINE_RATE[net]
+                                  + 2 * PEER_COMPILE_SECONDS[peer])
+    for net, m in {(net, m) for net, _peer, m in peer_rows}:
+        seconds += 2 * 3 * 2000 * m / CEILING_RATE[net]  # the matmuls-alone ceiling, two layouts
+    m = max(args.models)
+    for net in args.networks:
+        for _ in args.devices:
+            seconds += 10 * 40 * m / ENGINE_RATE[net]  # the statistics' cost per kind of step
+            seconds += 2 * args.repeat * args.steps * m / ENGINE_RATE[net]  # progress lines' cost
+    return seconds + args.repeat * len(args.devices) * 1.0 + 3.0  # sgemm peaks; the splits
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Time every row, print the table, return the rows as dicts."""
+    if not Path(args.names).is_file():
+        raise SystemExit(f"actgrad bench: no names file at {args.names}; get it with `snakemake --cores 1 "
+                         f"{DEFAULT_NAMES}` in the project, or point --names PATH at a copy of makemore's names.txt")
+    torch.set_num_threads(args.threads)
+    compiled = any(dev.type == "cpu" for dev in args.devices) and kernels.load() is not None
+    peer_list = list(args.peers)
+    jax_note = peers.jax_missing() if "JAX" in peer_list else None
+    if jax_note:
+        peer_list.remove("JAX")
+    rows, peer_rows = plan_rows(args, compiled, peer_list)
+    # The plan and what it will take, before anything is measured; then each row as it is measured.
+    say(f"actgrad bench: {len(rows)} engine and lecture-loop rows and {len(peer_rows)} peer rows, "
+        f"{args.steps:,} steps each, best of {args.repeat} interleaved round(s), networks {', '.join(args.networks)}, "
+        f"models {', '.join(map(str, args.models))}; about {_duration(estimate_seconds(args, rows, peer_rows))} "
+        f"(estimated from docs/engine.md's one-core rates; rows print as they are measured, the table's in the "
+        f"last round)")
+    if jax_note:
+        say(jax_note)
+    words = data.read_names(args.names)
+    built = data.make_splits(words)
+    Xtr, Ytr = built["splits"]["train"]
+    block_size = built["block_size"]
+
+    clocks = {dev: clock_for(dev, args.clock) for dev in args.devices}
+    cpu_clock = clock_for(torch.device("cpu"), args.clock)
+    say(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} thread(s), {args.steps} steps per run, best of {args.repeat} interleaved round(s)")
+    say("timed by " + ", ".join(f"{'process CPU time' if c is time.process_time else 'wall time'} on {d}"
+                                for d, c in clocks.items()))
+    say("FLOPs per model-step (3 x forward matmul FLOPs, batch 32): "
+        + ", ".join(f"{n} {matmul_flops_per_step(NETWORKS[n][0], block_size) / 1e6:.2f} M" for n in args.networks))
+    say("engine: M models of one network (seeds 1000..) trained together; statistics on (a StatsRecorder "
+        "per model, the default plan) unless marked 'no stats'; reference: the lecture's loop on CPU")
+    say(f"C kernels on CPU: {kernels.status()}"
+        + ("; 'PyTorch ops': the same engine without them" if compiled else ""))
+
     peer_runs: dict[tuple, peers.PeerRun] = {}
     compile_seconds: dict[tuple, float] = {}
     best = {r: 0.0 for r in rows}
     peaks = {dev: 0.0 for dev in args.devices}
     warm = 20
-    for _ in range(args.repeat):
+    results = []
+    started = time.perf_counter()
+    for round_ in range(1, args.repeat + 1):
+        last = round_ == args.repeat
         for dev in args.devices:
             peaks[dev] = max(peaks[dev], sgemm_peak(dev, clocks[dev]))
+        if last:  # the table's rows are final as the last round measures them
+            for dev in args.devices:
+                label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} thread(s)"
+                size = 8192 if dev.type == "cuda" else 2048
+                say(f"sgemm peak on {dev} ({label}): {peaks[dev]:.1f} GFLOP/s ({size}x{size} float32 matmul, best)")
+            say()
+            header = (f"{'network':<11} {'engine':<22} {'device':<7} {'models':>6} {'model-steps/s':>14} "
+                      f"{'x lecture':>9} {'GFLOP/s':>8} {'% peak':>7}  {'goal':<9}")
+            say(header)
+            say("-" * len(header))
         for row in rows:
             net, label, dev, m, stats, use_kernels = row
             spec, kind, lecture_args = NETWORKS[net]
@@ -356,43 +421,38 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rate = time_engine(spec, m, Xtr, Ytr, args.steps, dev, stats, block_size, clocks[dev],
                                    kernels=use_kernels)
             best[row] = max(best[row], rate)
+            if last:
+                results.append(print_row(row, best, peaks, block_size))
+            else:
+                say(f"round {round_}/{args.repeat}: {net} {label}{'' if stats or label != 'engine' else ' (no stats)'}"
+                    f" {dev.type} {m} model(s): {rate:,.0f} model-steps/s ({_duration(time.perf_counter() - started)}"
+                    " so far)")
+        if last and peer_rows:
+            say()
+            say(f"peers: what a user would otherwise write to train several seeds together (actgrad.tools.peers), on "
+                f"CPU, the same networks, minibatches (batch {BATCH_SIZE}) and lr {SCHEDULE[0]['lr']:g}, no "
+                "statistics; lead = the engine's model-steps/s (no statistics: the same work) over the peer's; with "
+                "stats = the engine as the pipeline runs it; compile: wall seconds, once, not in the rate; cpu/wall: "
+                "process CPU time over wall time of the timed run (about 1 on one core)")
+            say(PEER_HEADER)
+            say("-" * len(PEER_HEADER))
         for row in peer_rows:
             net, peer, m = row
-            run = time_peer(peer, NETWORKS[net][0], m, Xtr, Ytr, args.steps, block_size, cpu_clock, warm)
-            compile_seconds[row] = max(compile_seconds.get(row, 0.0), run.compile_seconds)
-            if row not in peer_runs or run.seconds < peer_runs[row].seconds:
-                peer_runs[row] = run
-    for dev in args.devices:
-        label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {args.threads} thread(s)"
-        size = 8192 if dev.type == "cuda" else 2048
-        print(f"sgemm peak on {dev} ({label}): {peaks[dev]:.1f} GFLOP/s ({size}x{size} float32 matmul, best)")
-    print()
-
-    header = (f"{'network':<11} {'engine':<22} {'device':<7} {'models':>6} {'model-steps/s':>14} "
-              f"{'x lecture':>9} {'GFLOP/s':>8} {'% peak':>7}  {'goal':<9}")
-    print(header)
-    print("-" * len(header))
-    results = []
-    for row in rows:
-        net, label, dev, m, stats, _ = row
-        spec = NETWORKS[net][0]
-        ref = best[(net, "lecture loop", torch.device("cpu"), 1, False, None)]
-        rate = best[row]
-        gflops = rate * matmul_flops_per_step(spec, block_size) / 1e9
-        peak = peaks[dev]
-        name = label if label != "engine" else f"engine{'' if stats else ' (no stats)'}"
-        goal = "" if label == "lecture loop" else (
-            f"{SPEED_GOALS[net]:g}x {'met' if rate / ref >= SPEED_GOALS[net] else 'short'}")
-        print(f"{net:<11} {name:<22} {dev.type:<7} {m:>6} {rate:>14,.0f} {rate / ref:>9.2f} {gflops:>8.1f} "
-              f"{100 * gflops / peak:>6.1f}%  {goal}")
-        results.append(dict(network=net, engine=name, device=str(dev), models=m, stats=stats,
-                            model_steps_per_s=rate, ratio=rate / ref, gflops=gflops, peak_fraction=gflops / peak))
+            run_ = time_peer(peer, NETWORKS[net][0], m, Xtr, Ytr, args.steps, block_size, cpu_clock, warm)
+            compile_seconds[row] = max(compile_seconds.get(row, 0.0), run_.compile_seconds)
+            if row not in peer_runs or run_.seconds < peer_runs[row].seconds:
+                peer_runs[row] = run_
+            if last:
+                results.append(print_peer_row(row, peer_runs, compile_seconds, best))
+            else:
+                say(f"round {round_}/{args.repeat}: peer {peer}, {net}, {m} model(s): "
+                    f"{m * run_.timed_steps / run_.seconds:,.0f} model-steps/s")
     if peer_rows:
-        results += print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size,
-                               peaks.get(torch.device("cpu")) or sgemm_peak(torch.device("cpu"), cpu_clock))
-    print()
+        results += print_ceilings(args, results, best, block_size,
+                                  peaks.get(torch.device("cpu")) or sgemm_peak(torch.device("cpu"), cpu_clock))
+    say()
     m = max(args.models)
-    print(f"statistics overhead, {m} models: in these {args.steps}-step runs (stats on vs off, where snapshots at "
+    say(f"statistics overhead, {m} models: in these {args.steps}-step runs (stats on vs off, where snapshots at "
           "steps 0 and 1000 weigh far more than in a real run), and extrapolated to a 200,000-step run at the "
           "default plan from the measured cost of each kind of statistics step:")
     for net in args.networks:
@@ -402,15 +462,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             costs = stats_step_costs(NETWORKS[net][0], m, Xtr, Ytr, dev, block_size, clocks[dev])
             extra = sum(n * costs[kind] for kind, n in DEFAULT_RUN.items())
             full = 200000 * costs["plain"]
-            print(f"  {net:<11} {dev.type}: {100 * (off / on - 1):+5.1f}% here, {100 * extra / full:+5.1f}% over "
+            say(f"  {net:<11} {dev.type}: {100 * (off / on - 1):+5.1f}% here, {100 * extra / full:+5.1f}% over "
                   f"200k steps (per step, ms: plain {1e3 * costs['plain']:.2f}, + update {1e3 * costs['update']:.2f}, "
                   f"series {1e3 * costs['series']:.2f}, histogram {1e3 * costs['histogram']:.2f}, "
                   f"snapshot {1e3 * costs['snapshot']:.2f})")
             results.append(dict(network=net, device=str(dev), models=m, stats_overhead_here=off / on - 1,
                                 stats_overhead_200k=extra / full))
-    print()
+    say()
     every = max(1, args.steps // 10)
-    print(f"progress lines, {m} models, statistics on: the time of a {args.steps}-step run with a line every {every} "
+    say(f"progress lines, {m} models, statistics on: the time of a {args.steps}-step run with a line every {every} "
           f"steps against none (best of {args.repeat} interleaved), and scaled to the pipeline's line every "
           f"{PIPELINE_PROGRESS:,} steps:")
     for net in args.networks:
@@ -418,7 +478,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             without, with_lines = progress_cost(NETWORKS[net][0], m, Xtr, Ytr, args.steps, dev, block_size,
                                                 clocks[dev], args.repeat, every)
             here = without / with_lines - 1
-            print(f"  {net:<11} {dev.type}: {without:,.0f} vs {with_lines:,.0f} model-steps/s, {100 * here:+5.2f}% "
+            say(f"  {net:<11} {dev.type}: {without:,.0f} vs {with_lines:,.0f} model-steps/s, {100 * here:+5.2f}% "
                   f"time here, {100 * here * every / PIPELINE_PROGRESS:+6.3f}% at one line per "
                   f"{PIPELINE_PROGRESS:,} steps")
             results.append(dict(network=net, device=str(dev), models=m, progress_every=every,
@@ -427,37 +487,51 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size: int, cpu_peak: float) -> list[dict]:
-    """The peers' table: model-steps/s beside the engine's at the same count, the lead, the best peer per network,
-    and what the goal's lead would take: of the step's matmuls alone, and of the CPU's sgemm peak (``cpu_peak``,
-    GFLOP/s) for their FLOPs with nothing else in the step."""
+PEER_HEADER = (f"{'network':<11} {'peer':<22} {'models':>6} {'model-steps/s':>14} {'lead':>7} {'with stats':>10} "
+               f"{'compile s':>9} {'cpu/wall':>8}")
+
+
+def print_row(row, best, peaks, block_size: int) -> dict:
+    """One row of the engine's table, printed once its last measurement is in."""
+    net, label, dev, m, stats, _ = row
+    spec = NETWORKS[net][0]
+    ref = best[(net, "lecture loop", torch.device("cpu"), 1, False, None)]
+    rate = best[row]
+    gflops = rate * matmul_flops_per_step(spec, block_size) / 1e9
+    peak = peaks[dev]
+    name = label if label != "engine" else f"engine{'' if stats else ' (no stats)'}"
+    goal = "" if label == "lecture loop" else (
+        f"{SPEED_GOALS[net]:g}x {'met' if rate / ref >= SPEED_GOALS[net] else 'short'}")
+    say(f"{net:<11} {name:<22} {dev.type:<7} {m:>6} {rate:>14,.0f} {rate / ref:>9.2f} {gflops:>8.1f} "
+        f"{100 * gflops / peak:>6.1f}%  {goal}")
+    return dict(network=net, engine=name, device=str(dev), models=m, stats=stats,
+                model_steps_per_s=rate, ratio=rate / ref, gflops=gflops, peak_fraction=gflops / peak)
+
+
+def print_peer_row(row, peer_runs, compile_seconds, best) -> dict:
+    """One peer's row: model-steps/s beside the engine's at the same count, and the engine's lead."""
     cpu = torch.device("cpu")
-    print()
-    print(f"peers: what a user would otherwise write to train several seeds together (actgrad.tools.peers), on CPU, "
-          f"the "
-          f"same networks, minibatches (batch {BATCH_SIZE}) and lr {SCHEDULE[0]['lr']:g}, no statistics; lead = the "
-          "engine's model-steps/s (no statistics: the same work) over the peer's; with stats = the engine as the "
-          "pipeline runs it; compile: wall seconds, once, not in the rate; cpu/wall: process CPU time over wall "
-          "time of the timed run (about 1 on one core)")
-    header = (f"{'network':<11} {'peer':<22} {'models':>6} {'model-steps/s':>14} {'lead':>7} {'with stats':>10} "
-              f"{'compile s':>9} {'cpu/wall':>8}")
-    print(header)
-    print("-" * len(header))
-    results = []
-    for net, peer, m in peer_rows:
-        run = peer_runs[(net, peer, m)]
-        rate = m * run.timed_steps / run.seconds
-        lead = best[(net, "engine", cpu, m, False, None)] / rate
-        with_stats = best.get((net, "engine", cpu, m, True, None), 0.0) / rate
-        stats_text = f"{with_stats:>9.2f}x" if with_stats else f"{'':>10}"
-        cpu_wall = run.cpu_seconds / run.wall_seconds
-        print(f"{net:<11} {peer:<22} {m:>6} {rate:>14,.0f} {lead:>6.2f}x {stats_text} "
-              f"{compile_seconds[(net, peer, m)]:>9.1f} {cpu_wall:>8.2f}")
-        results.append(dict(network=net, peer=peer, device="cpu", models=m, model_steps_per_s=rate, lead=lead,
-                            lead_with_stats=with_stats or None, compile_seconds=compile_seconds[(net, peer, m)],
-                            cpu_per_wall=cpu_wall))
-    print()
-    print(f"ceiling: a step's matrix products alone (actgrad.tools.bench.matmul_ceiling), the most model-steps/s "
+    net, peer, m = row
+    run = peer_runs[row]
+    rate = m * run.timed_steps / run.seconds
+    lead = best[(net, "engine", cpu, m, False, None)] / rate
+    with_stats = best.get((net, "engine", cpu, m, True, None), 0.0) / rate
+    stats_text = f"{with_stats:>9.2f}x" if with_stats else f"{'':>10}"
+    cpu_wall = run.cpu_seconds / run.wall_seconds
+    say(f"{net:<11} {peer:<22} {m:>6} {rate:>14,.0f} {lead:>6.2f}x {stats_text} "
+        f"{compile_seconds[row]:>9.1f} {cpu_wall:>8.2f}")
+    return dict(network=net, peer=peer, device="cpu", models=m, model_steps_per_s=rate, lead=lead,
+                lead_with_stats=with_stats or None, compile_seconds=compile_seconds[row], cpu_per_wall=cpu_wall)
+
+
+def print_ceilings(args, results, best, block_size: int, cpu_peak: float) -> list[dict]:
+    """The best peer per network, and what the goal's lead would take: of the step's matmuls alone, and of the
+    CPU's sgemm peak (``cpu_peak``, GFLOP/s) for their FLOPs with nothing else in the step."""
+    cpu = torch.device("cpu")
+    results = [r for r in results if "peer" in r]
+    out = []
+    say()
+    say(f"ceiling: a step's matrix products alone (actgrad.tools.bench.matmul_ceiling), the most model-steps/s "
           f"an engine "
           f"built on PyTorch's matmul can reach; the engine's share of it; what a {LEAD_GOAL}x lead over the best "
           f"peer would need, of the ceiling and, for the step's matmul FLOPs alone, of the sgemm peak "
@@ -471,16 +545,16 @@ def print_peers(args, peer_rows, peer_runs, compile_seconds, best, block_size: i
             engine = best[(net, "engine", cpu, m, False, None)]
             needed = LEAD_GOAL * top["model_steps_per_s"]
             needed_of_peak = needed * matmul_flops_per_step(NETWORKS[net][0], block_size) / 1e9 / cpu_peak
-            print(f"best peer, {net}, {m} models: {top['peer']} at {top['model_steps_per_s']:,.0f} model-steps/s; "
+            say(f"best peer, {net}, {m} models: {top['peer']} at {top['model_steps_per_s']:,.0f} model-steps/s; "
                   f"the engine leads it {top['lead']:.2f}x: goal {LEAD_GOAL}x {verdict}; ceiling {ceiling:,.0f}, "
                   f"the engine at {100 * engine / ceiling:.0f}% of it; {LEAD_GOAL}x needs {needed:,.0f} = "
                   f"{100 * needed / ceiling:.0f}% of the ceiling, its matmuls alone at {100 * needed_of_peak:.0f}% "
                   f"of the sgemm peak")
-            results.append(dict(network=net, models=m, best_peer=top["peer"], lead_over_best=top["lead"],
+            out.append(dict(network=net, models=m, best_peer=top["peer"], lead_over_best=top["lead"],
                                 goal_met=top["lead"] >= LEAD_GOAL, matmul_ceiling=ceiling,
                                 engine_share_of_ceiling=engine / ceiling, needed_share_of_ceiling=needed / ceiling,
                                 needed_share_of_sgemm_peak=needed_of_peak))
-    return results
+    return out
 
 
 PIPELINE_PROGRESS = 10000  # the pipeline's default steps between progress lines (the lecture's print interval)

@@ -29,11 +29,13 @@ from actgrad.training.cpus import cpu_slot
 from actgrad.training.divergence import DivergenceRule
 from actgrad.training.evaluation import batch_statistics_loss, evaluate, kept_running_stats, sample_names
 from actgrad.training.loop import init_network, resolve_device, train_reference_runs
-from actgrad.training.memory import check_training_job
+from actgrad.training.memory import check_job, job_label
 from actgrad.training.model import Scratch, jacobian_spectrum
 from actgrad.training.progress import ProgressLog
 from actgrad.training.stats import StatsPlan, StatsRecorder, activation_shares
 
+# At most one progress line this often (and every run's last step): progress_every: 1 is not a line per step.
+PROGRESS_MIN_SECONDS = 1.0
 # The sensitivity twins' parameter distance, as rows of the base run's stats.parquet.
 # The input-output Jacobian at init is measured on the first examples of the training split: one lecture batch.
 JACOBIAN_EXAMPLES = 32
@@ -126,17 +128,12 @@ def train_variants(config: dict, names: list[str], splits_path: str | os.PathLik
     splits = load_splits(splits_path)
     n_train = int(splits["Ytrain"].shape[0])
     n_examples = n_train + int(splits["Ydev"].shape[0]) + int(splits["Ytest"].shape[0])
-    for spec in specs:  # each variant's own batch size and bounds, named as its own
-        check_training_job(config, spec, n_train, int(splits["block_size"]),
-                           stats_plan(config["stats"], spec["max_steps"]), n_examples, limit_mb=float("inf"))
-    labelled = {_label([s["name"] for s in group]): group for group in groups.values()}
-    for label, group in labelled.items():
-        # ... and the job's memory with every model a group trains (counted as seeds of its first variant).
-        models = sum(len(s["seeds"]) * (2 if s["sensitivity_twin"] else 1) for s in group)
-        whole = dict(group[0], seeds=list(range(models)), sensitivity_twin=False)
-        estimate = check_training_job(config, whole, n_train, int(splits["block_size"]),
-                                      stats_plan(config["stats"], whole["max_steps"]), n_examples, limit_mb=mem_mb)
+    # The workflow made these checks when it planned (before Snakemake deleted anything); the job makes them
+    # again with the splits it has and the memory it was granted (a retried cluster job's is larger).
+    estimates = check_job(config, names, n_train, int(splits["block_size"]), n_examples, mem_mb=mem_mb)
+    for label, estimate in estimates.items():
         log(f"[{label}] memory: about {estimate['total']:,.0f} MB estimated")
+    labelled = {_label([s["name"] for s in group]): group for group in groups.values()}
     device = resolve_device(config["device"])
     threads = int(config["threads"])
     slot = cpu_slot(threads, log=lambda m: log(f"[{_label(names)}] {m}")) if device.type == "cpu" else nullcontext()
@@ -145,8 +142,7 @@ def train_variants(config: dict, names: list[str], splits_path: str | os.PathLik
                 for metrics in _train_variants(config, group, label, splits, results, device, threads, log)]
 
 
-def _label(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
+_label = job_label
 
 
 def _train_variants(config, specs, label, splits, results, device, threads, log) -> list[dict]:
@@ -183,7 +179,8 @@ def _train_variants(config, specs, label, splits, results, device, threads, log)
         log(f"[{label}] C kernels: {kernels.status()}")
     divergence = DivergenceRule(loss_multiple=float(config["divergence"]["loss_multiple"]),
                                 window=int(config["divergence"]["window"]))
-    progress = ProgressLog(log, steps, len(members), every=int(config["progress_every"]), label=label)
+    progress = ProgressLog(log, steps, len(members), every=int(config["progress_every"]), label=label,
+                           min_seconds=PROGRESS_MIN_SECONDS)
     index = {(spec["name"], seed, p): i for i, (spec, seed, p) in enumerate(members)}
     base_of_twin = {i: index[(spec["name"], seed, 0.0)] for i, (spec, seed, p) in enumerate(members) if p}
     if engine == "batched":

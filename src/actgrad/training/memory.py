@@ -6,11 +6,17 @@ indices, the losses, the statistics and histograms the recorder keeps, and the w
 tensors of the evaluations. :func:`check_training_job` refuses, before the job trains, a batch
 larger than the training split and a job whose estimate is above the memory it asks for
 (``resources.train_mem_mb``), with the estimate and its largest part in the message.
+:func:`check_job` makes both checks for a whole training job; the workflow makes them while it plans,
+before Snakemake deletes any output (``workflow/rules/common.smk``), and the job again before it trains.
+This module imports no torch: the workflow's planning loads it.
 """
 
 from __future__ import annotations
 
-from actgrad.study.settings import ConfigError
+from types import SimpleNamespace
+
+from actgrad.study.jobs import batch_key
+from actgrad.study.settings import ConfigError, variant_spec
 
 MB = 1024 * 1024
 VOCAB = 27
@@ -149,3 +155,39 @@ def check_training_job(config: dict, spec: dict, n_train: int, block_size: int, 
             f"{limit_mb:,.0f} MB it asks for (resources.train_mem_mb); the largest part is {largest} "
             f"({estimate['parts'][largest]:,.0f} MB): make it smaller or raise resources.train_mem_mb")
     return estimate
+
+
+def memory_plan(stats: dict, steps: int) -> SimpleNamespace:
+    """What the estimate reads of a run's :class:`~actgrad.training.stats.StatsPlan`, from the config's (resolved)
+    ``stats`` section, without torch (:func:`actgrad.training.job.stats_plan` makes the real one)."""
+    return SimpleNamespace(every=stats["every"], update_every=stats["update_every"],
+                           histogram_every=stats["histogram_every"],
+                           snapshot_steps=tuple(x for x in stats["snapshot_steps"] if x < steps), bins=stats["bins"])
+
+
+def job_label(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
+
+
+def check_job(config: dict, names: list[str], n_train: int, block_size: int, n_examples: int | None = None,
+              mem_mb: float | None = None) -> dict[str, dict]:
+    """Refuse, with a :class:`ConfigError`, a training job of the variants ``names`` that cannot run: a variant's
+    minibatch larger than the training split, or a job above its memory grant ``mem_mb``
+    (``resources.train_mem_mb`` by default). Returns the estimate of each group the job trains in one engine
+    call (by :func:`job_label`): the variants with the same :func:`~actgrad.study.jobs.batch_key`, their
+    models counted as seeds of the first."""
+    specs = [variant_spec(config, name) for name in names]
+    for spec in specs:  # each variant's own batch size and bounds, named as its own
+        check_training_job(config, spec, n_train, block_size, memory_plan(config["stats"], spec["max_steps"]),
+                           n_examples, limit_mb=float("inf"))
+    groups: dict[str, list[dict]] = {}
+    for spec in specs:
+        groups.setdefault(batch_key(spec), []).append(spec)
+    estimates = {}
+    for group in groups.values():
+        models = sum(len(s["seeds"]) * (2 if s["sensitivity_twin"] else 1) for s in group)
+        whole = dict(group[0], seeds=list(range(models)), sensitivity_twin=False)
+        estimates[job_label([s["name"] for s in group])] = check_training_job(
+            config, whole, n_train, block_size, memory_plan(config["stats"], whole["max_steps"]), n_examples,
+            limit_mb=mem_mb)
+    return estimates

@@ -24,16 +24,20 @@ def duration(seconds: float) -> str:
 
 
 class ProgressLog:
-    """One timestamped line per ``every`` steps for a job of ``n_models`` runs of ``total_steps`` each.
+    """One timestamped line per ``every`` steps for a job of ``n_models`` runs of ``total_steps`` each, and at
+    most one per ``min_seconds`` (a run's last step always gets its line): ``progress_every: 1`` is a line a
+    second, not one per step.
 
     The batched engine trains its runs side by side and reports all their losses at once; the
     reference loop trains them one after another and calls :meth:`start_run` before each.
     """
 
     def __init__(self, log, total_steps: int, n_models: int = 1, every: int = 10000, label: str = "",
-                 clock=time.perf_counter, now=datetime.now):
+                 clock=time.perf_counter, now=datetime.now, min_seconds: float = 0.0):
         if every < 1:
             raise ValueError(f"progress every must be at least 1 step, not {every}")
+        self.min_seconds = min_seconds
+        self.last_logged = -math.inf  # when the last line was logged (clock)
         self.log, self.total_steps, self.n_models, self.every = log, total_steps, n_models, every
         self.prefix = f"[{label}] " if label else ""
         self.clock, self.now = clock, now
@@ -71,7 +75,9 @@ class ProgressLog:
         line = (f"{self.now():%Y-%m-%d %H:%M:%S} {self.prefix}{run.strip()}{' ' if run else ''}"
                 f"step {steps_done:,}/{self.total_steps:,}  loss {loss}  lr {lr:g}  "
                 f"{rate:,.0f} model-steps/s  ETA {duration(remaining / rate if rate > 0 else math.inf)}")
-        self.log(line)
+        if steps_done == self.total_steps or self.clock() - self.last_logged >= self.min_seconds:
+            self.last_logged = self.clock()
+            self.log(line)
         return line
 
 
