@@ -487,7 +487,8 @@ def runtime_of(summary: pd.DataFrame) -> list[str]:
 
 # -- theory next to measurement, and the sweeps ------------------------------------------------
 # theory.csv's quantities as the report's columns: (quantity, heading, format)
-THEORY_COLUMNS = [(q, heading, spec) for q, (_, heading, spec) in THEORY_QUANTITIES.items()]
+THEORY_COLUMNS = [(q, *THEORY_QUANTITIES[q][1:])
+                  for q in ("activation_std", "preactivation_std", "saturated_pct", "grad_std", "grad_std_rel_last")]
 # A relative difference past this is marked: beyond what 100-unit layers make of the wide-layer limit.
 RELATIVE_OFF = 0.10
 # sweeps.csv's metrics as the sweep table's columns: (metric, heading, format)

@@ -41,8 +41,8 @@ TWIN_DISTANCE = {"kind": "twin", "layer": "parameters", "stat": "distance"}
 # report's heading and format. actgrad.results.theory.predict_network writes its predictions in the same names.
 THEORY_QUANTITIES = {
     "activation_std": (("activation", "std"), "activation std", ".3f"),
-    "preactivation_std": (("preactivation", "std"), "pre-activation std", ".3f"),
     "saturated_pct": (("activation", "saturated_pct"), "saturated %", ".1f"),
+    "preactivation_std": (("preactivation", "std"), "pre-activation std", ".3f"),
     "grad_std": (("activation_grad", "std"), "gradient std", ".2e"),
     "grad_std_rel_last": (("activation_grad", "std_rel_last"), "gradient std / last layer's", ".3f"),
 }
