@@ -11,7 +11,7 @@ SUMMARY_RUN_FILES = ["metrics.json", "losses.parquet", "stats.parquet", "histogr
 rule summary:
     input:
         runs=all_run_outputs(SUMMARY_RUN_FILES),
-        code=[package_code(m) for m in ("results/summary", "rundir", "results/significance", "study/comparisons", "study/sweeps", "results/theory")],
+        code=[package_code(m) for m in ("results/summary", "rundir", "results/significance", "study/comparisons", "study/sweeps", "results/theory", "results/diagnosis")],
     output:
         **{name: f"{RESULTS}/{filename}" for name, filename in TABLES.items()},
     threads: 1

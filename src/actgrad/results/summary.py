@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from actgrad.data import EXPECTED_INIT_LOSS, atomic_write_bytes
+from actgrad.results.diagnosis import diagnosis_tables
 from actgrad.results.significance import (
     CHAOS_DECORRELATION,
     LYAPUNOV_UNIT,
@@ -50,6 +51,7 @@ TABLES = {
     "references": "reference_check.csv", "deep_layers": "deep_layers.csv", "deep_variants": "deep_variants.csv",
     "samples": "samples.csv", "stats": "stats.parquet", "histograms": "histograms.parquet", "chaos": "chaos.csv",
     "theory": "theory.csv", "sweeps": "sweeps.csv", "jacobian": "jacobian.csv", "normalisation": "normalisation.csv",
+    "diagnosis": "diagnosis.csv", "fixes": "fixes.csv",
 }
 # A deep net's gradient at the first tanh layer against the last one's, at step 0.
 VANISHING_BELOW, EXPLODING_ABOVE = 0.5, 2.0
@@ -604,6 +606,7 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
     tables["sweeps"] = sweep_table(config, runs, tables["stats"])
     tables["jacobian"] = jacobian_table(config, runs)
     tables["normalisation"] = normalisation_table(config, runs)
+    tables.update(diagnosis_tables(config, tables, by_variant))  # what is wrong, and whether the fixes worked
     for name, df in tables.items():
         path = Path(outputs[name])
         atomic_write_bytes(path, parquet_bytes(df) if path.suffix == ".parquet" else _csv_bytes(df))
