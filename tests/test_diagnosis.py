@@ -165,8 +165,8 @@ def test_chaos_is_information_with_the_seeds_needed():
     assert dx.check_chaos("b", chaos, sig) is None
 
 
-def _finding(variant, code, severity, fix):
-    return {"variant": variant, "code": code, "severity": severity, "prescription": json.dumps(fix)}
+def _finding(variant, code, severity, fix, check="initial_loss"):
+    return {"variant": variant, "code": code, "severity": severity, "prescription": json.dumps(fix), "check": check}
 
 
 def test_the_most_severe_findings_are_treated_first():
@@ -177,11 +177,18 @@ def test_the_most_severe_findings_are_treated_first():
         _finding("b", "overconfident_output", "severe", {"init": {"W2": 0.01, "b2": 0}}),
         _finding("b", "saturated_activations", "severe", {"init": {"W1": "kaiming", "b1": 0.01}}),
         _finding("c", "learning_rate_too_low", "warning", {"lr_schedule": [{"from_step": 0, "lr": 0.1}]}),
+        _finding("c", "still_improving", "warning", {"max_steps": 9000}, "still_falling"),
+        _finding("d", "diverged", "severe", {"lr_schedule": [{"from_step": 0, "lr": 0.01}]}, "divergence"),
+        _finding("d", "batchnorm_running_statistics", "severe", {"batch_size": 32}, "batchnorm_statistics"),
+        _finding("e", "still_improving", "warning", {"max_steps": 9000}, "still_falling"),
     ])
     assert dx.prescription_of(findings, "a") == {"gain": 1.41}
     assert dx.prescription_of(findings, "b") == {"init": {"W2": 0.01, "b2": 0, "W1": "kaiming", "b1": 0.01}}
     assert dx.prescription_of(findings, "c") == {"lr_schedule": [{"from_step": 0, "lr": 0.1}]}
     assert dx.prescription_of(findings, "c", include_warnings=False) == {}
+    # a symptom's fix only where no cause of the same severity has one
+    assert dx.prescription_of(findings, "d") == {"batch_size": 32}
+    assert dx.prescription_of(findings, "e") == {"max_steps": 9000}
 
 
 def test_written_fixes_are_a_valid_study_with_the_comparisons_kept(names_path, tmp_path):

@@ -104,6 +104,10 @@ FIX_COLUMNS = ["variant", "fixed", "code", "check", "severity", "quantity", "mea
                "threshold", "outcome", "findings_fixed", "mean_before", "mean_after", "difference", "ci_low",
                "ci_high", "p_holm", "verdict", "metric"]
 GONE, WEAKER, STILL = "gone", "weaker", "still there"
+# Checks whose finding is a symptom with many causes: their prescription is tried only where no other finding of
+# the same severity has one (a net that diverges because BatchNorm sees batches of 4 needs larger batches, not a
+# smaller learning rate; one still falling at the end because its learning rate is wrong needs the right one).
+SYMPTOMS = ("divergence", "still_falling")
 
 
 def _num(x) -> float:
@@ -182,7 +186,7 @@ def _init_fix(spec: dict) -> dict:
     fix = {"init": {"W1": "kaiming", "b1": 0.01}}
     gain = KAIMING_GAIN.get(spec["activation"], 5 / 3)
     if not math.isclose(float(spec["gain"]), gain, rel_tol=1e-6):
-        fix["gain"] = gain
+        fix["gain"] = _sig(gain, 4)
     return fix
 
 
@@ -204,7 +208,7 @@ def check_initial_loss(name: str, spec: dict, v: pd.Series) -> dict:
             fix = {"init": {"W2": min(0.01, float(w2)) if isinstance(w2, (int, float)) else 0.01, "b2": 0}}
             what = "scale W2 to 0.01 and zero b2"
         else:
-            fix = {"last_layer_scale": min(0.1, float(spec["last_layer_scale"]) * 0.1)}
+            fix = {"last_layer_scale": _sig(min(0.1, float(spec["last_layer_scale"]) * 0.1))}
             what = f"scale the last layer by {fix['last_layer_scale']:g}"
         sentence = (f"The initial loss is {gap:.2f} nats above -ln(1/27) = {EXPECTED_INIT_LOSS:.4f}: the output layer "
                     f"is overconfident at init (large logits, confidently wrong); {what} so that the logits start "
@@ -495,14 +499,17 @@ def prescription_of(findings: pd.DataFrame, variant: str, include_warnings: bool
     """The config change for one variant: the prescriptions of its most severe findings that have one, merged in
     the table's order (a key one finding sets is not overridden by a later one)."""
     rows = findings[findings.variant == variant]
-    fixes = {s: [] for s in SEVERITIES}
+    fixes = {s: {"cause": [], "symptom": []} for s in SEVERITIES}
     for _, row in rows.iterrows():
         fix = json.loads(row.prescription) if isinstance(row.prescription, str) and row.prescription else {}
         if fix:
-            fixes[row.severity].append(fix)
+            fixes[row.severity]["symptom" if row.get("check") in SYMPTOMS else "cause"].append(fix)
     # The most severe findings are treated first: a warning's fix is applied only where nothing severe has one
-    # (an overconfident output beside exploding gradients is their consequence, and goes with them).
-    chosen = fixes[SEVERE] or (fixes[WARNING] if include_warnings else [])
+    # (an overconfident output beside exploding gradients is their consequence, and goes with them); within a
+    # severity, a symptom's fix (divergence, a loss still falling) only where no cause has one.
+    levels = (SEVERE, WARNING) if include_warnings else (SEVERE,)
+    chosen = next((fixes[s]["cause"] or fixes[s]["symptom"] for s in levels
+                   if fixes[s]["cause"] or fixes[s]["symptom"]), [])
     change: dict = {}
     for fix in chosen:
         change = merge(fix, change)  # what is set already wins
