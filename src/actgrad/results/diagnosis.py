@@ -295,7 +295,9 @@ def check_signal_propagation(name: str, spec: dict, deep_variants: pd.DataFrame)
 def first_lr_median(name: str, spec: dict, stats: pd.DataFrame) -> float:
     """The median log10 update:data ratio of the weight matrices over the steps of the first learning rate."""
     sub = stats[stats.variant == name]
-    weights = set(sub[sub.kind == "weight_grad"].layer)
+    # the weight matrices (embedding, Linear weights), not BatchNorm's gain and shift, which are stored as rows
+    matrices = set(sub[sub.kind == "weight_grad"].layer)
+    weights = {layer for layer in matrices if str(layer).endswith(".weight")} or matrices
     updates = sub[(sub.kind == "update") & sub.layer.isin(weights)]
     later = [int(e["from_step"]) for e in spec["lr_schedule"][1:]]
     if later:
