@@ -7,9 +7,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import yaml
+from conftest import NAMES_SHA256, run_snakemake, write_config
 
 from actgrad.cli import main as actgrad
-from conftest import NAMES_SHA256, run_snakemake, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,8 @@ SCHEDULE = [{"from_step": 0, "lr": 0.1}, {"from_step": 150, "lr": 0.01}]
 GOOD = {
     "fix_tanh": {"init": {"C": 1, "W1": 0.2, "b1": 0.01, "W2": 0.01, "b2": 0}},
     "kaiming": {"init": KAIMING},
-    "batchnorm": {"batchnorm": True, "hidden_bias": "not_drawn", "init": {"C": 1, "W1": "kaiming", "W2": 0.01, "b2": 0}},
+    "batchnorm": {"batchnorm": True, "hidden_bias": "not_drawn",
+                  "init": {"C": 1, "W1": "kaiming", "W2": 0.01, "b2": 0}},
     "deep_gain5_3": {"model": "deep", "batchnorm": False, "gain": 5 / 3},
     "deep_bn_gain5_3": {"model": "deep", "batchnorm": True, "gain": 5 / 3},
 }
@@ -78,9 +79,10 @@ def test_diagnose_prints_the_findings(clinic, capsys):
 def fixed(clinic):
     """The severe findings' prescriptions written, trained beside the clinic, and the report rendered from the
     tables (without the figures, which the report links around: the figure step is tested elsewhere)."""
+    from conftest import REPO
+
     from actgrad.report.html import write_report
     from actgrad.study.load import load
-    from conftest import REPO
 
     work = clinic["work"]
     fixes = work / "fixes.yaml"

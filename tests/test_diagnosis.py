@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import tiny_config
 
 from actgrad.data import EXPECTED_INIT_LOSS
 from actgrad.results import diagnosis as dx
 from actgrad.study.load import complete, load
 from actgrad.study.settings import variant_spec
-from conftest import tiny_config
 
 
 @pytest.fixture
@@ -67,9 +67,12 @@ def _dead(variant, step, layer, value):
 
 def test_dead_units(config):
     s = spec(config, "relu")  # 200 units
-    fired = dx.check_dead_units("relu", s, pd.DataFrame([_dead("relu", 0, "relu1", 30), _dead("relu", 50, "relu1", 30)]))
-    silent = dx.check_dead_units("relu", s, pd.DataFrame([_dead("relu", 0, "relu1", 1), _dead("relu", 50, "relu1", 0)]))
-    late = dx.check_dead_units("relu", s, pd.DataFrame([_dead("relu", 0, "relu1", 0), _dead("relu", 50, "relu1", 50)]))
+    def dead(at_init, at_end):
+        return pd.DataFrame([_dead("relu", 0, "relu1", at_init), _dead("relu", 50, "relu1", at_end)])
+
+    fired = dx.check_dead_units("relu", s, dead(30, 30))
+    silent = dx.check_dead_units("relu", s, dead(1, 0))
+    late = dx.check_dead_units("relu", s, dead(0, 50))
     assert (fired["severity"], fired["measured"]) == ("severe", 15.0) and fired["prescription"]["init"]["b1"] == 0.01
     assert silent["severity"] is None
     # died during training, not at init: found, but the init is not what to change

@@ -50,7 +50,8 @@ INIT_LOSS_GAP_SEVERE = 1.0
 # ~10 %), its good ones at or below the reference (fix_tanh 5 %, Kaiming 20 %, BatchNorm 3 %).
 SATURATION_EXCESS_WARNING = 10.0
 SATURATION_EXCESS_SEVERE = 25.0
-KAIMING_GAIN = {"tanh": 5 / 3, "relu": math.sqrt(2), "gelu": math.sqrt(2)}  # torch.nn.init.calculate_gain's (gelu: relu's)
+# torch.nn.init.calculate_gain's (GELU has none there: ReLU's)
+KAIMING_GAIN = {"tanh": 5 / 3, "relu": math.sqrt(2), "gelu": math.sqrt(2)}
 # Dead units (a tanh at |t| > 0.99, a ReLU at or below zero, for every example of a batch), in % of a layer's units,
 # at init or at the end: every lecture variant has none (smoke and default study), and the lecture says a white
 # column of the saturation map is a unit that never learns. 1 % is two units of the lecture's 200: a warning;
@@ -377,8 +378,9 @@ def check_still_falling(name: str, spec: dict, gains: list[tuple[float, float]])
             lr = float(schedule[0]["lr"])
             schedule = [{"from_step": 0, "lr": lr}, {"from_step": steps // 2, "lr": _sig(lr / 10)}]
         fix = {"max_steps": steps, "lr_schedule": schedule}
+        decay = "" if decayed else ", decaying the learning rate at half"
         sentence = (f"The loss was still falling at the end: doubling the steps would gain about {gain:.2f} nats "
-                    f"(+- {se:.2f}); train for {steps:,} steps ({factor}x){'' if decayed else ', decaying the learning rate at half'}.")
+                    f"(+- {se:.2f}); train for {steps:,} steps ({factor}x){decay}.")
     return _check(name, "still_falling", gain, STILL_FALLING, severity, "still_improving" if severity else "",
                   math.nan, fix, sentence)
 
