@@ -171,7 +171,7 @@ def test_significance_uses_the_configs_comparisons_and_writes_every_input(fake_s
 
 
 def test_sweep_grids_compare_along_each_key(names_path):
-    from actgrad.results.summary import sweep_grids
+    from actgrad.study.comparisons import sweep_grids
 
     config = tiny_config(names_path)
     config["sweeps"] = {"g": {"variant": "deep_bn", "grid": {"gain": [0.5, 1.0, 3.0], "batchnorm": [False, True]}}}

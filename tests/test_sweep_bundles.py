@@ -3,7 +3,7 @@
 import pytest
 from conftest import REPO, tiny_config
 
-from actgrad.results.summary import sweep_grids
+from actgrad.study.comparisons import sweep_grids
 from actgrad.study.load import read_yaml, resolve_base
 from actgrad.study.settings import ConfigError, apply_defaults, variant_spec
 from actgrad.study.sweeps import expand_sweeps, grid_point

@@ -11,8 +11,8 @@ SUMMARY_RUN_FILES = ["metrics.json", "losses.parquet", "stats.parquet", "histogr
 rule summary:
     input:
         runs=all_run_outputs(SUMMARY_RUN_FILES),
-        code=[package_code(m) for m in ("results/summary", "results/normalisation", "rundir", "results/significance",
-                                        "study/comparisons", "study/sweeps", "results/theory")],
+        code=[package_code(m) for m in ("results/summary", "results/normalisation", "results/diagnosis", "rundir",
+                                        "results/significance", "study/comparisons", "study/sweeps", "results/theory")],
     output:
         **{name: f"{RESULTS}/{filename}" for name, filename in TABLES.items()},
     threads: 1

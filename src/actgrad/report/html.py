@@ -675,6 +675,7 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
         "normalisation": (normalisation_section(config, _csv(results / TABLES["normalisation"]),
                                                 _csv(results / TABLES["normalisation_tests"]))
                           if asks_about_coupling(config) else None),
+        "diagnosis": diagnosis_section(config, results, figures_dir),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
         "versions": package_versions(),
         "data_sha256": data_sha,
@@ -860,3 +861,71 @@ def write_report(config: dict, results, figures_dir, template, out, captions_dir
         f"{context['headline']['matched']} of {context['headline']['counted']} reference numbers reproduced "
         f"-> {out} ({len(html) / 1e6:.1f} MB)")
     return out
+
+
+# -- the diagnosis: what is wrong with each network, and the prescriptions tried ---------------------------------
+SEVERITY_CLASS = {"severe": "worse", "warning": "warn", "info": "noise"}
+OUTCOME_CLASS = {"gone": "real", "weaker": "noise", "still there": "worse"}
+
+
+def _evidence_link(figures_dir, finding, featured: set) -> tuple[str, str]:
+    """The anchor of the figure that shows a finding's evidence, and its title; the variant's section, or the
+    comparison table, where that figure was not drawn."""
+    name, variant = finding["figure"], finding["variant"]
+    if figures_dir is not None and name in GLOBAL_FIGURES and Path(figure_path(figures_dir, name)).exists():
+        return f"#fig-{name}", GLOBAL_FIGURES[name]
+    if figures_dir is not None and name in VARIANT_FIGURES and Path(figure_path(figures_dir, name, variant)).exists():
+        return f"#fig-{variant}-{name}", f"{variant}: {VARIANT_FIGURES[name]}"
+    if variant in featured:
+        return f"#v-{variant}", variant
+    return "#comparison", "Comparison across variants"
+
+
+def _measure_text(x, check: str) -> str:
+    if not finite(x):
+        return "—"
+    return f"10^{x:.1f}" if check == "update_ratio" else f"{x:.3g}"
+
+
+def diagnosis_section(config: dict, results, figures_dir=None) -> dict:
+    """The findings of results/diagnosis.csv, each with the link to its evidence, by variant, and the before/after
+    of each prescription tried (results/fixes.csv), formatted."""
+    results = Path(results)
+    findings = _csv(results / TABLES["diagnosis"], keep_default_na=False)
+    fixes = _csv(results / TABLES["fixes"], keep_default_na=False)
+    featured = set(featured_variants(config))
+    rows, by_variant = [], {}
+    for f in findings.to_dict("records"):
+        href, title = _evidence_link(figures_dir, f, featured)
+        row = {"variant": f["variant"], "code": f["code"].replace("_", " "), "severity": f["severity"],
+               "cls": SEVERITY_CLASS.get(f["severity"], ""), "sentence": f["sentence"], "href": href,
+               "link": title, "measured": _measure_text(pd.to_numeric(f["measured"], errors="coerce"), f["check"]),
+               "threshold": _measure_text(pd.to_numeric(f["threshold"], errors="coerce"), f["check"]),
+               "quantity": f["quantity"],
+               "prescription": "" if f["prescription"] in ("", "{}") else f["prescription"]}
+        rows.append(row)
+        by_variant.setdefault(f["variant"], []).append(row)
+    pairs = []
+    for (variant, fixed), sub in (fixes.groupby(["variant", "fixed"], sort=False) if not fixes.empty else []):
+        first = sub.iloc[0]
+        diff = pd.to_numeric(first["difference"], errors="coerce")
+        pairs.append({
+            "variant": variant, "fixed": fixed,
+            "findings": [{"code": r["code"].replace("_", " "), "severity": r["severity"],
+                          "before": _measure_text(pd.to_numeric(r["measured"], errors="coerce"), r["check"]),
+                          "after": _measure_text(pd.to_numeric(r["measured_fixed"], errors="coerce"), r["check"]),
+                          "outcome": r["outcome"], "cls": OUTCOME_CLASS.get(r["outcome"], "")}
+                         for r in sub.to_dict("records")],
+            "new": [c.replace("_", " ") for c in str(first["findings_fixed"]).split(";")
+                    if c and c not in set(sub.code)],
+            "loss_before": num(pd.to_numeric(first["mean_before"], errors="coerce")),
+            "loss_after": num(pd.to_numeric(first["mean_after"], errors="coerce")),
+            "difference": num(diff, signed=True) if finite(diff) else "—",
+            "interval": _interval(pd.to_numeric(first["ci_low"], errors="coerce"),
+                                  pd.to_numeric(first["ci_high"], errors="coerce")),
+            "p_holm": p_value(pd.to_numeric(first["p_holm"], errors="coerce")),
+            "verdict": first["verdict"], "verdict_cls": VERDICT_CLASS.get(first["verdict"], ""),
+        })
+    counts = {s: sum(r["severity"] == s for r in rows) for s in ("severe", "warning", "info")}
+    return {"findings": rows, "by_variant": by_variant, "counts": counts, "fixes": pairs,
+            "n_variants": len(by_variant)}

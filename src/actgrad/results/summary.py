@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from actgrad.data import EXPECTED_INIT_LOSS, atomic_write_bytes
+from actgrad.results.diagnosis import diagnosis_tables
 from actgrad.results.normalisation import normalisation_table, normalisation_tests
 from actgrad.results.significance import (
     CHAOS_DECORRELATION,
@@ -37,9 +38,9 @@ from actgrad.results.vocabulary import (
     averaging_window,
 )
 from actgrad.rundir import SUMMARY_METRICS, Run, natural_key, parquet_bytes, read_runs
-from actgrad.study.comparisons import comparison_settings, grid_lines, resolve_comparisons
+from actgrad.study.comparisons import comparison_settings, resolve_comparisons, sweep_grids
 from actgrad.study.settings import variant_spec
-from actgrad.study.sweeps import grid_point, sweep_groups
+from actgrad.study.sweeps import sweep_groups
 
 RUN_COLUMNS = ["variant", "seed", "model", "batchnorm", "steps", "steps_done", "status", "diverged_at",
                "step0_loss", "init_loss", "expected_init_loss", "train_loss", "val_loss", "test_loss",
@@ -96,31 +97,6 @@ def variant_table(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
         row["init_loss_gap"] = row["init_loss_mean"] - EXPECTED_INIT_LOSS  # above the uniform guess's loss
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def sweep_grids(config: dict) -> dict[str, list[list[str]]]:
-    """The sweeps' grid lines (family name -> lines of variant names), for :func:`resolve_comparisons`.
-
-    A generated variant records its sweep and its point; each key's values are indexed in the order
-    they first appear, which is the grid's order (the expansion walks the grid with the last key fastest).
-    """
-    groups = sweep_groups(config)
-    grids: dict[str, list[list[str]]] = {}
-    for sweep, names in groups.items():
-        if sweep is None:
-            continue
-        points = {name: grid_point(config, name) for name in names}  # a bundle is one axis, by its labels
-        axes = list(points[names[0]])
-        values: dict[str, list] = {axis: [] for axis in axes}
-        for point in points.values():
-            for axis in axes:
-                # a labelled value may be a list or a mapping: compared by equality, not hashed
-                if not any(type(v) is type(point[axis]) and v == point[axis] for v in values[axis]):
-                    values[axis].append(point[axis])
-        index = {tuple(next(i for i, v in enumerate(values[axis]) if type(v) is type(point[axis])
-                            and v == point[axis]) for axis in axes): name for name, point in points.items()}
-        grids.update(grid_lines(sweep, index, axes))
-    return grids
 
 
 def study_significance(config: dict, runs: pd.DataFrame) -> pd.DataFrame:
@@ -408,18 +384,6 @@ def study_frame(config: dict, runs: list[Run], read) -> pd.DataFrame:
 INPUT_MOMENT_SOURCE = "from the settings (C ~ randn x init scale), not measured"
 
 
-def input_second_moment(spec: dict) -> float:
-    """E[x^2] of the embedding's output at init as the settings make it: ``randn * scale`` has ``scale^2``.
-
-    The deep net's C is plain randn (1); the shallow net's is ``init.C`` (a number, or "kaiming":
-    gain / sqrt(27)). Averaged over the characters a batch uses it is this up to sampling noise.
-    """
-    if spec["model"] != "mlp":
-        return 1.0
-    scale = spec["init"]["C"]
-    return float(spec["gain"]) ** 2 / 27 if scale == "kaiming" else float(scale) ** 2
-
-
 def init_layer_stats(stats: pd.DataFrame) -> pd.DataFrame:
     """Every run's per-layer statistics at step 0 as (variant, seed, layer, quantity, value), from the study's
     stats table; ``grad_std_rel_last`` is each run's gradient std over its own last layer's."""
@@ -438,16 +402,6 @@ def init_layer_stats(stats: pd.DataFrame) -> pd.DataFrame:
     rel = grads.assign(quantity="grad_std_rel_last",
                        value=grads.value.to_numpy() / top.reindex(list(zip(grads.variant, grads.seed))).to_numpy())
     return pd.concat([step0, rel], ignore_index=True)
-
-
-def _predictions(spec: dict, block_size: int) -> pd.DataFrame:
-    """The theory's per-layer predictions for a variant at init, empty where it has none (another activation)."""
-    from actgrad.results.theory import predict_network  # scipy: imported only by the step that predicts
-
-    try:
-        return predict_network(spec, input_second_moment(spec), block_size=block_size)
-    except ValueError:
-        return pd.DataFrame(columns=["step", "layer", "kind", "stat", "value", "source"])
 
 
 # A saturation predicted below this (%) gets no relative difference: it is a handful of the 3,200 values
@@ -471,6 +425,8 @@ def theory_table(config: dict, stats: pd.DataFrame) -> pd.DataFrame:
     predicted) / predicted. Every mlp and deep variant has rows; ``predicted`` is empty where the theory
     has no prediction (a saturation share for ReLU, an absolute gradient past a near-uniform softmax).
     """
+    from actgrad.results.theory import embedding_second_moment, predict_variant  # scipy: only the step that predicts
+
     init = init_layer_stats(stats)
     rows = []
     for name in config["variants"]:
@@ -478,7 +434,7 @@ def theory_table(config: dict, stats: pd.DataFrame) -> pd.DataFrame:
         if measured.empty:
             continue
         spec = variant_spec(config, name)
-        predicted = _predictions(spec, config["block_size"])
+        predicted = predict_variant(spec, config["block_size"])
         lookup = {(r.layer, r.kind, r.stat): r.value for r in predicted.itertuples()}
         lecture = lecture_seed_of(measured.seed.unique())
         sweep = config["variants"][name].get("sweep", {}).get("name")
@@ -499,7 +455,7 @@ def theory_table(config: dict, stats: pd.DataFrame) -> pd.DataFrame:
                     "lecture_seed": lecture, "measured_lecture_seed": lecture_value, "predicted": pred,
                     "relative_difference": _relative(mean, pred, quantity),
                     "relative_difference_lecture_seed": _relative(lecture_value, pred, quantity),
-                    "input_second_moment": input_second_moment(spec), "input_source": INPUT_MOMENT_SOURCE,
+                    "input_second_moment": embedding_second_moment(spec), "input_source": INPUT_MOMENT_SOURCE,
                 })
     columns = ["variant", "sweep", "model", "activation", "batchnorm", "gain", "layer", "quantity", "n",
                "measured_mean", "measured_sd", "lecture_seed", "measured_lecture_seed", "predicted",
@@ -556,6 +512,8 @@ def sweep_table(config: dict, runs: pd.DataFrame, stats: pd.DataFrame) -> pd.Dat
     and the gradient std of the first layer over the last's at step 0 (every seed), the final validation
     loss (seeds that finished) and the sensitivity twins' final |loss - twin loss| (where twins ran).
     """
+    from actgrad.results.theory import predict_variant  # scipy: only the step that predicts
+
     init = init_layer_stats(stats)
     rows, keys = [], []
     for sweep, names in sweep_groups(config).items():
@@ -565,7 +523,7 @@ def sweep_table(config: dict, runs: pd.DataFrame, stats: pd.DataFrame) -> pd.Dat
             point = config["variants"][name]["sweep"]["point"]
             keys += [k for k in point if k not in keys]
             measured = sweep_point_measurements(init[init.variant == name], runs[runs.variant == name])
-            predicted = sweep_point_predictions(_predictions(variant_spec(config, name), config["block_size"]))
+            predicted = sweep_point_predictions(predict_variant(variant_spec(config, name), config["block_size"]))
             for metric in SWEEP_METRICS:
                 values = measured.get(metric, np.array([]))
                 rows.append({"sweep": sweep, "variant": name, **{k: _point_value(v) for k, v in point.items()},
@@ -606,6 +564,7 @@ def sweep_theory_curves(config: dict, rows: pd.DataFrame, keys: list[str]) -> tu
     """Dense theory curves over the gain for a deep-net sweep (label -> frame with x and the phase_curves
     columns), and the critical gain of its activation; ({}, None) for a sweep the curves do not describe."""
     from actgrad.results import theory
+    from actgrad.results.theory import embedding_second_moment
 
     x_key, others = sweep_axes(rows, keys)
     if x_key != "gain" or rows.empty:
@@ -621,11 +580,11 @@ def sweep_theory_curves(config: dict, rows: pd.DataFrame, keys: list[str]) -> tu
         if spec["model"] != "deep" or spec["activation"] not in theory.ACTIVATIONS:
             return {}, None
         norm = theory.spec_norm(spec)
-        frame = theory.phase_curves(dense, spec["n_layers"], spec["activation"], input_second_moment(spec),
+        frame = theory.phase_curves(dense, spec["n_layers"], spec["activation"], embedding_second_moment(spec),
                                     norms=(norm,))
         curves[label] = frame.rename(columns={"gain": "x"})
         if critical is None:
-            critical = theory.critical_gain(spec["activation"], q0=input_second_moment(spec))
+            critical = theory.critical_gain(spec["activation"], q0=embedding_second_moment(spec))
     return curves, critical
 
 
@@ -684,6 +643,7 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
     tables["jacobian"] = jacobian_table(config, runs)
     tables["normalisation"] = normalisation_table(config, runs)
     tables["normalisation_tests"] = normalisation_tests(config, runs)
+    tables.update(diagnosis_tables(config, tables, by_variant))  # what is wrong, and whether the fixes worked
     for name, df in tables.items():
         path = Path(outputs[name])
         atomic_write_bytes(path, parquet_bytes(df) if path.suffix == ".parquet" else _csv_bytes(df))

@@ -634,3 +634,26 @@ def jacobian_spectrum(n_layers: int, gain: float, activation: str = "tanh", weig
         rel_var += d4 / d2 ** 2 - 1 + (1.0 if weights == "gaussian" else 0.0)
     var = rel_var * mean ** 2
     return {"mean_sq": mean, "var_sq": var, "std_sq": math.sqrt(var), "weights": weights}
+
+
+# -- a variant's predictions, from its settings ---------------------------------------------------------------
+def embedding_second_moment(spec: dict) -> float:
+    """E[x^2] of the embedding's output at init as the settings make it: ``randn * scale`` has ``scale^2``.
+
+    The deep net's C is plain randn (1); the shallow net's is ``init.C`` (a number, or "kaiming":
+    gain / sqrt(27)). Averaged over the characters a batch uses it is this up to sampling noise.
+    """
+    if spec["model"] != "mlp":
+        return 1.0
+    scale = spec["init"]["C"]
+    return float(spec["gain"]) ** 2 / 27 if scale == "kaiming" else float(scale) ** 2
+
+
+def predict_variant(spec: dict, block_size: int):
+    """The theory's per-layer predictions for a variant at init, empty where it has none (another activation)."""
+    import pandas as pd
+
+    try:
+        return predict_network(spec, embedding_second_moment(spec), block_size=block_size)
+    except ValueError:
+        return pd.DataFrame(columns=["step", "layer", "kind", "stat", "value", "source"])

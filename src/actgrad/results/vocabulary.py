@@ -14,7 +14,7 @@ TABLES = {
     "samples": "samples.csv", "stats": "stats.parquet", "histograms": "histograms.parquet", "chaos": "chaos.csv",
     "twin_traces": "twin_traces.csv", "theory": "theory.csv", "sweeps": "sweeps.csv",
     "theory_curves": "theory_curves.csv", "jacobian": "jacobian.csv", "normalisation": "normalisation.csv",
-    "normalisation_tests": "normalisation_tests.csv",
+    "normalisation_tests": "normalisation_tests.csv", "diagnosis": "diagnosis.csv", "fixes": "fixes.csv",
 }
 
 # The lecture's thresholds for a tanh unit: "saturated" in its statistics printouts (|t| > 0.97), and dead in its

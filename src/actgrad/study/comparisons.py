@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from actgrad.study.settings import ConfigError, did_you_mean, load_schema, variant_spec
+from actgrad.study.sweeps import grid_point, sweep_groups
 
 # The section's defaults are the schema's.
 _SECTION = load_schema()["properties"]["comparisons"]["properties"]
@@ -190,3 +191,28 @@ def resolve_comparisons(config: dict, grids: Mapping[str, Sequence[Sequence[str]
 def check_comparisons(config: dict) -> None:
     """Raise :class:`ConfigError` if the config's comparisons name a variant that does not exist (or repeat one)."""
     resolve_comparisons(config)
+
+
+def sweep_grids(config: dict) -> dict[str, list[list[str]]]:
+    """The sweeps' grid lines (family name -> lines of variant names), for :func:`resolve_comparisons`.
+
+    A generated variant records its sweep and its point; each key's values are indexed in the order
+    they first appear, which is the grid's order (the expansion walks the grid with the last key fastest).
+    """
+    groups = sweep_groups(config)
+    grids: dict[str, list[list[str]]] = {}
+    for sweep, names in groups.items():
+        if sweep is None:
+            continue
+        points = {name: grid_point(config, name) for name in names}  # a bundle is one axis, by its labels
+        axes = list(points[names[0]])
+        values: dict[str, list] = {axis: [] for axis in axes}
+        for point in points.values():
+            for axis in axes:
+                # a labelled value may be a list or a mapping: compared by equality, not hashed
+                if not any(type(v) is type(point[axis]) and v == point[axis] for v in values[axis]):
+                    values[axis].append(point[axis])
+        index = {tuple(next(i for i, v in enumerate(values[axis]) if type(v) is type(point[axis])
+                            and v == point[axis]) for axis in axes): name for name, point in points.items()}
+        grids.update(grid_lines(sweep, index, axes))
+    return grids
