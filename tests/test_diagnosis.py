@@ -166,6 +166,11 @@ def test_chaos_is_information_with_the_seeds_needed():
     found = dx.check_chaos("a", chaos, sig)
     assert (found["severity"], found["code"]) == ("info", "chaotic_training") and "12 seeds" in found["sentence"]
     assert dx.check_chaos("b", chaos, sig) is None
+    # one seed: no decorrelation to quote; the sentence gives the chaos table's basis, never "nan"
+    one_seed = pd.DataFrame({"variant": ["a"], "chaotic": [True], "decorrelation": [float("nan")], "threshold": [0.5],
+                             "basis": ["twins' parameter distance grew by >= 0.1/1e-07"]})
+    sentence = dx.check_chaos("a", one_seed, sig)["sentence"]
+    assert "nan" not in sentence and "twins' parameter distance grew by >= 0.1/1e-07" in sentence
 
 
 def _finding(variant, code, severity, fix, check="initial_loss"):

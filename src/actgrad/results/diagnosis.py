@@ -418,8 +418,10 @@ def check_chaos(name: str, chaos: pd.DataFrame, significance: pd.DataFrame) -> d
     needed = pd.to_numeric(involved.seeds_needed, errors="coerce").dropna() if len(involved) else pd.Series([])
     seeds = f"its comparisons need up to {int(needed.max())} seeds per variant" if len(needed) else \
         "compare it over several seeds, never one run"
-    sentence = (f"Training is chaotic (twins decorrelated {float(row.decorrelation):.2f}): a single run's final loss "
-                f"depends on float rounding; {seeds}.")
+    # With one seed there is no seed spread to decorrelate against: the chaos table's basis is the twins' distance.
+    evidence = (f"twins decorrelated {float(row.decorrelation):.2f}" if math.isfinite(float(row.decorrelation))
+                else str(row.basis))
+    sentence = (f"Training is chaotic ({evidence}): a single run's final loss depends on float rounding; {seeds}.")
     return _check(name, "chaos", row.decorrelation, row.threshold, INFO, "chaotic_training", math.nan, {}, sentence)
 
 
