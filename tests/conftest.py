@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,37 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, cor
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def output_of(proc) -> str:
+    return (proc.stdout or "") + (proc.stderr or "")
+
+
+def job_blocks(output: str) -> list[dict]:
+    """Each job of Snakemake's printout (a dry run's or a real run's): its rule, its input files, its output, log
+    and benchmark files, its wildcards and its resources line."""
+    jobs = []
+    for block in re.split(r"\n(?=\s*(?:local)?rule \S+:\n)", output):
+        head = re.match(r"\s*(?:local)?rule (\S+):\n", block)
+        if not head:
+            continue
+        job = {"rule": head.group(1), "files": [], "inputs": [], "wildcards": {}, "resources": ""}
+        for value in re.findall(r"^\s{4}(?:output|log|benchmark): (.*)$", block, re.M):
+            job["files"] += value.split(", ")
+        for value in re.findall(r"^\s{4}input: (.*)$", block, re.M):
+            job["inputs"] += value.split(", ")
+        for value in re.findall(r"^\s{4}wildcards: (.*)$", block, re.M):
+            job["wildcards"].update(item.split("=", 1) for item in value.split(", "))
+        job["resources"] = " ".join(re.findall(r"^\s{4}resources: (.*)$", block, re.M))
+        jobs.append(job)
+    return jobs
+
+
+def trained_variants(job: dict) -> set[str]:
+    """The variants whose runs a job of :func:`job_blocks` writes (none for a job that is not training)."""
+    return {m.group(1) for path in job["files"] for m in [re.match(r"results/runs/([^/]+)/seed\d+/", path)] if m}
+
+
+def training_jobs_in(output: str) -> list[set[str]]:
+    """The training jobs in Snakemake's printout, in order, each as the set of variants it trains."""
+    return [variants for variants in map(trained_variants, job_blocks(output)) if variants]

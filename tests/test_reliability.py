@@ -29,7 +29,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import LECTURE_SEED, NAMES_SHA256, REPO, run_snakemake, snakemake_command, tiny_config, write_config
+from conftest import (
+    LECTURE_SEED,
+    NAMES_SHA256,
+    REPO,
+    job_blocks,
+    output_of,
+    run_snakemake,
+    snakemake_command,
+    tiny_config,
+    trained_variants,
+    write_config,
+)
 
 from actgrad import data
 from actgrad.study.settings import ConfigError, apply_defaults, validate
@@ -47,28 +58,8 @@ SUMMARY = "results/summary.csv"
 # ---------------------------------------------------------------------------------------------
 
 
-def output_of(proc) -> str:
-    return (proc.stdout or "") + (proc.stderr or "")
-
-
 def files_under(directory: Path) -> list[Path]:
     return sorted(p for p in Path(directory).rglob("*") if p.is_file()) if Path(directory).exists() else []
-
-
-def job_blocks(output: str) -> list[dict]:
-    """Each job of a dry run's printout: its rule, its input files, and its output, log and benchmark files."""
-    jobs = []
-    for block in re.split(r"\n(?=\s*(?:local)?rule \S+:\n)", output):
-        head = re.match(r"\s*(?:local)?rule (\S+):\n", block)
-        if not head:
-            continue
-        job = {"rule": head.group(1), "files": [], "inputs": []}
-        for value in re.findall(r"^\s{4}(?:output|log|benchmark): (.*)$", block, re.M):
-            job["files"] += value.split(", ")
-        for value in re.findall(r"^\s{4}input: (.*)$", block, re.M):
-            job["inputs"] += value.split(", ")
-        jobs.append(job)
-    return jobs
 
 
 def snakemake(workdir: Path, configfile: Path, *args: str, **kwargs):
@@ -361,7 +352,7 @@ def test_workflow_stops_before_training_on_bad_data(case, server, names_path, tm
     # Nothing downloaded, nothing trained.
     assert files_under(workdir / "data") == []
     assert not (workdir / "results").exists() and not (workdir / "logs" / "train").exists()
-    assert not re.search(r"^\s*(local)?rule (splits|train_\S+):$", out, re.M)
+    assert not re.search(r"^\s*(local)?rule (splits|train\S*):$", out, re.M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,7 +630,8 @@ def test_changing_one_variant_reruns_it_and_the_steps_after_it_only(reference_ru
     changed = copy.deepcopy(config)
     changed["variants"]["deep_bn"]["gain"] = 0.9
     jobs = planned(workdir, write_config(workdir, changed, "changed.yaml"), SUMMARY)
-    assert sorted(job["rule"] for job in jobs) == ["summary", "train_deep_bn"], jobs
+    assert sorted(job["rule"] for job in jobs if not trained_variants(job)) == ["summary"], jobs
+    assert [trained_variants(job) for job in jobs if trained_variants(job)] == [{"deep_bn"}], jobs
 
 
 @pytest.mark.slow
@@ -648,7 +640,8 @@ def test_adding_a_variant_trains_only_it(reference_run):
     changed = copy.deepcopy(config)
     changed["variants"]["kaiming"] = {"init": {"W1": "kaiming", "W2": 0.01, "b2": 0}}
     jobs = planned(workdir, write_config(workdir, changed, "added.yaml"), SUMMARY)
-    assert sorted(job["rule"] for job in jobs) == ["summary", "train_kaiming"], jobs
+    assert sorted(job["rule"] for job in jobs if not trained_variants(job)) == ["summary"], jobs
+    assert [trained_variants(job) for job in jobs if trained_variants(job)] == [{"kaiming"}], jobs
 
 
 @pytest.mark.slow
@@ -656,10 +649,13 @@ def test_a_light_step_lists_the_package_module_it_runs_as_input(reference_run):
     """So that editing that module reruns the step (Snakemake's code trigger sees only the scripts);
     training does not list its modules, so that a refactor does not retrain."""
     workdir, _, configfile = reference_run
-    proc = snakemake(workdir, configfile, "--dry-run", "--forcerun", "summary", "train_long", SUMMARY)
-    inputs = {job["rule"]: job["inputs"] for job in job_blocks(output_of(proc))}
-    assert str(REPO / "src" / "actgrad" / "summary.py") in inputs["summary"]
-    assert not any("src/actgrad" in path for path in inputs["train_long"])
+    proc = snakemake(workdir, configfile, "--dry-run", "--forcerun", "summary",
+                     f"results/runs/long/seed{LECTURE_SEED}/metrics.json", SUMMARY)
+    jobs = job_blocks(output_of(proc))
+    [summary] = [job["inputs"] for job in jobs if job["rule"] == "summary"]
+    [training] = [job["inputs"] for job in jobs if trained_variants(job) == {"long"}]
+    assert str(REPO / "src" / "actgrad" / "results" / "summary.py") in summary
+    assert not any("src/actgrad" in path for path in training)
 
 
 @pytest.mark.slow
@@ -672,8 +668,9 @@ def test_changing_a_global_training_setting_reruns_every_variant(reference_run, 
     workdir, config, _ = reference_run
     changed = copy.deepcopy(config)
     changed[key] = value
-    rules = {job["rule"] for job in planned(workdir, write_config(workdir, changed, f"changed_{key}.yaml"), SUMMARY)}
-    assert {"train_long", "train_deep_bn"} <= rules, rules
+    jobs = planned(workdir, write_config(workdir, changed, f"changed_{key}.yaml"), SUMMARY)
+    trained = [trained_variants(job) for job in jobs if trained_variants(job)]
+    assert {"long"} in trained and {"deep_bn"} in trained, jobs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,7 +721,7 @@ def _check_interrupted_then_rerun(workdir: Path, reference: Path, configfile: Pa
     run = workdir / "results" / "runs" / "long" / f"seed{LECTURE_SEED}"
     # Nothing that looks finished: no metrics.json, and Snakemake plans to train the variant again.
     assert not (run / "metrics.json").exists()
-    assert "train_long" in {job["rule"] for job in planned(workdir, configfile, *targets)}
+    assert {"long"} in [trained_variants(job) for job in planned(workdir, configfile, *targets)]
     snakemake(workdir, configfile, *targets)
     compare_runs(reference, workdir, tables=False)
     # No temporary files left beside the results.
@@ -788,19 +785,21 @@ def test_parallel_jobs_never_write_the_same_file(names_path, tmp_path):
                                "deep-relu": dict(DEEP_BN, activation="relu")})
     proc = snakemake(tmp_path, write_config(tmp_path, config), "--dry-run", "--forceall", cores=4)
     jobs = job_blocks(output_of(proc))
-    assert sorted(j["rule"] for j in jobs if j["rule"].startswith("train_")) == sorted(
-        f"train_{v}" for v in config["variants"])
+    # A training job per variant (training_jobs: variant, the default), and no other job writes a run.
+    training = [job for job in jobs if job["rule"].startswith("train")]
+    assert sorted(sorted(trained_variants(job)) for job in training) == sorted([v] for v in config["variants"])
+    assert all(job in training for job in jobs if trained_variants(job))
     writers: dict[str, str] = {}
     for job in jobs:
+        name = f"{job['rule']} {job['wildcards']}"
         for path in job["files"]:
-            assert path not in writers, f"{path} is written by both {writers[path]} and {job['rule']}"
-            writers[path] = job["rule"]
-    for job in jobs:
-        if job["rule"].startswith("train_"):
-            variant = job["rule"].removeprefix("train_")
-            for path in job["files"]:
-                assert (path.startswith(f"results/runs/{variant}/") or path in
-                        (f"logs/train/{variant}.log", f"benchmarks/train/{variant}.tsv")), path
+            assert path not in writers, f"{path} is written by both {writers[path]} and {name}"
+            writers[path] = name
+    for job in training:
+        [variant] = trained_variants(job)
+        for path in job["files"]:
+            assert (path.startswith(f"results/runs/{variant}/") or path in
+                    (f"logs/train/{variant}.log", f"benchmarks/train/{variant}.tsv")), path
 
 
 @pytest.mark.slow
@@ -1044,7 +1043,7 @@ def test_sigint_to_snakemake_alone_stops_a_running_training_job(names_path, tmp_
                 proc.wait()
     assert proc.returncode != 0 and stopped_in < 15, stopped_in
     assert _processes_in(tmp_path) == []
-    assert log.read_text().splitlines()[-1] == ("error: train_long: stopped by SIGINT; its unfinished outputs are "
+    assert log.read_text().splitlines()[-1] == ("error: train[long]: stopped by SIGINT; its unfinished outputs are "
                                                 "removed, run again to redo it")
     assert not (tmp_path / run_targets(config)[0]).exists()
 
@@ -1054,7 +1053,7 @@ def test_a_batch_larger_than_the_split_stops_the_training_job(names_path, tmp_pa
     config = tiny_config(names_path, batch_size=10_000_000, variants={"fix_tanh": FIX_TANH})
     proc = snakemake(tmp_path, write_config(tmp_path, config), *run_targets(config), check=False)
     assert proc.returncode != 0
-    assert ("error: train_fix_tanh: batch_size: 10,000,000 is larger than the training split (182,625 examples)"
+    assert ("error: train[fix_tanh]: batch_size: 10,000,000 is larger than the training split (182,625 examples)"
             in output_of(proc))
     assert not (tmp_path / "results" / "runs" / "fix_tanh").exists()
 
@@ -1064,5 +1063,5 @@ def test_a_job_larger_than_its_memory_grant_stops_before_training(names_path, tm
     config = tiny_config(names_path, variants={"fix_tanh": FIX_TANH}, resources={"train_mem_mb": 100})
     proc = snakemake(tmp_path, write_config(tmp_path, config), *run_targets(config), check=False)
     assert proc.returncode != 0
-    assert re.search(r"error: train_fix_tanh: variants/fix_tanh: training needs about [\d,]+ MB, more than the "
+    assert re.search(r"error: train\[fix_tanh\]: variants/fix_tanh: training needs about [\d,]+ MB, more than the "
                      r"100 MB it asks for", output_of(proc)), output_of(proc)[-3000:]
