@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, job_blocks, run_snakemake, tiny_config, trained_variants, write_config
+from conftest import REPO, in_ci, job_blocks, run_snakemake, tiny_config, trained_variants, write_config
 from slurm_cluster import ClusterError, SlurmCluster, ensure_installed
 
 PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
@@ -40,10 +40,6 @@ LOCAL_RULES = ("download", "splits", "summary", "report", "all")
 CLUSTER_ARGS = ("--slurm-no-account", "--slurm-status-command", "squeue",
                 "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
                 "--slurm-keep-successful-logs")
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _unavailable(reason: str, ci: bool):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import yaml
-from conftest import LECTURE_SEED, REPO, run_snakemake, tiny_config, training_jobs_in, write_config
+from conftest import LECTURE_SEED, REPO, completed, run_snakemake, tiny_config, training_jobs_in, write_config
 
 from actgrad import cli
 from actgrad.study.settings import ConfigError, apply_defaults, load_schema, variant_spec
@@ -16,11 +16,6 @@ GAIN_SWEEP = {"base": {"model": "deep", "n_layers": 2},
 
 def with_sweeps(names_path, sweeps, **overrides) -> dict:
     return tiny_config(names_path, sweeps=sweeps, **overrides)
-
-
-def completed(config: dict) -> dict:
-    """Expanded and completed, as the workflow sees it."""
-    return apply_defaults(expand_sweeps(config))
 
 
 def test_names_are_readable_path_safe_and_in_grid_order(names_path):
