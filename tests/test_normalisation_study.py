@@ -1,4 +1,4 @@
-"""Issue 19: the real workflow on a tiny normalisation study (BatchNorm, LayerNorm and none at batch sizes 4 and 32,
+"""The real workflow on a tiny normalisation study (BatchNorm, LayerNorm and none at batch sizes 4 and 32,
 the same number of examples seen, 2 seeds) and a ReLU net beside it: the run metrics follow the activation and
 carry the Jacobian at init and BatchNorm's batch-statistics loss; normalisation.csv and jacobian.csv hold what the
 run files say; the report answers its three questions and loads in a real browser with every image decoded."""
