@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +89,158 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path | None = None, cor
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def output_of(proc) -> str:
+    return (proc.stdout or "") + (proc.stderr or "")
+
+
+def job_blocks(output: str) -> list[dict]:
+    """Each job of Snakemake's printout (a dry run's or a real run's): its rule, its input files, its output, log
+    and benchmark files, its wildcards and its resources line."""
+    jobs = []
+    for block in re.split(r"\n(?=\s*(?:local)?rule \S+:\n)", output):
+        head = re.match(r"\s*(?:local)?rule (\S+):\n", block)
+        if not head:
+            continue
+        job = {"rule": head.group(1), "files": [], "inputs": [], "wildcards": {}, "resources": ""}
+        for value in re.findall(r"^\s{4}(?:output|log|benchmark): (.*)$", block, re.M):
+            job["files"] += value.split(", ")
+        for value in re.findall(r"^\s{4}input: (.*)$", block, re.M):
+            job["inputs"] += value.split(", ")
+        for value in re.findall(r"^\s{4}wildcards: (.*)$", block, re.M):
+            job["wildcards"].update(item.split("=", 1) for item in value.split(", "))
+        job["resources"] = " ".join(re.findall(r"^\s{4}resources: (.*)$", block, re.M))
+        jobs.append(job)
+    return jobs
+
+
+def trained_variants(job: dict) -> set[str]:
+    """The variants whose runs a job of :func:`job_blocks` writes (none for a job that is not training)."""
+    return {m.group(1) for path in job["files"] for m in [re.match(r"results/runs/([^/]+)/seed\d+/", path)] if m}
+
+
+def training_jobs_in(output: str) -> list[set[str]]:
+    """The training jobs in Snakemake's printout, in order, each as the set of variants it trains."""
+    return [variants for variants in map(trained_variants, job_blocks(output)) if variants]
+
+
+def in_ci() -> bool:
+    """Whether the tests run under CI (the CI variable set to anything but empty, 0, false or no)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def max_param_diff(a, b):
+    """The largest difference between the parameters of two networks of one architecture."""
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def completed(config: dict) -> dict:
+    """A config with its sweeps expanded and its defaults filled in, as the workflow sees it."""
+    from actgrad.study.settings import apply_defaults
+    from actgrad.study.sweeps import expand_sweeps
+
+    return apply_defaults(expand_sweeps(config))
+
+
+# -- the real workflow on small configs: shared by the tests of reruns, interrupts, concurrency and determinism --
+
+FIX_TANH = {"init": {"C": 1, "W1": 0.2, "b1": 0.01, "W2": 0.01, "b2": 0}}
+DEEP_BN = {"model": "deep", "batchnorm": True, "gain": 1.0, "n_layers": 2, "n_hidden": 32}
+# Fields of metrics.json / summary.csv that are wall-clock measurements, not results.
+WALL_CLOCK = {"seconds"}
+# The target of most runs here: the figures and the report would add a minute and nothing to check.
+SUMMARY = "results/summary.csv"
+
+
+def files_under(directory: Path) -> list[Path]:
+    return sorted(p for p in Path(directory).rglob("*") if p.is_file()) if Path(directory).exists() else []
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str, **kwargs):
+    """``run_snakemake`` with ``--configfile=PATH`` as one word: as two words the option takes every
+    argument after it, targets included, for one more config file."""
+    return run_snakemake(workdir, f"--configfile={configfile}", *args, **kwargs)
+
+
+def planned(workdir: Path, configfile: Path, *args: str) -> list[dict]:
+    """The jobs a dry run would run."""
+    proc = snakemake(workdir, configfile, "--dry-run", *args)
+    return [] if "Nothing to be done" in output_of(proc) else job_blocks(output_of(proc))
+
+
+def run_targets(config: dict) -> list[str]:
+    """Snakemake targets that train every variant and stop there (no summary, figures, report)."""
+    return [f"results/runs/{v}/seed{seed}/metrics.json" for v, spec in config["variants"].items()
+            for seed in spec.get("seeds", config["seeds"])]
+
+
+def compare_runs(a: Path, b: Path, tables: bool = True) -> None:
+    """Everything two runs of one config wrote is equal, wall-clock measurements aside."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    runs_a = sorted(p.relative_to(a) for p in files_under(a / "results" / "runs"))
+    runs_b = sorted(p.relative_to(b) for p in files_under(b / "results" / "runs"))
+    assert runs_a == runs_b and runs_a, "the two runs wrote different files"
+    for rel in runs_a:
+        fa, fb = a / rel, b / rel
+        if rel.suffix == ".parquet":
+            pd.testing.assert_frame_equal(pd.read_parquet(fa), pd.read_parquet(fb), check_exact=True, obj=str(rel))
+        elif rel.name == "metrics.json":
+            ma, mb = json.loads(fa.read_text()), json.loads(fb.read_text())
+            for key in WALL_CLOCK:
+                ma.pop(key, None)
+                mb.pop(key, None)
+            assert ma == mb, rel
+        elif rel.suffix == ".npz":
+            with np.load(fa) as za, np.load(fb) as zb:
+                assert sorted(za.files) == sorted(zb.files), rel
+                for key in za.files:
+                    assert np.array_equal(za[key], zb[key]), f"{rel}:{key}"
+        elif rel.suffix == ".pt":
+            ta, tb = torch.load(fa, weights_only=True), torch.load(fb, weights_only=True)
+            assert ta.keys() == tb.keys(), rel
+            for key in ta:
+                assert torch.equal(ta[key], tb[key]), f"{rel}:{key}"
+        else:
+            assert fa.read_bytes() == fb.read_bytes(), rel
+    for table in ("summary.csv", "variants.csv", "significance.csv", "reference_check.csv") if tables else ():
+        if not (a / "results" / table).read_text().strip():  # a table with no rows and no columns
+            assert not (b / "results" / table).read_text().strip(), table
+            continue
+        ta, tb = pd.read_csv(a / "results" / table), pd.read_csv(b / "results" / table)
+        drop = [c for c in ta.columns if c in WALL_CLOCK]
+        pd.testing.assert_frame_equal(ta.drop(columns=drop), tb.drop(columns=drop), check_exact=True, obj=table)
+
+
+@pytest.fixture(scope="session")
+def splits_file(names_path, tmp_path_factory):
+    """data/splits.pt of the names file, made once."""
+    from actgrad import data
+
+    out = tmp_path_factory.mktemp("splits")
+    data.save_splits(names_path, out / "splits.pt", out / "splits.json")
+    return out / "splits.pt"
+
+
+LONG_STEPS = 3000
+
+
+def long_config(names_path) -> dict:
+    """A shallow variant trained long enough to be killed mid-way, and a short deep one beside it."""
+    return tiny_config(names_path, stats={"every": 250, "update_every": 50, "histogram_every": 1000,
+                                          "snapshot_steps": [0, 500], "bins": 20},
+                       variants={"long": dict(FIX_TANH, max_steps=LONG_STEPS, seeds=[LECTURE_SEED]),
+                                 "deep_bn": DEEP_BN})
+
+
+@pytest.fixture(scope="session")
+def reference_run(names_path, tmp_path_factory):
+    """One uninterrupted run of the long config: what every other run of it must reproduce."""
+    workdir = tmp_path_factory.mktemp("reference")
+    config = long_config(names_path)
+    configfile = write_config(workdir, config)
+    snakemake(workdir, configfile, SUMMARY)
+    return workdir, config, configfile

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import in_ci
 
 pytestmark = pytest.mark.browser
 
@@ -43,10 +44,6 @@ def find_chromium() -> str | None:
         if path:
             return path
     return None
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def require_chromium() -> str:

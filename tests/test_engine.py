@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import max_param_diff
 
 from actgrad.training import loop as reference
 from actgrad.training.engine import architecture, group_size, train_batched
@@ -48,10 +49,6 @@ def dev_loss(net, X, Y):
         return F.cross_entropy(net(X), Y).item()
     finally:
         net.train()
-
-
-def max_param_diff(a, b):
-    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_chunked_index_draws_are_the_lectures():

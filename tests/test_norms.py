@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LECTURE_SEED, REPO
+from conftest import LECTURE_SEED, REPO, max_param_diff
 
 from actgrad.study import load, settings
 from actgrad.training import loop as reference
@@ -36,10 +36,6 @@ OPTIONS = {
 
 # One thread, as the pipeline trains: small ops with several threads on a busy machine crawl.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def max_param_diff(a, b):
-    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
 # -- the ops against PyTorch's own ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Issue 17 in the summary, the figures and the report: corrected comparisons with intervals and effect sizes,
+"""The statistics in the summary, the figures and the report: corrected comparisons with intervals and effect sizes,
 the seeds needed, the lecture's number in our spread, and chaos measured as a rate.
 
 The runs here are written by hand (no training): two shallow variants with sensitivity twins whose

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, run_snakemake, tiny_config, write_config
+from conftest import REPO, in_ci, job_blocks, run_snakemake, tiny_config, trained_variants, write_config
 from slurm_cluster import ClusterError, SlurmCluster, ensure_installed
 
 PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
@@ -40,10 +40,6 @@ LOCAL_RULES = ("download", "splits", "summary", "report", "all")
 CLUSTER_ARGS = ("--slurm-no-account", "--slurm-status-command", "squeue",
                 "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
                 "--slurm-keep-successful-logs")
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _unavailable(reason: str, ci: bool):
@@ -133,9 +129,9 @@ def test_profile_dry_run(names_path, tmp_path):
     proc = run_snakemake(tmp_path, "--workflow-profile", str(PROFILE.parent), "--dry-run", configfile=configfile)
     out = proc.stdout + proc.stderr
     assert f"workflow specific profile {PROFILE.parent}" in out
+    training = {frozenset(trained_variants(job)): job["resources"] for job in job_blocks(out) if trained_variants(job)}
     for variant in ("fix_tanh", "deep_bn"):
-        block = out[out.index(f"rule train_{variant}:"):]
-        resources = block[block.index("resources:"):].splitlines()[0]
+        resources = training[frozenset({variant})]
         assert f"mem_mb={RESOURCES['train_mem_mb']}," in resources and f"gpu={RESOURCES['train_gpus']}" in resources
 
 
@@ -181,9 +177,10 @@ def test_pipeline_on_slurm_matches_local_run(slurm, names_path, tmp_path):
     jobs = slurm.jobs()
     by_comment = {job["comment"]: job for job in jobs}
     assert len(by_comment) == len(jobs), f"a job was submitted twice: {jobs}"
+    # A job's comment is rule_<rule>, or rule_<rule>_wildcards_<values> for a job of a wildcard rule.
     rules_on_slurm = {job["comment"].removeprefix("rule_").split("_wildcards_")[0] for job in jobs}
-    training = {f"train_{variant}" for variant in variants}
-    assert training <= rules_on_slurm, f"training jobs missing from SLURM's jobs: {jobs}"
+    training = {variant: f"rule_train_wildcards_{variant}" for variant in variants}  # a training job per variant
+    assert set(training.values()) <= set(by_comment), f"training jobs missing from SLURM's jobs: {jobs}"
     for rule in LOCAL_RULES:
         assert rule not in rules_on_slurm, f"{rule} is a localrule but went to SLURM: {jobs}"
         assert f"localrule {rule}:" in log, f"{rule} did not run on the submit host"
@@ -193,17 +190,18 @@ def test_pipeline_on_slurm_matches_local_run(slurm, names_path, tmp_path):
         assert job["partition"] == slurm.partition, job
         assert Path(job["workdir"]).resolve() == cluster_dir.resolve(), job
         assert f"has been submitted with SLURM jobid {job['id']}" in log, job
-    for rule in training:  # sized as config/config.yaml's resources and threads say
-        job = by_comment[f"rule_{rule}"]
+    for variant, comment in training.items():  # sized as config/config.yaml's resources and threads say
+        job = by_comment[comment]
         assert job["min_memory"] == f"{RESOURCES['train_mem_mb']}M", job
         assert job["time_limit"] == f"{RESOURCES['train_runtime']}:00", job
         assert job["cpus"] == str(THREADS), job
         assert job["tres_per_job"] == f"gres:gpu:{RESOURCES['train_gpus']}", job
         # The job's own SLURM log: Snakemake ran the rule inside the allocation.
-        slurm_log = cluster_dir / ".snakemake" / "slurm_logs" / f"rule_{rule}" / f"{job['id']}.log"
+        slurm_log = cluster_dir / ".snakemake" / "slurm_logs" / "rule_train" / variant / f"{job['id']}.log"
         assert slurm_log.exists(), f"no SLURM log {slurm_log}"
         job_log = slurm_log.read_text()
-        assert f"rule {rule}:" in job_log and "1 of 1 steps (100%) done" in job_log, job_log[-3000:]
+        assert "rule train:" in job_log and f"wildcards: variant={variant}" in job_log, job_log[-3000:]
+        assert "1 of 1 steps (100%) done" in job_log, job_log[-3000:]
 
     # -- the same results as the local run -----------------------------------------------------------
     for variant in variants:

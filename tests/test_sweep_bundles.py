@@ -1,11 +1,11 @@
 """Sweep bundles: a grid key that sets several variant keys together (actgrad.study.sweeps)."""
 
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, completed, tiny_config
 
 from actgrad.study.comparisons import sweep_grids
 from actgrad.study.load import read_yaml, resolve_base
-from actgrad.study.settings import ConfigError, apply_defaults, variant_spec
+from actgrad.study.settings import ConfigError, variant_spec
 from actgrad.study.sweeps import expand_sweeps, grid_point
 
 SCHEDULE = {"batch4": {"batch_size": 4, "max_steps": 800}, "batch32": {"batch_size": 32, "max_steps": 100}}
@@ -14,10 +14,6 @@ SCHEDULE = {"batch4": {"batch_size": 4, "max_steps": 800}, "batch32": {"batch_si
 def bundled(names_path, grid, **sweep) -> dict:
     return tiny_config(names_path, variants=None, sweeps={"coupling": {
         "base": {"model": "deep", "n_layers": 2, "n_hidden": 16}, "grid": grid, **sweep}})
-
-
-def completed(config):
-    return apply_defaults(expand_sweeps(config))
 
 
 def test_a_bundle_sets_its_keys_together_and_its_label_names_the_point(names_path):

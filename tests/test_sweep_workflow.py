@@ -1,4 +1,4 @@
-"""Issue 14: the real workflow on a tiny sweep (2 gains x BatchNorm on/off of a small deep net, batched engine)
+"""The real workflow on a tiny sweep (2 gains x BatchNorm on/off of a small deep net, batched engine)
 writes the theory and sweep tables, one phase diagram per sweep, and a report that folds the sweep's points and
 loads in a real browser with every image decoded."""
 

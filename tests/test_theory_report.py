@@ -1,4 +1,4 @@
-"""Issue 14 without a workflow run: which sweep points the report shows in full, the theory table from a study's
+"""Sweeps, theory, no workflow run: which sweep points the report shows in full, the theory table from a study's
 statistics, and the phase diagram and report groups drawn from them."""
 
 import math

@@ -2,7 +2,8 @@
 
 ``workflow/scripts/*.py`` stay two lines long; :func:`as_step` gives every stage the same
 behaviour: its messages go to the rule's log *and* the terminal, and any failure ends the
-step with one line, ``error: <rule>: <what went wrong>``, in both. A known problem (bad data,
+step with one line, ``error: <rule>: <what went wrong>`` (``<rule>[<wildcards>]`` for a job of a
+wildcard rule, e.g. ``train[fix_tanh]``), in both. A known problem (bad data,
 bad config) is that line alone; anything else also leaves its traceback in the log, for a
 developer, and an input file that cannot be read is named with the command that fixes it.
 
@@ -159,6 +160,9 @@ def as_step(snakemake, fn) -> None:
     A step Snakemake runs on this machine stops with Snakemake (:func:`die_with_parent`), as SIGTERM does.
     """
     step = getattr(snakemake, "rule", None) or "step"
+    wildcards = [str(value) for value in getattr(snakemake, "wildcards", None) or []]
+    if wildcards:  # which job of the rule: train[fix_tanh]
+        step = f"{step}[{','.join(wildcards)}]"
     log_path = Path(snakemake.log[0]) if snakemake.log else None
     log_file = None
     if log_path:

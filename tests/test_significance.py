@@ -1,5 +1,6 @@
-"""Issue 17, the statistics: comparisons from the config, Welch + Holm, Hedges' g, seeds needed, the lecture's
-number in our spread, and chaos as a rate - each against a hand-computed case or an independent computation."""
+"""The statistics (results/significance.py, study/comparisons.py): comparisons from the config, Welch + Holm, Hedges'
+g, seeds needed, the lecture's number in our spread, and chaos as a rate - each against a hand-computed case or an
+independent computation."""
 
 from __future__ import annotations
 
