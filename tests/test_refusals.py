@@ -16,10 +16,10 @@ from actgrad.study.settings import ConfigError
 @pytest.mark.slow
 @pytest.mark.parametrize("change, says", [
     ({"variants": {"deep_bn": {"batch_size": 10_000_000}}},
-     r"error: train_deep_bn: variants/deep_bn/batch_size: 10,000,000 is larger than the training split "
+     r"error: train\[deep_bn\]: variants/deep_bn/batch_size: 10,000,000 is larger than the training split "
      r"\(182,625 examples\); use at most 182,625 \(refused while planning: nothing was run or deleted\)"),
     ({"resources": {"train_mem_mb": 100}},
-     r"error: train_fix_tanh: variants/fix_tanh: training needs about [\d,]+ MB, more than the 100 MB it asks for"),
+     r"error: train\[fix_tanh\]: variants/fix_tanh: training needs about [\d,]+ MB, more than the 100 MB it asks for"),
 ], ids=["batch larger than the split", "job larger than its memory grant"])
 def test_a_job_that_would_refuse_stops_the_workflow_before_anything_is_deleted(change, says, tmp_path_factory,
                                                                                tmp_path):

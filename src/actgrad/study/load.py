@@ -102,5 +102,6 @@ def check_jobs(config: dict, jobs: dict[str, list[str]], sizes: dict[str, int] |
         try:
             check_job(config, names, n_train, config["block_size"], n_examples)
         except ConfigError as e:
-            raise ConfigError(f"error: train_{job}: {e} (refused while planning: nothing was run or deleted)") \
-                from None
+            # as the job's own line names it: train[<variant>] for a variant's job of the wildcard rule
+            step = f"train[{names[0]}]" if len(names) == 1 else f"train_{job}"
+            raise ConfigError(f"error: {step}: {e} (refused while planning: nothing was run or deleted)") from None
