@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = Path(os.environ.get("ACTGRAD_NAMES", REPO.parent / "shared" / "data" / "names.txt")).resolve()
+# makemore's names.txt: $ACTGRAD_NAMES, or the copy a pipeline run downloads (fetched by the first test that
+# needs it when there is none, verified by its sha256 like the pipeline's).
+NAMES = Path(os.environ.get("ACTGRAD_NAMES", REPO / "data" / "names.txt")).resolve()
 NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
 LECTURE_SEED = 2147483647
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -32,6 +34,15 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def names_path() -> Path:
+    if not NAMES.exists() and "ACTGRAD_NAMES" not in os.environ:
+        from actgrad.data import DataError, download_names
+        from actgrad.study.settings import study_defaults
+
+        try:
+            download_names(study_defaults()["names_url"], NAMES_SHA256, NAMES)
+        except DataError as e:
+            pytest.fail(f"the names file is missing and could not be downloaded: {e}; "
+                        "set ACTGRAD_NAMES to a copy of makemore's names.txt")
     if not NAMES.exists():
         pytest.fail(f"the names file is missing: {NAMES} (set ACTGRAD_NAMES to a copy of makemore's names.txt)")
     return NAMES

@@ -8,13 +8,12 @@ import sys
 import time
 
 import pytest
-from conftest import NAMES
 
 
 @pytest.mark.slow
-def test_the_bench_prints_its_plan_first_and_each_row_as_it_is_measured(tmp_path):
+def test_the_bench_prints_its_plan_first_and_each_row_as_it_is_measured(names_path, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    proc = subprocess.Popen([sys.executable, "-m", "actgrad.tools.bench", "--names", str(NAMES), "--steps", "30",
+    proc = subprocess.Popen([sys.executable, "-m", "actgrad.tools.bench", "--names", str(names_path), "--steps", "30",
                              "--models", "2", "--repeat", "2", "--networks", "shallow", "--peers", "none"],
                             stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     lines = []  # (seconds since start, line) as they arrive through the pipe

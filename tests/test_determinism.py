@@ -18,14 +18,14 @@ from actgrad.study.settings import apply_defaults, validate
 @pytest.mark.parametrize("engine", ["reference", "batched"])
 def test_training_twice_gives_identical_results(engine, names_path, splits_file, tmp_path):
     """Both engines, a shallow and a deep BatchNorm variant, two seeds: the same bits every time."""
-    from actgrad.training.job import train_variant
+    from actgrad.training.job import train_variants
 
     config = tiny_config(names_path, engine=engine, max_steps=40)
     validate(config)
     apply_defaults(config)
     for attempt in ("a", "b"):
         for variant in config["variants"]:
-            train_variant(config, variant, splits_file, tmp_path / attempt / "results", log=lambda message: None)
+            train_variants(config, [variant], splits_file, tmp_path / attempt / "results", log=lambda message: None)
     compare_runs(tmp_path / "a", tmp_path / "b", tables=False)
 
 

@@ -41,14 +41,14 @@ def _divergence_params():
 
 @pytest.mark.parametrize(("engine", "case"), list(_divergence_params()))
 def test_diverged_run_stops_early_and_says_so(engine, case, names_path, splits_file, tmp_path):
-    from actgrad.training.job import train_variant
+    from actgrad.training.job import train_variants
 
     steps = 300
     config = tiny_config(names_path, engine=engine, max_steps=steps, variants={"blowup": DIVERGING[case]},
                          divergence={"loss_multiple": 10, "window": 50})
     validate(config)
     apply_defaults(config)
-    metrics = train_variant(config, "blowup", splits_file, tmp_path, log=lambda message: None)
+    metrics = train_variants(config, ["blowup"], splits_file, tmp_path, log=lambda message: None)
     assert [m["seed"] for m in metrics] == config["seeds"]
     for m in metrics:
         assert m["status"] == "diverged" and isinstance(m["diverged_at"], int) and m["diverged_at"] < 100

@@ -153,7 +153,7 @@ def test_a_training_job_says_and_records_whether_it_used_the_kernels(switch, nam
                                         stats={"every": 10, "update_every": 10, "histogram_every": 10,
                                                "snapshot_steps": [0], "bins": 10}))
     lines = []
-    [metrics] = runs.train_variant(config, "deep_bn", tmp_path / "splits.pt", tmp_path / "results", log=lines.append)
+    [metrics] = runs.train_variants(config, ["deep_bn"], tmp_path / "splits.pt", tmp_path / "results", log=lines.append)
     assert metrics["kernels"] == ("C" if switch == "on" else "PyTorch")
     assert any(line.startswith(f"[deep_bn] C kernels: {switch} (") for line in lines), lines
 

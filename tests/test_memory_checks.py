@@ -85,9 +85,9 @@ MEASURE = """
 import json, re, sys
 from pathlib import Path
 from actgrad.study.settings import apply_defaults, validate
-from actgrad.training.job import train_variant
+from actgrad.training.job import train_variants
 config = json.loads(sys.argv[1]); validate(config); apply_defaults(config)
-train_variant(config, sys.argv[2], sys.argv[3], sys.argv[4], log=lambda message: None)
+train_variants(config, [sys.argv[2]], sys.argv[3], sys.argv[4], log=lambda message: None)
 print(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
 """
 

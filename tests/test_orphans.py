@@ -10,13 +10,13 @@ import time
 
 import psutil
 import pytest
-from conftest import NAMES, snakemake_command, tiny_config, write_config
+from conftest import snakemake_command, tiny_config, write_config
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_kill_9_of_snakemake_stops_its_training_job(tmp_path):
-    config = tiny_config(NAMES, max_steps=500_000, seeds=[1], variants={"long": {}})
+def test_kill_9_of_snakemake_stops_its_training_job(names_path, tmp_path):
+    config = tiny_config(names_path, max_steps=500_000, seeds=[1], variants={"long": {}})
     configfile = write_config(tmp_path, config)
     cmd = snakemake_command(tmp_path, f"--configfile={configfile}", "results/runs/long/seed1/metrics.json", cores=1)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

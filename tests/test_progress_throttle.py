@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from conftest import NAMES, tiny_config
+from conftest import tiny_config
 
 from actgrad.study.load import complete
-from actgrad.training.job import train_variant
+from actgrad.training.job import train_variants
 
 
-def test_progress_every_step_logs_at_most_a_line_a_second(splits, tmp_path, one_thread):
+def test_progress_every_step_logs_at_most_a_line_a_second(names_path, splits, tmp_path, one_thread):
     import torch
 
     from actgrad.data import save_splits
 
-    save_splits(NAMES, tmp_path / "splits.pt", tmp_path / "splits.json")
-    config = complete(tiny_config(NAMES, progress_every=1, max_steps=400, seeds=[1, 2],
+    save_splits(names_path, tmp_path / "splits.pt", tmp_path / "splits.json")
+    config = complete(tiny_config(names_path, progress_every=1, max_steps=400, seeds=[1, 2],
                                   variants={"v": {"n_hidden": 20}}))
     lines = []
-    train_variant(config, "v", tmp_path / "splits.pt", tmp_path / "results", log=lines.append)
+    train_variants(config, ["v"], tmp_path / "splits.pt", tmp_path / "results", log=lines.append)
     steps = [line for line in lines if " step " in line]
     # two runs of 400 steps, one after the other (the reference engine), each well under a few seconds
     assert 2 <= len(steps) <= 10, steps

@@ -532,10 +532,10 @@ def _task(i):
 def test_the_figure_step_shares_its_tasks_among_forked_workers_and_keeps_their_order():
     from actgrad.report import figures
 
-    lines = list(figures._in_processes([_task(i) for i in range(6)], workers=2))
+    lines = list(figures.draw_in_processes([_task(i) for i in range(6)], workers=2))
     assert [line.split(" in ")[0] for line in lines] == [f"task {i}" for i in range(6)]
     assert len({line.split(" in ")[1] for line in lines}) >= 2  # the first here, the others in the workers
-    serial = list(figures._in_processes([_task(i) for i in range(3)], workers=1))
+    serial = list(figures.draw_in_processes([_task(i) for i in range(3)], workers=1))
     assert len({line.split(" in ")[1] for line in serial}) == 1
 
 
@@ -547,7 +547,6 @@ def test_a_figure_that_fails_in_a_worker_fails_the_step_with_its_own_error():
         raise RunFileError("results/runs/v/seed1/stats.parquet: not a readable parquet file")
 
     with pytest.raises(RunFileError, match="seed1/stats.parquet: not a readable"):
-        list(figures._in_processes([_task(0), _task(1), corrupt, _task(3)], workers=2))
+        list(figures.draw_in_processes([_task(0), _task(1), corrupt, _task(3)], workers=2))
     # ... and the step can draw again afterwards (no worker or task left behind)
-    assert len(list(figures._in_processes([_task(i) for i in range(3)], workers=2))) == 3
-    assert figures._TASKS == []
+    assert len(list(figures.draw_in_processes([_task(i) for i in range(3)], workers=2))) == 3

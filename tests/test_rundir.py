@@ -26,7 +26,7 @@ def test_paths_of_a_variants_runs():
 def test_the_training_job_writes_exactly_the_run_files_and_records_the_snapshot_step(names_path, tmp_path):
     from actgrad import data
     from actgrad.study import settings as cfg
-    from actgrad.training.job import train_variant
+    from actgrad.training.job import train_variants
 
     data.save_splits(names_path, tmp_path / "splits.pt", tmp_path / "splits.json")
     config = cfg.apply_defaults(tiny_config(names_path, max_steps=30, seeds=[LECTURE_SEED],
@@ -34,7 +34,7 @@ def test_the_training_job_writes_exactly_the_run_files_and_records_the_snapshot_
                                                    "snapshot_steps": [0, 10], "bins": 10}))
     config["variants"] = {"fix_tanh": config["variants"]["fix_tanh"]}
     results = tmp_path / "results"
-    train_variant(config, "fix_tanh", tmp_path / "splits.pt", results, log=lambda m: None)
+    train_variants(config, ["fix_tanh"], tmp_path / "splits.pt", results, log=lambda m: None)
     directory = run_dir(results, "fix_tanh", LECTURE_SEED)
     assert sorted(p.name for p in directory.iterdir()) == sorted(RUN_FILES)
     run = Run.read(directory / "stats.parquet")  # any of its files finds the run

@@ -27,8 +27,8 @@ report: "../report/workflow.rst"
 # spent most of its time starting. It draws in as many processes as it has threads (forked after the imports).
 rule figures:
     input:
-        runs=all_run_outputs(["metrics.json", "losses.parquet", "stats.parquet"])
-        + [path for v in FEATURED for path in run_outputs(v, VARIANT_FIGURE_FILES)],
+        # a run's metrics.json stands for all its files (see the summary's rule)
+        runs=all_run_outputs(["metrics.json"]),
         summary=f"{RESULTS}/summary.csv",
         references=f"{RESULTS}/reference_check.csv",
         theory=f"{RESULTS}/theory.csv",

@@ -925,7 +925,7 @@ def all_figures(config: dict, order: list[str], run_paths, tables: dict, outputs
     """
     cross = {k: p for k, p in outputs.items() if not is_theory_figure(k)}
     theory = {k: p for k, p in outputs.items() if is_theory_figure(k)}
-    # The variants first: the first task is drawn before the workers fork (see _in_processes), and a variant's
+    # The variants first: the first task is drawn before the workers fork (see draw_in_processes), and a variant's
     # figures use most of what the others do.
     tasks = [lambda log, runs=runs, figures=figures: variant_figures(runs, figures, log=log)
              for runs, figures in variant_outputs.values()]
@@ -936,11 +936,11 @@ def all_figures(config: dict, order: list[str], run_paths, tables: dict, outputs
     if theory:
         tasks.append(lambda log: theory_figures(config, tables["theory"], tables["sweeps"], tables["theory_curves"],
                                                 theory, log=log))
-    for line in _in_processes(tasks, min(workers, len(usable_cpus()))):
+    for line in draw_in_processes(tasks, min(workers, len(usable_cpus()))):
         log(line)
 
 
-_TASKS: list = []  # what the forked workers of _in_processes run, by index
+_TASKS: list = []  # what the forked workers of draw_in_processes run, by index
 
 
 def _lines_of(task) -> list[str]:
@@ -953,7 +953,7 @@ def _run_task(index: int) -> list[str]:
     return _lines_of(_TASKS[index])
 
 
-def _in_processes(tasks: list, workers: int):
+def draw_in_processes(tasks: list, workers: int):
     """Run ``tasks`` (functions of a ``log``), in ``workers`` processes forked from this one on Linux (they
     inherit its imports; nothing is pickled but an index and the log lines), else one after another; yields
     each task's log lines, in the tasks' order. Not on macOS: its system libraries are not safe to use in a

@@ -102,21 +102,15 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def train_variant(config: dict, name: str, splits_path: str | os.PathLike, results: str | os.PathLike,
-                  log=print, mem_mb: float | None = None) -> list[dict]:
-    """Train every seed of variant ``name`` (and their twins), write each run, return the metrics.
-
-    Before any work the job checks that its minibatch fits the training split and that it fits in
-    ``mem_mb`` (the memory it was granted; ``resources.train_mem_mb`` by default). On CPU it then
-    claims a CPU of its own (:func:`~actgrad.training.cpus.cpu_slot`), so that training jobs never time-share one.
-    """
-    return train_variants(config, [name], splits_path, results, log=log, mem_mb=mem_mb)
-
-
 def train_variants(config: dict, names: list[str], splits_path: str | os.PathLike, results: str | os.PathLike,
                    log=print, mem_mb: float | None = None) -> list[dict]:
-    """Train the variants ``names``, as :func:`train_variant` trains one: those with the same :func:`batch_key`
-    in one engine call, the groups one after another (in the order of their first variant).
+    """Train every seed (and twin) of the variants ``names``, write each run and return their metrics: the variants
+    with the same :func:`batch_key` in one engine call, the groups one after another (in the order of their first
+    variant).
+
+    Before any work the job checks that each minibatch fits the training split and that the job fits in ``mem_mb``
+    (the memory it was granted; ``resources.train_mem_mb`` by default). On CPU it then claims a CPU of its own
+    (:func:`~actgrad.training.cpus.cpu_slot`), so that training jobs never time-share one.
 
     Each model draws its own parameters and minibatches from its own generator, and the engine computes each
     model on its own, so a run's numbers do not depend on which variants share its job.

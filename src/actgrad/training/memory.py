@@ -21,7 +21,7 @@ from actgrad.study.settings import ConfigError, variant_spec
 MB = 1024 * 1024
 VOCAB = 27
 
-# Calibrated against the peak RSS (VmHWM) of real training jobs: `train_variant` alone in a fresh
+# Calibrated against the peak RSS (VmHWM) of real training jobs: `train_variants` alone in a fresh
 # process, on this project's reference machine (2 cores, torch 2.13.0 CPU, C kernels on, MKL's buffer
 # cache off (see actgrad/__init__.py), 182,625 training examples), three runs each:
 #
