@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from actgrad.model import build_deep
 
-from actgrad import theory
+from actgrad.results import theory
+from actgrad.training.model import build_deep
 
 
 def _sech2_mean(q):
@@ -223,8 +223,10 @@ def test_monte_carlo_ordered_tanh_without_bias_freezes_the_correlation():
 
 
 def test_a_100_layer_deep_sweep_validates(tmp_path, names_path):
-    from actgrad.config import load, variant_spec
     from conftest import tiny_config, write_config
+
+    from actgrad.study.load import load
+    from actgrad.study.settings import variant_spec
 
     config = tiny_config(names_path, variants=None, sweeps={
         "depth": {"base": {"model": "deep", "batchnorm": False}, "grid": {"n_layers": [2, 100]}}})
@@ -234,9 +236,9 @@ def test_a_100_layer_deep_sweep_validates(tmp_path, names_path):
 
 
 def test_the_memory_estimate_grows_with_depth_and_a_96_layer_job_fits_the_default():
-    from actgrad.config import MODEL_DEFAULTS, merge
-    from actgrad.memory import estimate_training_memory_mb
-    from actgrad.stats import StatsPlan
+    from actgrad.study.settings import MODEL_DEFAULTS, merge
+    from actgrad.training.memory import estimate_training_memory_mb
+    from actgrad.training.stats import StatsPlan
 
     plan = StatsPlan(every=50, update_every=10, histogram_every=50, snapshot_steps=(0, 100), bins=50, last_step=199)
     deep = merge(MODEL_DEFAULTS["deep"], {"model": "deep", "batchnorm": True, "max_steps": 200, "batch_size": 32})
@@ -248,9 +250,8 @@ def test_the_memory_estimate_grows_with_depth_and_a_96_layer_job_fits_the_defaul
 
 
 def _first_losses(spec, Xtr, Ytr, steps, engine, w1_perturbation=0.0):
-    from actgrad.engine import train_batched
-
-    from actgrad import reference
+    from actgrad.training import loop as reference
+    from actgrad.training.engine import train_batched
 
     net, g = reference.init_network(spec, 1, 3)
     if w1_perturbation:
@@ -266,7 +267,7 @@ def _first_losses(spec, Xtr, Ytr, steps, engine, w1_perturbation=0.0):
 
 
 def test_both_engines_train_a_narrow_100_layer_net_alike(splits, one_thread):
-    from actgrad.networks import LECTURE_NETWORKS
+    from actgrad.training.networks import LECTURE_NETWORKS
 
     Xtr, Ytr = splits["splits"]["train"]
     # At the critical gain float rounding is not amplified through the 100 layers: the engines agree as on 5.
@@ -295,7 +296,7 @@ def _synthetic_hists(n_layers, steps=(0, 100), bins=10):
 
 
 def test_per_layer_figures_of_a_96_layer_net_draw_a_bounded_number_of_layers():
-    from actgrad import figures
+    from actgrad.report import figures
 
     assert figures.shown_layers(5) == [0, 1, 2, 3, 4]  # the lecture's nets: every layer, as before
     chosen = figures.shown_layers(96)
