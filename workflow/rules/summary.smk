@@ -13,8 +13,10 @@ from actgrad.results.vocabulary import TABLES
 rule summary:
     input:
         runs=all_run_outputs(["metrics.json"]),
+        splits="data/splits.pt",  # the trainability table's input-blind baseline
         code=[package_code(m) for m in ("results/summary", "results/normalisation", "results/diagnosis", "rundir",
-                                        "results/significance", "study/comparisons", "study/sweeps", "results/theory")],
+                                        "results/significance", "study/comparisons", "study/sweeps", "results/theory",
+                                        "results/trainability")],
     output:
         **{name: f"{RESULTS}/{filename}" for name, filename in TABLES.items()},
     threads: 1

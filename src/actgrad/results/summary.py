@@ -612,9 +612,10 @@ def _csv_bytes(df: pd.DataFrame) -> bytes:
     return df.to_csv(index=False).encode()
 
 
-def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]) -> dict[str, pd.DataFrame]:
+def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike],
+                  splits=None) -> dict[str, pd.DataFrame]:
     """Read the runs that ``run_paths`` belong to and write every table of :data:`TABLES` to its path in
-    ``outputs`` (table name -> path)."""
+    ``outputs`` (table name -> path); ``splits`` (data/splits.pt) gives the trainability table its baseline."""
     missing = set(TABLES) - set(outputs)
     if missing:
         raise ValueError(f"write_summary needs a path for each of {sorted(missing)}")
@@ -644,6 +645,11 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
     tables["normalisation"] = normalisation_table(config, runs)
     tables["normalisation_tests"] = normalisation_tests(config, runs)
     tables.update(diagnosis_tables(config, tables, by_variant))  # what is wrong, and whether the fixes worked
+    from actgrad.results.trainability import baseline_from_splits, trainability_sweeps, trainability_table
+
+    tables["trainability"] = trainability_table(
+        config, runs, init_layer_stats(tables["stats"]),
+        baseline_from_splits(splits) if splits and trainability_sweeps(config) else np.nan)
     for name, df in tables.items():
         path = Path(outputs[name])
         atomic_write_bytes(path, parquet_bytes(df) if path.suffix == ".parquet" else _csv_bytes(df))

@@ -15,6 +15,7 @@ TABLES = {
     "twin_traces": "twin_traces.csv", "theory": "theory.csv", "sweeps": "sweeps.csv",
     "theory_curves": "theory_curves.csv", "jacobian": "jacobian.csv", "normalisation": "normalisation.csv",
     "normalisation_tests": "normalisation_tests.csv", "diagnosis": "diagnosis.csv", "fixes": "fixes.csv",
+    "trainability": "trainability.csv",
 }
 
 # The lecture's thresholds for a tanh unit: "saturated" in its statistics printouts (|t| > 0.97), and dead in its
@@ -67,3 +68,7 @@ SWEEP_METRICS = {
 # A deep net's gradient at the first tanh layer against the last one's, at step 0: outside these it vanishes or
 # explodes through the stack.
 VANISHING_BELOW, EXPLODING_ABOVE = 0.5, 2.0
+
+# How deep can it go (results/trainability.py): a run trains within its budget when its final validation loss ends at
+# least this many nats below the input-blind baseline (every character predicted by its training-split frequency).
+TRAINS_MARGIN = 0.1
