@@ -10,7 +10,7 @@ CAPTIONS = Path(workflow.current_basedir).parent / "report"
 REPORT_TEMPLATE = REPO_DIR / "report" / "report.html.j2"
 
 # The cross-variant figures this study has (actgrad.report.contents lists every figure once).
-GLOBAL_FIGURES = study_figures(SPECS.values())
+GLOBAL_FIGURES = study_figures(SPECS.values(), config)
 # One phase diagram per sweep, drawn from the summary's sweep table.
 SWEEP_FIGURES = [sweep_figure(s) for s in sweep_names(config)]
 # Per-variant figures only for the variants the report shows in full: every listed one and a few chosen
@@ -35,8 +35,9 @@ rule figures:
         sweeps=f"{RESULTS}/sweeps.csv",
         theory_curves=f"{RESULTS}/theory_curves.csv",
         twin_traces=f"{RESULTS}/twin_traces.csv",
+        trainability=f"{RESULTS}/trainability.csv",
         code=[package_code(m) for m in ("report/figures", "report/contents", "rundir", "results/summary",
-                                        "results/significance", "results/theory")],
+                                        "results/significance", "results/theory", "report/trainability")],
     output:
         [
             report(figure_path(FIGURES, name, v), caption=f"../report/{name}.rst", category="2. Per variant",
@@ -76,7 +77,7 @@ rule report:
         captions=[str(CAPTIONS / f"{name}.rst") for name in GLOBAL_FIGURES + list(VARIANT_FIGURES)]
         + [str(CAPTIONS / f"{name}.rst") for name in (SWEEP_CAPTION, THEORY_CAPTION)],
         code=[package_code(m) for m in ("report/html", "report/contents", "results/significance", "results/normalisation",
-                                                 "study/comparisons")],
+                                                 "study/comparisons", "report/trainability")],
     output:
         "report/report.html",
     params:

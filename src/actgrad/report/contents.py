@@ -17,6 +17,7 @@ GLOBAL_FIGURES = {
     "deep_layers": "Deep networks, layer by layer",
     "sensitivity": "Sensitivity to a 1e-7 nudge",
     "lyapunov": "Chaos as a rate: the Lyapunov estimate",
+    "trainability": "How deep can it go: trainability over depth × gain",
 }
 VARIANT_FIGURES = {
     "init": "At initialisation",
@@ -40,13 +41,30 @@ def asks_about_coupling(config: dict) -> bool:
     return len(batchnorm) > 1 or any(("layernorm", b) in cells for b in batchnorm)
 
 
-def study_figures(specs) -> list[str]:
+def study_figures(specs, config: dict | None = None) -> list[str]:
     """The cross-variant figures a study has, from its variants' complete settings: the deep comparison
-    only with a deep variant, the sensitivity and Lyapunov figures only when some run has a twin."""
+    only with a deep variant, the sensitivity and Lyapunov figures only when some run has a twin, the
+    trainability figure only where a sweep asks the question (:func:`trainability_sweeps` of ``config``)."""
     specs = list(specs)
     return [name for name in GLOBAL_FIGURES
             if (name != "deep_layers" or any(s["model"] == "deep" for s in specs))
-            and (name not in ("sensitivity", "lyapunov") or any(s["sensitivity_twin"] for s in specs))]
+            and (name not in ("sensitivity", "lyapunov") or any(s["sensitivity_twin"] for s in specs))
+            and (name != "trainability" or (config is not None and bool(trainability_sweeps(config))))]
+
+
+def trainability_sweeps(config: dict) -> list[str]:
+    """The sweeps that ask "how deep can it go" (actgrad.results.trainability): deep-net sweeps whose points vary
+    both the depth and the gain."""
+    from actgrad.study.settings import variant_spec
+
+    out = []
+    for sweep in sweep_names(config):
+        specs = [variant_spec(config, n) for n, v in config["variants"].items()
+                 if v.get("sweep", {}).get("name") == sweep]
+        if (all(s["model"] == "deep" for s in specs) and len({s["n_layers"] for s in specs}) > 1
+                and len({float(s["gain"]) for s in specs}) > 1):
+            out.append(sweep)
+    return out
 
 
 def figure_path(figures_dir, name: str, variant: str | None = None) -> str:

@@ -923,7 +923,8 @@ def all_figures(config: dict, order: list[str], run_paths, tables: dict, outputs
     that many processes on Linux once the imports are done (no more than the CPUs it may use), and they share
     the figures.
     """
-    cross = {k: p for k, p in outputs.items() if not is_theory_figure(k)}
+    trainability = {k: p for k, p in outputs.items() if k == "trainability"}  # actgrad.report.trainability's
+    cross = {k: p for k, p in outputs.items() if not is_theory_figure(k) and k not in trainability}
     theory = {k: p for k, p in outputs.items() if is_theory_figure(k)}
     # The variants first: the first task is drawn before the workers fork (see draw_in_processes), and a variant's
     # figures use most of what the others do.
@@ -936,6 +937,10 @@ def all_figures(config: dict, order: list[str], run_paths, tables: dict, outputs
     if theory:
         tasks.append(lambda log: theory_figures(config, tables["theory"], tables["sweeps"], tables["theory_curves"],
                                                 theory, log=log))
+    if trainability:
+        from actgrad.report.trainability import trainability_figures
+
+        tasks.append(lambda log: trainability_figures(tables["trainability"], trainability, log=log))
     for line in draw_in_processes(tasks, min(workers, len(usable_cpus()))):
         log(line)
 

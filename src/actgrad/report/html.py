@@ -35,6 +35,7 @@ from actgrad.report.contents import (
     sweep_names,
     sweep_title,
 )
+from actgrad.report.trainability import trainability_section
 from actgrad.results import significance
 from actgrad.results.normalisation import BATCHNORM_BREAKDOWN, GAIN_MATTERS, LAYERNORM_VS_BATCHNORM, norm_sweeps
 from actgrad.results.summary import lecture_seed_of
@@ -676,6 +677,7 @@ def build_context(config: dict, results, figures_dir, captions_dir=None, splits_
                                                 _csv(results / TABLES["normalisation_tests"]))
                           if asks_about_coupling(config) else None),
         "diagnosis": diagnosis_section(config, results, figures_dir),
+        "trainability": trainability_section(config, _csv(results / TABLES["trainability"])),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
         "versions": package_versions(),
         "data_sha256": data_sha,
