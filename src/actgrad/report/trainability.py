@@ -30,7 +30,9 @@ def _finite(x) -> bool:
 
 
 def _g(x, spec=".3g") -> str:
-    return format(float(x), spec) if _finite(x) else "—"
+    if _finite(x):
+        return format(float(x), spec)
+    return "∞" if x is not None and not isinstance(x, str) and math.isinf(float(x)) and float(x) > 0 else "—"
 
 
 def _depth(x) -> str:
@@ -69,9 +71,11 @@ def _phase_panel(ax, rows: pd.DataFrame, title: str, vmin: float, vmax: float, c
     mesh = ax.pcolormesh(xe, ye, np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, shading="flat")
     for r in rows.itertuples():
         trains = _is(r.trains, True)
-        text = ("diverged" if r.finished == 0 and r.diverged else _g(r.val_loss, ".2f")) + ("\n✓" if trains else "")
-        ax.text(r.gain, r.n_layers, text, ha="center", va="center", fontsize=7.5,
-                color="black" if trains else "white", fontweight="bold" if trains else "normal")
+        text = ("diverged" if r.finished == 0 and r.diverged else _g(r.val_loss, ".2f")) + (" ✓" if trains else "")
+        dark = _finite(r.val_loss) and float(r.val_loss) < (vmin + vmax) / 2  # white on the dark end of viridis
+        ax.text(r.gain, r.n_layers, text, ha="center", va="center", fontsize=8,
+                color="white" if dark or not _finite(r.val_loss) else "black",
+                fontweight="bold" if trains else "normal")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(xe[0], xe[-1])
@@ -100,11 +104,16 @@ def _phase_panel(ax, rows: pd.DataFrame, title: str, vmin: float, vmax: float, c
 
 def _gradient_panel(ax, rows: pd.DataFrame, title: str, predicted_column: str, palette):
     import numpy as np
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullLocator
 
-    for i, (gain, g) in enumerate(rows.groupby("gain")):
+    groups = list(rows.groupby("gain"))
+    for i, (gain, g) in enumerate(groups):
         color = palette[i % len(palette)]
         g = g.sort_values("n_layers")
-        ax.plot(g.n_layers, g.grad_ratio, "o", color=color, ms=6, label=f"gain {_gain(gain)} measured")
+        # shrinking hollow markers: with BatchNorm the gains' points lie on top of each other
+        ax.plot(g.n_layers, g.grad_ratio, "o", mfc="none", mew=2, color=color, ms=max(4, 12 - 2 * i),
+                label=f"gain {_gain(gain)}")
         if predicted_column == "grad_ratio_chi1" and _finite(g.chi_1.iloc[0]):
             dense = np.geomspace(g.n_layers.min(), g.n_layers.max(), 100)
             ax.plot(dense, float(g.chi_1.iloc[0]) ** ((dense - 1) / 2), color=color, lw=1.5, alpha=0.7)
@@ -113,10 +122,21 @@ def _gradient_panel(ax, rows: pd.DataFrame, title: str, predicted_column: str, p
     ax.axhline(1.0, color="0.4", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    depths = sorted(rows.n_layers.unique())
+    ax.set_xticks(depths, [str(int(d)) for d in depths])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("depth (tanh layers)")
     ax.set_ylabel("gradient std, first / last layer, at init")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    handles, labels = ax.get_legend_handles_labels()
+    if predicted_column == "grad_ratio_chi1":
+        extra = [(Line2D([], [], color="0.3", lw=1.5), "χ₁^((L−1)/2)"),
+                 (Line2D([], [], color="0.3", lw=1, ls="--"), "mean field, layer by layer")]
+    else:
+        extra = [(Line2D([], [], color="0.3", lw=1), "mean field (infinite batch)")]
+    ax.legend(handles + [h for h, _ in extra], labels + [lab for _, lab in extra], fontsize=7.5, ncol=2,
+              loc="upper left", title="points measured, lines predicted", title_fontsize=7.5)
+
 
 
 def trainability_figure(table: pd.DataFrame):
@@ -147,9 +167,7 @@ def trainability_figure(table: pd.DataFrame):
         mesh = _phase_panel(axes[0, j], rows, f"{NORM_NAMES.get(norm, norm)}: final val loss (✓ trains)", vmin, vmax,
                             cmap)
         predicted = "grad_ratio_chi1" if norm == "none" else "grad_ratio_predicted"
-        what = ("lines: χ₁^((L−1)/2) solid, layer by layer dashed" if norm == "none"
-                else "line: mean-field prediction (infinite batch)")
-        _gradient_panel(axes[1, j], rows, f"{NORM_NAMES.get(norm, norm)}: gradient ratio at init ({what})", predicted,
+        _gradient_panel(axes[1, j], rows, f"{NORM_NAMES.get(norm, norm)}: gradient ratio at init", predicted,
                         palette)
     bar = fig.colorbar(mesh, ax=axes[0, :].tolist(), shrink=0.9, label="final validation loss")
     if baseline:
@@ -182,7 +200,8 @@ def _boundary_sentence(table: pd.DataFrame) -> str:
         reach = (f"trains up to {_depth(r.deepest_trained)} layers" if _finite(r.deepest_trained)
                  else "trains at no depth here")
         fails = f", not from {_depth(r.shallowest_failed)}" if _finite(r.shallowest_failed) else ", at every depth"
-        six = "∞ (critical)" if not _finite(r.trainable_depth) and float(r.chi_1) == 1 else _g(r.trainable_depth)
+        six = f"{_g(r.trainable_depth)} (the critical gain)" if math.isinf(float(r.trainable_depth)) else \
+            _g(r.trainable_depth)
         parts.append(f"gain {_gain(gain)}: {reach}{fails if _finite(r.deepest_trained) else ''} against 6ξ_c = {six} "
                      f"({r.boundary})")
     if not parts:
@@ -272,7 +291,9 @@ def trainability_section(config: dict, table: pd.DataFrame) -> dict | None:
         against = "grad_ratio_chi1" if norm == "none" else "grad_ratio_predicted"
         gradients.append({"norm": NORM_NAMES.get(norm, norm), "gain": _gain(gain),
                           "cells": [{"text": _ratio(cells[d].grad_ratio),
-                                     "sub": f"predicted {_ratio(getattr(cells[d], against))}",
+                                     "sub": f"predicted {_ratio(getattr(cells[d], against))}" + (
+                                         f" (layer by layer {_ratio(cells[d].grad_ratio_predicted)})"
+                                         if norm == "none" else ""),
                                      "val": ("diverged" if cells[d].finished == 0 and cells[d].diverged
                                              else f"val {_g(cells[d].val_loss, '.3f')}"
                                              + (" ✓" if _is(cells[d].trains, True) else ""))}
