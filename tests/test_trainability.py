@@ -20,6 +20,7 @@ from actgrad.results.trainability import (
     NO_THEORY,
     SHALLOWER,
     boundary_verdict,
+    trainability_curve,
     trainability_table,
     unigram_loss,
 )
@@ -174,6 +175,16 @@ def test_the_question_is_asked_only_by_a_sweep_over_depth_and_gain():
     assert trainability_section(gain_only, table) is None
 
 
+def test_the_curve_is_the_theory_over_the_gains_of_the_unnormalised_sweep():
+    curve = trainability_curve(_config())
+    assert set(curve.sweep) == {"depth"}  # the BatchNorm sweep has no 6 xi_c
+    assert curve.gain.min() == pytest.approx(min(GAINS) / 2) and curve.gain.max() == pytest.approx(max(GAINS) * 2)
+    for r in curve.iloc[::37].itertuples():
+        scales = theory.depth_scale_analysis(r.gain, "tanh", 0.0, r.gain ** 2)
+        assert r.trainable_depth == pytest.approx(6 * scales.xi_c) and r.chi_1 == pytest.approx(scales.chi_1)
+    assert trainability_curve(_config({"n_layers": [5], "gain": GAINS}, bn=False)).empty
+
+
 def test_the_unigram_baseline():
     assert unigram_loss([0, 0, 1, 1], [0, 1], 27) == pytest.approx(math.log(2))
     assert unigram_loss([0, 0, 0, 1], [1], 27) == pytest.approx(math.log(4))
@@ -220,5 +231,7 @@ def test_a_tiny_trainability_study_through_the_workflow(tmp_path, names_path):
         assert r.grad_ratio == pytest.approx(grads.value["tanh1"] / grads.value[f"tanh{r.n_layers}"], rel=1e-5)
     html = (tmp_path / "report" / "report.html").read_text()
     assert 'id="trainability"' in html and 'id="fig-trainability"' in html
+    curve = pd.read_csv(tmp_path / "results" / "trainability_curve.csv")
+    assert set(curve.sweep) == {"depth"} and curve.trainable_depth.notna().all()
     assert "The answer, from the numbers." in html
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sweeps"]["depth"]["grid"]["n_layers"] == [2, 12]

@@ -36,6 +36,7 @@ rule figures:
         theory_curves=f"{RESULTS}/theory_curves.csv",
         twin_traces=f"{RESULTS}/twin_traces.csv",
         trainability=f"{RESULTS}/trainability.csv",
+        trainability_curve=f"{RESULTS}/trainability_curve.csv",
         code=[package_code(m) for m in ("report/figures", "report/contents", "rundir", "results/summary",
                                         "results/significance", "results/theory", "report/trainability")],
     output:

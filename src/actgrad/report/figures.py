@@ -940,7 +940,8 @@ def all_figures(config: dict, order: list[str], run_paths, tables: dict, outputs
     if trainability:
         from actgrad.report.trainability import trainability_figures
 
-        tasks.append(lambda log: trainability_figures(tables["trainability"], trainability, log=log))
+        tasks.append(lambda log: trainability_figures(tables["trainability"], tables["trainability_curve"],
+                                                      trainability, log=log))
     for line in draw_in_processes(tasks, min(workers, len(usable_cpus()))):
         log(line)
 

@@ -1,6 +1,7 @@
 """The report's section "How deep can it go": its figure (:func:`trainability_figure`, drawn by the figure step) and
 its context (:func:`trainability_section`, for the template), both read from ``results/trainability.csv``
-(:mod:`actgrad.results.trainability`); they compute nothing but the theory's curves drawn behind the points.
+(:mod:`actgrad.results.trainability`) and ``results/trainability_curve.csv`` (the 6 xi_c curve); they compute
+nothing (the chi_1^((L-1)/2) line through the gradient panel is the table's chi_1 raised to each depth).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def _ratio(x) -> str:
     return f"{float(x):.2g}" if _finite(x) else "—"
 
 
+def _read(path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:  # a table with no rows and no columns
+        return pd.DataFrame()
+
+
 # -- the figure -------------------------------------------------------------------------------------------
 def _edges(values):
     import numpy as np
@@ -58,10 +66,8 @@ def _edges(values):
     return np.exp(np.concatenate([[v[0] - (mid[0] - v[0])], mid, [v[-1] + (v[-1] - mid[-1])]]))
 
 
-def _phase_panel(ax, rows: pd.DataFrame, title: str, vmin: float, vmax: float, cmap):
+def _phase_panel(ax, rows: pd.DataFrame, title: str, vmin: float, vmax: float, cmap, curve: pd.DataFrame):
     import numpy as np
-
-    from actgrad.results import theory
 
     gains, depths = sorted(rows.gain.unique()), sorted(rows.n_layers.unique())
     grid = np.full((len(depths), len(gains)), np.nan)
@@ -86,12 +92,11 @@ def _phase_panel(ax, rows: pd.DataFrame, title: str, vmin: float, vmax: float, c
     ax.grid(False)
     ax.set_xlabel("gain")
     ax.set_ylabel("depth (tanh layers)")
-    if (rows.norm == "none").all():
-        dense = np.geomspace(xe[0], xe[-1], 200)
-        six = np.array([theory.depth_scale_analysis(float(g), "tanh", 0.0, float(g) ** 2).trainable_depth
-                        for g in dense])
-        six = np.where(np.isfinite(six), six, ye[-1] * 10)
-        ax.plot(dense, np.clip(six, ye[0], ye[-1] * 10), color="black", lw=2, ls="--", label="6 ξ_c (theory)")
+    if (rows.norm == "none").all() and len(curve):
+        six = curve.trainable_depth.to_numpy(float)
+        six = np.where(np.isfinite(six), six, ye[-1] * 10)  # infinite at the critical gain: off the top
+        ax.plot(curve.gain, np.clip(six, ye[0] / 10, ye[-1] * 10), color="black", lw=2, ls="--",
+                label="6 ξ_c (theory)")
         ax.axvline(1.0, color="0.3", lw=0.8, ls=":")
         ax.legend(loc="lower left", fontsize=7.5)
     lecture = rows[(rows.n_layers == LECTURE_DEPTH) & ((rows.gain - LECTURE_GAIN).abs() < 1e-6)]
@@ -139,11 +144,11 @@ def _gradient_panel(ax, rows: pd.DataFrame, title: str, predicted_column: str, p
 
 
 
-def trainability_figure(table: pd.DataFrame):
+def trainability_figure(table: pd.DataFrame, curve: pd.DataFrame | None = None):
     """The section's figure from ``results/trainability.csv``: the phase diagram (final validation loss over depth x
     gain, ✓ where the net trains, 6 xi_c dashed, the lecture's net boxed) per normalisation, and the gradient ratio
     at init over depth against its prediction (no normalisation: chi_1^((L-1)/2) solid, layer by layer dashed;
-    BatchNorm: the infinite-batch mean-field prediction)."""
+    BatchNorm: the infinite-batch mean-field prediction). ``curve``: results/trainability_curve.csv."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -165,7 +170,7 @@ def trainability_figure(table: pd.DataFrame):
     for j, norm in enumerate(norms):
         rows = table[table.norm == norm]
         mesh = _phase_panel(axes[0, j], rows, f"{NORM_NAMES.get(norm, norm)}: final val loss (✓ trains)", vmin, vmax,
-                            cmap)
+                            cmap, curve if curve is not None else pd.DataFrame(columns=["gain", "trainable_depth"]))
         predicted = "grad_ratio_chi1" if norm == "none" else "grad_ratio_predicted"
         _gradient_panel(axes[1, j], rows, f"{NORM_NAMES.get(norm, norm)}: gradient ratio at init", predicted,
                         palette)
@@ -178,12 +183,13 @@ def trainability_figure(table: pd.DataFrame):
     return fig
 
 
-def trainability_figures(table_csv, outputs: dict, log=print) -> None:
-    """Draw the section's figure (``outputs``: {"trainability": PNG path}) from results/trainability.csv."""
+def trainability_figures(table_csv, curve_csv, outputs: dict, log=print) -> None:
+    """Draw the section's figure (``outputs``: {"trainability": PNG path}) from results/trainability.csv and
+    results/trainability_curve.csv."""
     from actgrad.report.figures import save, style
 
     style()
-    save(trainability_figure(pd.read_csv(table_csv)), outputs[FIGURE])
+    save(trainability_figure(_read(table_csv), _read(curve_csv)), outputs[FIGURE])
     log(f"figure {FIGURE} -> {outputs[FIGURE]}")
 
 

@@ -27,6 +27,7 @@ from actgrad.results.significance import (
     reference_in_spread,
     significance_table,
 )
+from actgrad.results.trainability import trainability_tables
 from actgrad.results.vocabulary import (
     EXPLODING_ABOVE,
     LECTURE_SEED,
@@ -645,11 +646,7 @@ def write_summary(config: dict, run_paths, outputs: dict[str, str | os.PathLike]
     tables["normalisation"] = normalisation_table(config, runs)
     tables["normalisation_tests"] = normalisation_tests(config, runs)
     tables.update(diagnosis_tables(config, tables, by_variant))  # what is wrong, and whether the fixes worked
-    from actgrad.results.trainability import baseline_from_splits, trainability_sweeps, trainability_table
-
-    tables["trainability"] = trainability_table(
-        config, runs, init_layer_stats(tables["stats"]),
-        baseline_from_splits(splits) if splits and trainability_sweeps(config) else np.nan)
+    tables.update(trainability_tables(config, runs, init_layer_stats(tables["stats"]), splits))  # how deep can it go
     for name, df in tables.items():
         path = Path(outputs[name])
         atomic_write_bytes(path, parquet_bytes(df) if path.suffix == ".parquet" else _csv_bytes(df))

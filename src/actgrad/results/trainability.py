@@ -181,3 +181,39 @@ def trainability_table(config: dict, runs: pd.DataFrame, init: pd.DataFrame, bas
         table.loc[group.index, "grad_per_layer"] = _per_layer(depths, group.grad_ratio.tolist())
         table.loc[group.index, "grad_grows"] = _grows(depths, group.grad_ratio.tolist())
     return table[TRAINABILITY_COLUMNS]
+
+
+CURVE_COLUMNS = ["sweep", "activation", "gain", "chi_1", "xi_c", "trainable_depth"]
+CURVE_POINTS = 200  # dense gains, from half the sweep's smallest to twice its largest
+
+
+def trainability_curve(config: dict) -> pd.DataFrame:
+    """``results/trainability_curve.csv``: the theory's trainable depth 6 xi_c (with chi_1 and xi_c) over a dense grid
+    of gains, per trainability sweep without normalisation (the curve the section's phase diagram draws); the stack
+    starts from q_1 = gain^2, as the deep net's (:func:`actgrad.results.theory.spec_depth_scales`)."""
+    from actgrad.results import theory  # scipy: imported only by the step that predicts
+
+    rows = []
+    for sweep in trainability_sweeps(config):
+        specs = [variant_spec(config, n) for n, v in config["variants"].items()
+                 if v.get("sweep", {}).get("name") == sweep]
+        activations = {s["activation"] for s in specs}
+        if any(theory.spec_norm(s) != "none" for s in specs) or len(activations) != 1 \
+                or not activations <= set(theory.ACTIVATIONS):
+            continue
+        gains = [float(s["gain"]) for s in specs]
+        for gain in np.geomspace(min(gains) / 2, max(gains) * 2, CURVE_POINTS):
+            spec = dict(specs[0], gain=float(gain))
+            d = theory.spec_depth_scales(spec)
+            rows.append({"sweep": sweep, "activation": spec["activation"], "gain": float(gain), "chi_1": d.chi_1,
+                         "xi_c": d.xi_c, "trainable_depth": d.trainable_depth})
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+def trainability_tables(config: dict, runs: pd.DataFrame, init: pd.DataFrame, splits=None) -> dict[str, pd.DataFrame]:
+    """Both tables of the question (``trainability`` and ``trainability_curve``), empty where no sweep asks it;
+    ``splits`` (data/splits.pt) gives the input-blind baseline."""
+    asked = bool(trainability_sweeps(config))
+    baseline = baseline_from_splits(splits) if splits and asked else np.nan
+    return {"trainability": trainability_table(config, runs, init, baseline),
+            "trainability_curve": trainability_curve(config)}

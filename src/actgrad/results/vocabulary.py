@@ -15,7 +15,7 @@ TABLES = {
     "twin_traces": "twin_traces.csv", "theory": "theory.csv", "sweeps": "sweeps.csv",
     "theory_curves": "theory_curves.csv", "jacobian": "jacobian.csv", "normalisation": "normalisation.csv",
     "normalisation_tests": "normalisation_tests.csv", "diagnosis": "diagnosis.csv", "fixes": "fixes.csv",
-    "trainability": "trainability.csv",
+    "trainability": "trainability.csv", "trainability_curve": "trainability_curve.csv",
 }
 
 # The lecture's thresholds for a tanh unit: "saturated" in its statistics printouts (|t| > 0.97), and dead in its
