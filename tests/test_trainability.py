@@ -185,6 +185,18 @@ def test_the_curve_is_the_theory_over_the_gains_of_the_unnormalised_sweep():
     assert trainability_curve(_config({"n_layers": [5], "gain": GAINS}, bn=False)).empty
 
 
+def test_a_depth_by_gain_sweep_shows_its_lecture_gains_in_full_at_the_lecture_depth_only():
+    from actgrad.report.contents import featured_variants
+
+    config = _config({"n_layers": [2, 5, 40], "gain": [0.85, 5 / 3, 3.0]}, bn=False)
+    featured = featured_variants(config)
+    assert [variant_spec(config, n)["n_layers"] for n in featured] == [5, 5]
+    assert sorted(variant_spec(config, n)["gain"] for n in featured) == [5 / 3, 3.0]
+    # without the lecture's depth, every depth of the lecture gains, as before
+    config = _config({"n_layers": [2, 40], "gain": [0.85, 5 / 3]}, bn=False)
+    assert len(featured_variants(config)) == 2
+
+
 def test_the_unigram_baseline():
     assert unigram_loss([0, 0, 1, 1], [0, 1], 27) == pytest.approx(math.log(2))
     assert unigram_loss([0, 0, 0, 1], [1], 27) == pytest.approx(math.log(4))

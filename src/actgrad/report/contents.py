@@ -80,6 +80,7 @@ THEORY_CAPTION = "theory"  # the caption of the report's table "predicted vs mea
 # A sweep point with one of the lecture's gains gets the full per-variant section (and its figures);
 # the others are a row of their sweep's table.
 LECTURE_GAINS = (0.5, 1.0, 5 / 3, 3.0)
+LECTURE_DEPTH = 5  # the lecture's deep net: hidden blocks
 
 
 def sweep_figure(sweep: str) -> str:
@@ -92,12 +93,18 @@ def sweep_title(sweep: str) -> str:
 
 
 def _chosen_points(names: list[str], points: dict[str, dict]) -> list[str]:
-    """The points of one sweep shown in full: those at a lecture gain when the sweep varies the gain,
-    else those at the first, middle and last value of its first swept key."""
+    """The points of one sweep shown in full: those at a lecture gain when the sweep varies the gain (at the
+    lecture's depth when it varies the depth too and has that depth), else those at the first, middle and last
+    value of its first swept key."""
     first_key = next(iter(points[names[0]]))
     if "gain" in points[names[0]]:
         chosen = [n for n in names if any(math.isclose(float(points[n]["gain"]), g, rel_tol=1e-3)
                                           for g in LECTURE_GAINS)]
+        # A sweep over depth too (the trainability study) shows its lecture gains at the lecture's depth only: the
+        # section "How deep can it go" shows every depth, and a figure set per depth is minutes and megabytes.
+        at_depth = [n for n in chosen if points[n].get("n_layers") == LECTURE_DEPTH]
+        if at_depth:
+            return at_depth
         if chosen:
             return chosen
         first_key = "gain"
