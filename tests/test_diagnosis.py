@@ -91,6 +91,14 @@ def test_signal_propagation(config, ratio, code):
     assert dx.check_signal_propagation("deep_bn", spec(config, "deep_bn"), table.assign(variant="deep_bn")) is None
 
 
+def test_the_phase_named_follows_chi_1_and_the_critical_gain_is_neither_side(config):
+    table = pd.DataFrame({"variant": ["deep"], "grad_ratio": [0.1]})
+    phases = {gain: dx.check_signal_propagation("deep", dict(spec(config, "deep"), gain=gain, n_layers=80),
+                                                table)["sentence"] for gain in (0.5, 1.0, 3.0)}
+    assert "in the ordered phase" in phases[0.5] and "in the chaotic phase" in phases[3.0]
+    assert "at the critical point" in phases[1.0] and "chaotic" not in phases[1.0]
+
+
 def test_recommended_gain_balances_the_gradients():
     assert dx.recommended_gain("relu", 5) == pytest.approx(math.sqrt(2), rel=1e-4)
     assert dx.recommended_gain("tanh", 5) == pytest.approx(1.393, abs=0.002)

@@ -284,10 +284,15 @@ def check_signal_propagation(name: str, spec: dict, deep_variants: pd.DataFrame)
     if severity:
         fix = _gain_fix(spec)
         chi1 = theory.chi_1(gain, activation)
-        phase = "ordered (chi_1 < 1: gradients shrink)" if chi1 < 1 else "chaotic (chi_1 > 1: gradients grow)"
+        # At the critical gain chi_1 is 1 to rounding: what the gradient does there comes from the variance
+        # drifting to its fixed point layer by layer, not from the phase.
+        phase = ("at the critical point (chi_1 = 1: the gradient changes only as the variance drifts layer by layer)"
+                 if math.isclose(chi1, 1.0, abs_tol=1e-3) else
+                 "in the ordered phase (chi_1 < 1: gradients shrink)" if chi1 < 1 else
+                 "in the chaotic phase (chi_1 > 1: gradients grow)")
         sentence = (f"At init the gradient at the first layer is {ratio:.2g} times that at the last "
                     f"(theory: {predicted:.2g}); at gain {gain:g} the mean-field theory puts this {activation} "
-                    f"stack in the {phase[:-1]}, chi_1 = {chi1:.2f}); use gain {fix['gain']:g}, the theory's gain "
+                    f"stack {phase[:-1]}, chi_1 = {chi1:.2f}); use gain {fix['gain']:g}, the theory's gain "
                     f"for {layers} {activation} layers (or BatchNorm).")
     threshold = VANISHING_BELOW if code == "vanishing_gradients" else EXPLODING_ABOVE if code else math.nan
     return _check(name, "signal_propagation", ratio, threshold, severity, code, predicted, fix, sentence)
