@@ -32,8 +32,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def names_path() -> Path:
+def names_file() -> Path:
+    """The names file, fetched (and verified) into data/ first where there is none and ACTGRAD_NAMES is not set."""
     if not NAMES.exists() and "ACTGRAD_NAMES" not in os.environ:
         from actgrad.data import DataError, download_names
         from actgrad.study.settings import study_defaults
@@ -46,6 +46,11 @@ def names_path() -> Path:
     if not NAMES.exists():
         pytest.fail(f"the names file is missing: {NAMES} (set ACTGRAD_NAMES to a copy of makemore's names.txt)")
     return NAMES
+
+
+@pytest.fixture(scope="session")
+def names_path() -> Path:
+    return names_file()
 
 
 @pytest.fixture(scope="session")

@@ -7,16 +7,16 @@ import re
 import shutil
 from pathlib import Path
 
-from conftest import run_snakemake, tiny_config, write_config
+from conftest import names_file, run_snakemake, tiny_config, write_config
 
 _BUILT: dict[str, Path] = {}
 
 
-def finished_study(tmp_path_factory, names_path) -> Path:
+def finished_study(tmp_path_factory) -> Path:
     """The folder of a finished tiny study (config.yaml, data, results, report); do not change it: copy it."""
     if "study" not in _BUILT:
         workdir = tmp_path_factory.mktemp("finished-study")
-        configfile = write_config(workdir, tiny_config(names_path))
+        configfile = write_config(workdir, tiny_config(names_file()))
         run_snakemake(workdir, f"--configfile={configfile}")
         _BUILT["study"] = workdir
     return _BUILT["study"]

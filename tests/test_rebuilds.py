@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from finished_study import copy_of, finished_study, planned_rules, snakemake_in
+from conftest import job_blocks, trained_variants
+from finished_study import copy_of, finished_study, output_of, planned_rules, snakemake_in
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,11 @@ def test_deleting_one_seed_retrains_every_seed_of_its_variant_as_the_docs_say(st
     for path in seed.iterdir():
         path.unlink()
     seed.rmdir()
-    assert "train_fix_tanh" in planned_rules(work)  # the variant's job: every seed of it
+    # the variant's job, which writes every seed of it
+    jobs = [job for job in job_blocks(output_of(snakemake_in(work, "--dry-run"))) if trained_variants(job)]
+    assert [trained_variants(job) for job in jobs] == [{"fix_tanh"}]
+    seeds = {p.name for p in (study / "results" / "runs" / "fix_tanh").glob("seed*")}
+    assert {path.split("/")[3] for path in jobs[0]["files"] if path.startswith("results/runs/")} == seeds
     troubleshooting = (REPO / "docs" / "troubleshooting.md").read_text()
     assert "only it retrains" not in troubleshooting
     assert "retrains it together with every other seed of its variant" in troubleshooting
