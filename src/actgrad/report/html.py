@@ -775,7 +775,9 @@ def _batchnorm_answer(tests: pd.DataFrame, cells: dict) -> str:
             parts.append(f"at batch {r.batch_size} {bn_diverged} of {bn_runs} BatchNorm runs diverged "
                          f"({other_diverged} against {against})")
         elif not _tested(r):
-            parts.append(f"batch {r.batch_size}: {_untested_text(r, 'the one side', 'the other')}")
+            sides = ("BatchNorm", "LayerNorm") if bn_side == "before" else \
+                (f"BatchNorm at batch {max(sizes)}", f"BatchNorm at batch {r.batch_size}")
+            parts.append(f"batch {r.batch_size}: {_untested_text(r, *sides)}")
     broken = sorted(set(behind) | set(failing), reverse=True)
     if broken:
         lead = (f"BatchNorm falls behind {against} at batch size{'s' if len(broken) > 1 else ''} "
