@@ -329,7 +329,8 @@ def test_variant_figures_draw_from_synthetic_runs(tmp_path, nan_from):
 
 
 def test_loss_curves_with_a_diverged_variant_and_an_empty_panel():
-    from actgrad.report.figures import loss_curves_figure, png_bytes
+    from actgrad.report.canvas import png_bytes
+    from actgrad.report.figures import loss_curves_figure
 
     fig = loss_curves_figure({"ok": [np.linspace(3, 2, 100), np.linspace(3.1, 2.1, 100)],
                               "boom": [np.array([20.0, np.inf])], "none": []},
@@ -345,7 +346,7 @@ def test_a_png_is_drawn_at_the_figure_size_unless_something_runs_off_it():
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from actgrad.report.figures import png_bytes
+    from actgrad.report.canvas import png_bytes
 
     fig, ax = plt.subplots(figsize=(4, 3), layout="constrained")
     ax.plot([0, 1], [0, 1], label="a line")

@@ -190,7 +190,7 @@ def test_sweep_grids_compare_along_each_key(names_path):
 
 # -- the figure -----------------------------------------------------------------------------------------------------
 def test_lyapunov_figure_is_drawn_for_studies_with_twins(fake_study, tmp_path):
-    from actgrad.report import figures
+    from actgrad.report import canvas, figures
     from actgrad.report.contents import study_figures
     from actgrad.results.summary import twin_traces_table
     from actgrad.study.settings import variant_spec
@@ -206,7 +206,7 @@ def test_lyapunov_figure_is_drawn_for_studies_with_twins(fake_study, tmp_path):
     rate_axis = fig.axes[0]
     mean_line = [line for line in rate_axis.get_lines() if line.get_label() == "wild"][0]
     assert np.allclose(mean_line.get_ydata(), RATES["wild"])  # the mean over seeds of the known rate
-    assert figures.png_bytes(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert canvas.png_bytes(fig)[:8] == b"\x89PNG\r\n\x1a\n"
     specs = [variant_spec(fake_study["config"], v) for v in fake_study["config"]["variants"]]
     assert "lyapunov" in study_figures(specs)
     assert "lyapunov" not in study_figures([dict(s, sensitivity_twin=False) for s in specs])

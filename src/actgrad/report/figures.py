@@ -22,7 +22,6 @@ Across variants: ``loss_curves``, ``final_losses``, ``deep_layers``, ``sensitivi
 
 from __future__ import annotations
 
-import io
 import math
 import multiprocessing
 import os
@@ -42,7 +41,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-from actgrad.data import atomic_write_bytes  # noqa: E402
+from actgrad.report.canvas import save, style  # noqa: E402
 from actgrad.report.contents import GLOBAL_FIGURES, VARIANT_FIGURES, sweep_figure  # noqa: E402
 from actgrad.results.significance import CHAOS_SEPARATION  # noqa: E402
 from actgrad.results.summary import curve_label, lecture_run, sweep_axes, sweep_keys  # noqa: E402
@@ -55,9 +54,6 @@ from actgrad.results.vocabulary import (  # noqa: E402
 from actgrad.rundir import Run, natural_key, read_runs  # noqa: E402
 from actgrad.training.cpus import usable_cpus  # noqa: E402
 
-DPI = 100
-# zlib's level 8: 1.4 % larger than 9 (what PIL's optimize=True means) and 2.6x faster to write.
-PNG_COMPRESSION = 8
 UPDATE_GUIDE = -3.0  # the lecture's rule of thumb: updates about 1/1000 of the data
 HEATMAP_VMIN = -4.0  # log10 fraction: the heat-map's colour scale runs from 1/10,000 to everything
 # A per-layer figure (a line, a legend entry, a panel or a saturation map per layer) draws every layer up to
@@ -169,52 +165,6 @@ def no_data(ax, text="not recorded"):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.5")
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def style() -> None:
-    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.85,
-                  rc={"axes.titleweight": "bold", "axes.titlesize": 10.5, "legend.fontsize": 7.5,
-                      "legend.framealpha": 0.85, "figure.dpi": DPI, "savefig.dpi": DPI,
-                      "axes.spines.top": False, "axes.spines.right": False, "font.family": "DejaVu Sans"})
-
-
-def png_bytes(fig) -> bytes:
-    """The figure as a PNG, reduced to a 256-colour palette (a quarter of the size, no visible change).
-
-    Drawn once, at the figure's own size: constrained layout has already made room for the titles,
-    labels and outside legends, and ``bbox_inches="tight"`` would draw it a second time only to
-    measure it. Constrained layout's two passes do not always settle, though (a y axis whose tick
-    labels widen as the panel grows pushes its label a few pixels past the edge); a figure with
-    anything on its outermost pixels is drawn again, cropped to what it holds, as before.
-    """
-    from PIL import Image
-
-    fig.set_dpi(DPI)
-    fig.patch.set_facecolor("white")
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
-    if _reaches_edge(rgb):
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.08, facecolor="white")
-        buf.seek(0)
-        with Image.open(buf) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    plt.close(fig)
-    small = Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
-    out = io.BytesIO()
-    small.save(out, format="PNG", compress_level=PNG_COMPRESSION)
-    return out.getvalue()
-
-
-def _reaches_edge(rgb: np.ndarray) -> bool:
-    """Whether anything but white lies on the image's border (constrained layout leaves a margin)."""
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    return bool((border < 250).any())
-
-
-def save(fig, path: str | os.PathLike) -> None:
-    """Write ``fig`` as a PNG atomically (temporary file, then rename)."""
-    atomic_write_bytes(path, png_bytes(fig))
 
 
 # -- per-variant figures ------------------------------------------------------------------------

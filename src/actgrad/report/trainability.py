@@ -186,7 +186,7 @@ def trainability_figure(table: pd.DataFrame, curve: pd.DataFrame | None = None):
 def trainability_figures(table_csv, curve_csv, outputs: dict, log=print) -> None:
     """Draw the section's figure (``outputs``: {"trainability": PNG path}) from results/trainability.csv and
     results/trainability_curve.csv."""
-    from actgrad.report.figures import save, style
+    from actgrad.report.canvas import save, style
 
     style()
     save(trainability_figure(_read(table_csv), _read(curve_csv)), outputs[FIGURE])
